@@ -1,0 +1,15 @@
+"""mcteach: a hands-on course on multi-concept text-to-image generation.
+
+Modules, in the order the course teaches them:
+- ``world``: the emoji world (scenes, captions, masks) the tiny model is trained on;
+- ``tiny`` and ``pretrain``: the tiny Stable Diffusion and how it is trained;
+- ``pipeline``: load a pipeline (embedded, local or hub id) and generate reproducibly;
+- ``attention``: record cross-/self-attention maps; ``plot``: show images and maps;
+- ``concepts``: few-shot concept sets; ``judge``: the per-region classifier used for metrics;
+- ``evaluate``: the measurements reported in the README.
+"""
+
+from .pipeline import EMBEDDED_MODEL, SD15, ModelNotAvailable, generate, load_pipeline, pick_device
+
+__version__ = "0.1.0"
+__all__ = ["EMBEDDED_MODEL", "SD15", "ModelNotAvailable", "generate", "load_pipeline", "pick_device"]

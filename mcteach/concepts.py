@@ -1,0 +1,220 @@
+"""Few-shot concept sets: the handful of pictures a personalisation method learns a concept from.
+
+Textual Inversion, DreamBooth, HyperNetworks and LoRA all start from the same input: 4-8
+images of one new concept (a koala, a particular woman) that the base model has never seen.
+The course ships one set per held-out emoji of :data:`mcteach.world.HELDOUT_CONCEPTS`,
+rendered alone at varied positions, scales and backgrounds, each with the object's alpha mask
+(the ground truth that masked losses and attention lessons need). Layout of a set::
+
+    data/concepts/<slug>/
+        00.png  00_mask.png     # RGB 64x64 image; mode "L" mask = the object's alpha * 255
+        01.png  01_mask.png
+        ...
+        concept.json            # name, slug, chars, unicode_names, category, class_word,
+                                # images: [{file, mask, position, caption}], source, license
+
+``load_concept`` also reads a folder of your own photos (jpg/png/webp, any size or mode): no
+concept.json or masks needed; ``<stem>_mask.png`` beside ``<stem>.jpg`` is used when present.
+
+    >>> c = load_concept("koala")
+    >>> len(c), c.class_word, c.images[0].size, c.masks[0].shape
+    (6, 'bear', (64, 64), (64, 64))
+
+Regenerate the shipped sets with ``python -m mcteach.concepts make [--out DIR] [--n 6] [--seed 0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mcteach import world
+
+CONCEPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "concepts"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+#: positions of a set's images, in turn (a set of 6 shows the concept twice in the centre)
+POSITION_CYCLE = ("centre", "left", "right", "top", "bottom")
+
+
+class ConceptError(ValueError):
+    """A concept folder cannot be used; the message says what to fix."""
+
+
+@dataclass
+class Concept:
+    """A few-shot set: images, one mask per image (all ones when none), optional captions."""
+
+    name: str
+    slug: str
+    class_word: str | None  # base class used to initialise TI and for DreamBooth's prior
+    category: str | None
+    folder: Path
+    images: list[Image.Image] = field(repr=False)  # RGB, size x size
+    masks: list[np.ndarray] = field(repr=False)  # float32 (size, size) in [0, 1]
+    captions: list[str] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def list_concepts() -> list[str]:
+    """Slugs of the shipped concept sets, sorted."""
+    if not CONCEPTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in CONCEPTS_DIR.iterdir() if (p / "concept.json").is_file())
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)  # phone photos: apply the EXIF rotation
+    except (OSError, SyntaxError) as e:
+        raise ConceptError(f"cannot read image {path}: {e}; replace or remove this file") from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparent pixels become white."""
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def load_concept(path: str | Path, size: int = world.IMAGE_SIZE) -> Concept:
+    """Load a shipped set by slug (``"koala"``) or any folder of images, as ``size`` x ``size``.
+
+    Images that are not ``size`` x ``size`` are centre-cropped to a square and resized, with one
+    warning naming the files. Raises :class:`ConceptError` for a missing or empty folder, an
+    unreadable image, or a mask whose size differs from its image's.
+    """
+    folder = CONCEPTS_DIR / str(path) if str(path) in list_concepts() else Path(path)
+    if not folder.is_dir():
+        raise ConceptError(
+            f"concept folder {str(path)!r} not found; pass a folder of 4-8 images "
+            f"or one of: {', '.join(list_concepts())}"
+        )
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not p.stem.endswith("_mask")
+        and not p.name.startswith(".")
+    )
+    if not files:
+        raise ConceptError(
+            f"no images in {folder}; put 4-8 pictures of the concept there "
+            f"({'/'.join(IMAGE_EXTENSIONS)})"
+        )
+    meta_file = folder / "concept.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+
+    images, masks, resized = [], [], []
+    for file in files:
+        im = _to_rgb(_open(file))
+        mask_file = file.with_name(file.stem + "_mask.png")
+        mask = _open(mask_file).convert("L") if mask_file.is_file() else None
+        if mask is not None and mask.size != im.size:
+            raise ConceptError(
+                f"mask {mask_file} is {mask.size[0]}x{mask.size[1]} but image {file} is "
+                f"{im.size[0]}x{im.size[1]}; make the mask the same size as its image"
+            )
+        if im.size != (size, size):
+            crop = "centre-cropped to a square and " if im.width != im.height else ""
+            resized.append(f"{file.name} ({im.width}x{im.height}: {crop}resized)")
+            im = ImageOps.fit(im, (size, size), Image.LANCZOS)
+            if mask is not None:
+                mask = ImageOps.fit(mask, (size, size), Image.LANCZOS)
+        images.append(im)
+        masks.append(
+            np.asarray(mask, dtype=np.float32) / 255.0
+            if mask is not None
+            else np.ones((size, size), dtype=np.float32)
+        )
+
+    if resized:  # one warning per folder, naming the files
+        warnings.warn(f"{folder}: images made {size}x{size}: {', '.join(resized)}", stacklevel=2)
+    by_file = {entry["file"]: entry.get("caption") for entry in meta.get("images", [])}
+    captions = [by_file.get(f.name) for f in files]
+    return Concept(
+        name=meta.get("name", folder.name),
+        slug=meta.get("slug", folder.name),
+        class_word=meta.get("class_word"),
+        category=meta.get("category"),
+        folder=folder,
+        images=images,
+        masks=masks,
+        captions=captions if all(captions) else None,
+    )
+
+
+def make_concept_sets(out: str | Path = CONCEPTS_DIR, *, n: int = 6, seed: int = 0) -> list[Path]:
+    """Render the few-shot set of every held-out concept into ``out/<slug>/``; return the folders.
+
+    Image ``i`` of a concept is at ``POSITION_CYCLE[i % 5]``, with the scale, jitter and
+    background drawn from a generator seeded by (slug, seed, i): the same files every time.
+    """
+    folders = []
+    for slug, (emoji, class_word) in world.HELDOUT_CONCEPTS.items():
+        folder = Path(out) / slug
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("[0-9][0-9]*.png"):  # a smaller --n leaves no stale images
+            old.unlink()
+        entries = []
+        for i in range(n):
+            position = POSITION_CYCLE[i % len(POSITION_CYCLE)]
+            scene = world.render_scene(
+                [(emoji, position)], rng=random.Random(f"{slug}/{seed}/{i}")
+            )
+            mask = Image.fromarray(np.round(scene.masks[0] * 255).astype(np.uint8))
+            scene.image.save(folder / f"{i:02d}.png", optimize=True)
+            mask.save(folder / f"{i:02d}_mask.png", optimize=True)
+            entries.append(
+                {
+                    "file": f"{i:02d}.png",
+                    "mask": f"{i:02d}_mask.png",
+                    "position": position,
+                    "caption": scene.caption,
+                }
+            )
+        meta = {
+            "name": emoji.name,
+            "slug": slug,
+            "chars": emoji.chars,
+            "unicode_names": [unicodedata.name(ch) for ch in emoji.chars],
+            "category": emoji.category,
+            "class_word": class_word,
+            "images": entries,
+            "source": "Noto Color Emoji",
+            "license": "Apache-2.0 (images), OFL-1.1 (font)",
+        }
+        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        (folder / "concept.json").write_text(text, encoding="utf-8")
+        folders.append(folder)
+    return folders
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mcteach.concepts", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make", help="render the few-shot sets of the held-out concepts")
+    make.add_argument("--out", type=Path, default=CONCEPTS_DIR)
+    make.add_argument("--n", type=int, default=6, help="images per concept")
+    make.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for folder in make_concept_sets(args.out, n=args.n, seed=args.seed):
+        print(folder)
+
+
+if __name__ == "__main__":
+    main()

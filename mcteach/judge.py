@@ -1,0 +1,310 @@
+"""The judge: a small CNN that says which emoji (or "nothing") is in one region of an image.
+
+It is the course's measuring instrument. To check that an image generated for "a fox on the
+left and a red apple on the right" shows what it should, crop the left half and the right
+half and classify each crop:
+
+    >>> fox, apple = world.EMOJI["fox"], world.EMOJI["red apple"]
+    >>> image = world.render_scene([(fox, "left"), (apple, "right")], seed=0).image
+    >>> judge = Judge.load()
+    >>> judge.classify(image, "left")[0], judge.classify(image, "right")[0]
+    ('fox', 'red apple')
+
+Labels are the 60 base classes, the 10 held-out concepts and "nothing" (plain background).
+A region is judged at native resolution: "left"/"right" give a (3, 64, 32) crop, "top"/"bottom"
+(3, 32, 64), "centre" the whole (3, 64, 64) image; convolutions + global average pooling take
+any of these shapes.
+
+Limits: the judge is trained on renders of the emoji world (with blur, noise, brightness and
+contrast jitter and small shifts to stand in for a generator's defects), so it measures
+"looks like that render", not image quality, and it always answers one of its labels, even
+for garbage. It judges a region, not an image: a fox drawn across the middle is half a fox in
+each half, and an object in the wrong half is simply not seen by the right crop.
+
+    python -m mcteach.judge train [--steps N] [--seed S] [--out PATH]   # ~6 min on 1 CPU thread
+    python -m mcteach.judge evaluate                                    # held-out accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import world
+
+JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge.safetensors"
+NOTHING = "nothing"
+LABELS = [e.name for e in world.BASE_CLASSES] + [e.name for e, _ in world.HELDOUT_CONCEPTS.values()]
+LABELS.append(NOTHING)
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+CATEGORIES = ("animal", "person", "food", "object", NOTHING)
+EVAL_SEED, EVAL_SAMPLES = 0, 3000
+
+
+def category(label: str) -> str:
+    """Category of a label: animal | person | food | object | nothing."""
+    return NOTHING if label == NOTHING else world.EMOJI[label].category
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class Judge(nn.Module):
+    """Region classifier: crops (B, 3, h, w) in [0, 1] -> logits (B, n_labels).
+
+    Each stage halves the resolution (stride-2 conv) then refines (conv), so a (64, 32) crop
+    ends as (4, 2) features of ``widths[-1]`` channels, averaged and mapped to the labels.
+    """
+
+    def __init__(self, labels: list[str] = LABELS, widths: tuple[int, ...] = (32, 64, 128, 192)):
+        super().__init__()
+        self.labels, self.widths = list(labels), tuple(widths)
+        layers, c = [], 3
+        for w in self.widths:
+            layers += [_conv(c, w, stride=2), _conv(w, w)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, len(self.labels))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        x = self.features((crops - 0.5) / 0.25)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def region_logits(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
+        """Crop each (3, 64, 64) image of ``images`` (B, 3, 64, 64) to its position's region and
+        classify it; one forward pass per position. Returns logits (B, n_labels)."""
+        out = images.new_empty(len(positions), len(self.labels))
+        for pos in sorted(set(positions)):
+            idx = torch.tensor([i for i, p in enumerate(positions) if p == pos])
+            x0, y0, x1, y1 = world.region_box(pos)
+            out[idx] = self(images[idx, :, y0:y1, x0:x1])
+        return out
+
+    @torch.no_grad()
+    def probs(self, images, positions: str | list[str]) -> torch.Tensor:
+        """Softmax probabilities (B, n_labels) of the label in each image's region.
+
+        ``images``: a list of 64x64 PIL images or a float tensor (B, 3, 64, 64) in [0, 1];
+        ``positions``: one position name per image, or one for all.
+        """
+        images = to_tensor(images)
+        positions = [positions] * len(images) if isinstance(positions, str) else list(positions)
+        if len(positions) != len(images):
+            raise ValueError(
+                f"got {len(images)} images but {len(positions)} positions; give one each, or one str for all"
+            )
+        for p in set(positions):
+            world.region_box(p)  # ValueError naming the valid positions
+        self.eval()
+        param = next(self.parameters())
+        return self.region_logits(images.to(param), positions).softmax(-1)
+
+    def classify(self, image: Image.Image, position: str) -> tuple[str, float]:
+        """Top label in ``position`` of one PIL image, and its probability."""
+        p, i = self.probs([image], position)[0].max(0)
+        return self.labels[i], p.item()
+
+    def save(self, path: Path = JUDGE_PATH) -> None:
+        """fp16 safetensors with labels and widths in the metadata, written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        meta = {"labels": json.dumps(self.labels), "widths": json.dumps(self.widths)}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path = JUDGE_PATH) -> "Judge":
+        """The judge saved at ``path``, in float32, in eval mode."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no judge weights at {path}; train them with `python -m mcteach.judge train`"
+            )
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        judge = cls(json.loads(meta["labels"]), tuple(json.loads(meta["widths"])))
+        state = load_file(path)
+        judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        return judge.eval()
+
+
+def to_tensor(images) -> torch.Tensor:
+    """64x64 PIL images (a list) or a (B, 3, 64, 64) tensor -> float tensor (B, 3, 64, 64) in [0, 1]."""
+    size = world.IMAGE_SIZE
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"expected a (B, 3, {size}, {size}) tensor, got shape {tuple(images.shape)}")
+        return images.float()
+    if isinstance(images, Image.Image):
+        images = [images]
+    for im in images:
+        if im.size != (size, size):
+            w, h = im.size
+            raise ValueError(f"expected {size}x{size} images, got one of {w}x{h}; resize it first")
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sample_example(rng: random.Random, p_nothing: float = 0.1) -> tuple[Image.Image, str, str]:
+    """One (image, position, label) of the world: an object at ``position`` (alone, or with
+    another object in the opposite half), or an empty region: the opposite half of a
+    one-object scene, or a blank background."""
+    position = rng.choice(list(world.POSITIONS))
+    classes = list(world.EMOJI.values())
+    if rng.random() < p_nothing:
+        if position == "centre" or rng.random() < 0.2:
+            return Image.new("RGB", (world.IMAGE_SIZE,) * 2, world._background(rng)), position, NOTHING
+        scene = world.render_scene([(rng.choice(classes), OPPOSITE[position])], rng=rng)
+        return scene.image, position, NOTHING
+    emoji = rng.choice(classes)
+    objects = [(emoji, position)]
+    if position != "centre" and rng.random() < 0.5:
+        objects.append((rng.choice([c for c in classes if c != emoji]), OPPOSITE[position]))
+    rng.shuffle(objects)
+    return world.render_scene(objects, rng=rng).image, position, emoji.name
+
+
+def batch(namespace: str, seed: int, index: int, size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Batch ``index`` of a stream: images (B, 3, 64, 64), positions, label indices (B,).
+
+    Streams are disjoint by ``namespace`` ("train", "eval", "test"), so held-out images never
+    appear in training."""
+    examples = [sample_example(random.Random(f"{namespace}-{seed}-{index * size + i}")) for i in range(size)]
+    images, positions, labels = zip(*examples)
+    return to_tensor(list(images)), list(positions), torch.tensor([LABELS.index(name) for name in labels])
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Separable gaussian blur of (B, C, H, W) with one sigma (B,) per image (sigma ~ 0: identity)."""
+    b, c, h, w = x.shape
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, 2r+1)
+    y = F.pad(x.reshape(1, b * c, h, w), (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 3) -> torch.Tensor:
+    """Make renders (B, 3, 64, 64) look generated: a shift of up to ``max_shift`` px (30% of
+    images, edges replicated), blur sigma ~ U(0, 1.2), contrast x U(0.8, 1.2), brightness
+    + U(-0.08, 0.08), gaussian noise std ~ U(0, 0.08)."""
+    b, _, h, w = x.shape
+
+    def u(lo: float, hi: float) -> torch.Tensor:  # (B, 1, 1, 1) uniform
+        return lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=generator)
+
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s), mode="replicate")
+    shifts = torch.randint(-s, s + 1, (b, 2), generator=generator)
+    shifts[torch.rand(b, generator=generator) > 0.3] = 0
+    x = torch.stack([im[:, s + dy : s + dy + h, s + dx : s + dx + w]
+                     for im, (dy, dx) in zip(padded, shifts.tolist())])
+    x = gaussian_blur(x, u(0.0, 1.2).flatten())
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * u(0.8, 1.2) + mean + u(-0.08, 0.08)
+    x = x + u(0.0, 0.08) * torch.randn(x.shape, generator=generator)
+    return x.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+
+@torch.no_grad()
+def evaluate(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augmented: bool = False) -> dict:
+    """Accuracy on ``n`` held-out renders of the "eval" stream, overall and per category."""
+    judge.eval()
+    correct, total = Counter(), Counter()
+    for i in range(0, n, 250):
+        images, positions, labels = batch("eval", seed, i // 250, min(250, n - i))
+        if augmented:
+            images = augment(images, torch.Generator().manual_seed(seed * 1000 + i))
+        pred = judge.region_logits(images, positions).argmax(-1)
+        for y, ok in zip(labels.tolist(), (pred == labels).tolist()):
+            for key in ("overall", category(LABELS[y])):
+                correct[key] += ok
+                total[key] += 1
+    return {k: round(correct[k] / total[k], 4) for k in ("overall", *CATEGORIES)}
+
+
+def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3) -> Judge:
+    """Train a judge on the augmented "train" stream: AdamW, cross-entropy with 0.05 label
+    smoothing, one-cycle learning rate (5% warm-up, cosine decay). Deterministic for a seed."""
+    torch.manual_seed(seed)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    judge.train()
+    bar = tqdm(range(steps), desc="judge", mininterval=10)
+    for step in bar:
+        images, positions, labels = batch("train", seed, step, batch_size)
+        logits = judge.region_logits(augment(images, gen), positions)
+        loss = F.cross_entropy(logits, labels, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return judge.eval()
+
+
+def report(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES) -> dict:
+    """Held-out accuracy on clean and on augmented renders, with how it was measured."""
+    return {
+        "eval_seed": seed,
+        "eval_samples": n,
+        "accuracy": evaluate(judge, seed, n),
+        "accuracy_augmented": evaluate(judge, seed, n, augmented=True),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mcteach.judge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["train", "evaluate"])
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=JUDGE_PATH, help="weights; accuracy goes beside it (.json)")
+    args = p.parse_args(argv)
+    info_path = args.out.with_suffix(".json")
+    if args.command == "train":
+        t0 = time.time()
+        judge = train(args.steps, args.seed)
+        minutes = round((time.time() - t0) / 60, 1)
+        judge.save(args.out)
+        info = {"steps": args.steps, "seed": args.seed, "train_minutes": minutes,
+                "parameters": sum(q.numel() for q in judge.parameters()), **report(judge)}
+    else:
+        judge = Judge.load(args.out)
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info.update(report(judge))
+    tmp = info_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, info_path)
+    print(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Loading a Stable Diffusion pipeline (the embedded tiny one, a local folder, or a hub id) and
+generating images reproducibly.
+
+    pipe = load_pipeline()                                              # embedded tiny model, CPU
+    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # real SD 1.5 (GPU, internet)
+    images = generate(pipe, "a fox on the left and a red apple on the right", seed=0)
+
+The same functions serve both: everything downstream in the course takes a pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = Path(os.environ.get("MCTEACH_MODEL", REPO_ROOT / "data" / "tiny-sd"))
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class ModelNotAvailable(OSError):
+    """The requested model cannot be loaded here (no such folder, or a hub id with no network)."""
+
+
+@contextmanager
+def quiet_loading():
+    """Hide diffusers'/transformers' per-file loading progress bars (restored afterwards)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA, then Apple MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def is_embedded(model: str | os.PathLike | None) -> bool:
+    return model is None or Path(model).resolve() == EMBEDDED_MODEL.resolve()
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    local_files_only: bool | None = None,
+    **kwargs,
+):
+    """A ``StableDiffusionPipeline`` on ``device``.
+
+    model: None for the embedded tiny model (``data/tiny-sd``), a local folder written by
+        ``save_pretrained``, or a Hugging Face hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
+    dtype: default float16 on CUDA, float32 elsewhere (CPU half precision is slow and inexact).
+    local_files_only: only use the local hub cache (default: the ``HF_HUB_OFFLINE`` setting).
+    Raises ``ModelNotAvailable`` with what to do when the model cannot be found or downloaded.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    device = pick_device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    source = EMBEDDED_MODEL if model is None else model
+    looks_local = Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
+    if looks_local and not (Path(source).expanduser() / "model_index.json").is_file():
+        hint = ("the embedded model is missing from this checkout: restore it with `git checkout data/` "
+                "or retrain it with `python -m mcteach.pretrain train && python -m mcteach.pretrain export`"
+                if model is None else "pass a folder written by `pipe.save_pretrained(...)`, a hub id, or None "
+                "for the embedded tiny model")
+        raise ModelNotAvailable(f"no Stable Diffusion pipeline at {source} (no model_index.json): {hint}")
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                Path(source).expanduser() if looks_local else str(source),
+                dtype=dtype, local_files_only=local_files_only, **kwargs
+            )
+    except (OSError, ValueError, ConnectionError) as err:
+        if looks_local:
+            raise
+        raise ModelNotAvailable(
+            f"could not load {source!r} from the Hugging Face Hub: {type(err).__name__}. "
+            "Without internet, use load_pipeline() for the embedded tiny model; with internet, check the "
+            f"id and your access (e.g. `huggingface-cli download {source}`), then retry."
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generator_for(seed: int | list[int]) -> torch.Generator | list[torch.Generator]:
+    """CPU generators: the same seed gives the same initial noise on any device."""
+    if isinstance(seed, int):
+        return torch.Generator("cpu").manual_seed(seed)
+    return [torch.Generator("cpu").manual_seed(s) for s in seed]
+
+
+def generate(
+    pipe,
+    prompt: str | list[str],
+    *,
+    seed: int | list[int] = 0,
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    negative_prompt: str | list[str] | None = None,
+    num_images: int = 1,
+    **kwargs,
+):
+    """Images (a list of PIL images) for ``prompt``; deterministic on CPU for a given ``seed``.
+
+    With a list of prompts, ``seed`` may be a list of the same length (one seed per image).
+    Extra keyword arguments go to the pipeline call (height, width, cross_attention_kwargs, ...).
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    if isinstance(seed, (list, tuple)) and len(seed) != len(prompts) * num_images:
+        raise ValueError(f"{len(seed)} seeds for {len(prompts) * num_images} images: give one per image or a single int")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    out = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        num_images_per_prompt=num_images,
+        generator=generator_for(list(seed) if isinstance(seed, (list, tuple)) else seed),
+        **kwargs,
+    )
+    return out.images

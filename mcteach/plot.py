@@ -1,0 +1,94 @@
+"""Plotting helpers in the fast.ai style: each takes an optional matplotlib axis and returns it,
+and accepts PIL images, numpy arrays and tensors alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_array(im, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """H x W x C (or H x W) float array in [0, 1] from a PIL image, an array or a tensor.
+
+    Tensors may be (C, H, W) or (1, C, H, W); ``value_range`` says what black and white are
+    (use (-1, 1) for VAE outputs).
+    """
+    if isinstance(im, Image.Image):
+        return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    if isinstance(im, torch.Tensor):
+        t = im.detach().float().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        im = t.numpy()
+    a = np.asarray(im, dtype=np.float32)
+    if a.dtype == np.uint8 or a.max() > 1.5 and value_range == (0.0, 1.0):
+        a = a / 255.0
+    lo, hi = value_range
+    a = (a - lo) / (hi - lo)
+    return np.clip(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a, 0.0, 1.0)
+
+
+def show_image(im, ax=None, title: str | None = None, value_range=(0.0, 1.0), **kwargs):
+    """Show one image without axes ticks; returns the axis."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=kwargs.pop("figsize", (2.5, 2.5)))[1]
+    a = to_array(im, value_range)
+    ax.imshow(a, cmap=kwargs.pop("cmap", "gray" if a.ndim == 2 else None),
+              interpolation=kwargs.pop("interpolation", "nearest"), **kwargs)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def show_images(images, titles=None, ncols: int | None = None, size: float = 1.8, suptitle: str | None = None,
+                **kwargs):
+    """A grid of images; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    images = list(images)
+    ncols = ncols or min(len(images), 8)
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.3 if suptitle else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(images):
+            show_image(images[i], ax=ax, title=titles[i] if titles else None, **kwargs)
+        else:
+            ax.set_axis_off()
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def show_attention(image, attn_map, ax=None, title: str | None = None, alpha: float = 0.55, cmap: str = "jet"):
+    """Overlay one attention map (h x w, any resolution) on ``image``, upsampled to its size."""
+    import matplotlib.pyplot as plt
+
+    ax = show_image(image, ax=ax, title=title)
+    a = to_array(image)
+    m = torch.as_tensor(np.asarray(attn_map, dtype=np.float32))[None, None]
+    m = torch.nn.functional.interpolate(m, size=a.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+    ax.imshow(m, cmap=cmap, alpha=alpha, extent=(-0.5, a.shape[1] - 0.5, a.shape[0] - 0.5, -0.5))
+    return ax
+
+
+def show_token_maps(image, maps, tokens: list[str], size: float = 1.6, suptitle: str | None = None):
+    """The image, then one overlay per token: maps (T, h, w) with T >= len(tokens); returns the figure."""
+    import matplotlib.pyplot as plt
+
+    n = len(tokens) + 1
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size + (0.35 if suptitle else 0.1)), squeeze=False)
+    show_image(image, ax=axes[0, 0], title="image")
+    for i, tok in enumerate(tokens):
+        show_attention(image, maps[i], ax=axes[0, i + 1], title=tok)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,275 @@
+"""Train the tiny Stable Diffusion from scratch on the emoji world.
+
+    python -m mcteach.pretrain train            # tokenizer -> VAE -> UNet + text encoder (resumable)
+    python -m mcteach.pretrain export           # EMA weights -> data/tiny-sd (fp16 safetensors)
+
+Stages, as in Stable Diffusion:
+1. tokenizer: byte-level BPE with one token per caption word (``tiny.build_tokenizer``);
+2. VAE: AutoencoderKL, loss = alpha-weighted L1 reconstruction + beta * KL; afterwards the
+   latent ``scaling_factor`` is set to 1/std so the UNet sees ~unit-variance latents;
+3. UNet + CLIP text encoder, jointly: epsilon prediction on
+   ``z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps`` with min-SNR-5 weighting, 10% empty
+   captions (so classifier-free guidance works), and an EMA of the weights that is exported.
+
+Everything lives under ``--work`` (default ``~/.cache/mcteach/pretrain``): checkpoints are written
+atomically every ``--ckpt-every`` steps and training resumes from the last one; the data stream is
+a pure function of the step, so a resumed run sees the same batches. Sample grids go to
+``WORK/samples``. Interrupt at any time; ``export`` takes the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import tiny, world
+
+DEFAULT_WORK = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach")) / "pretrain"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
+SAMPLE_PROMPTS = [
+    "a fox",
+    "a red apple on the left",
+    "a cat on the left and a dog on the right",
+    "a woman at the top and a man at the bottom",
+    "a rocket on the right",
+    "a panda",
+    "a frog on the left and a lion on the right",
+    "a banana at the top and a guitar at the bottom",
+]
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def scene_batch(step: int, batch_size: int, seed: int, classes=None):
+    """Batch number ``step`` of the world: images in [-1, 1] (B,3,64,64), masks (B,64,64), captions."""
+    scenes = [world.random_scene(seed * 10**9 + step * batch_size + i, classes) for i in range(batch_size)]
+    images = np.stack([np.asarray(s.image, dtype=np.float32) / 127.5 - 1.0 for s in scenes])
+    masks = np.stack([s.masks.max(axis=0) for s in scenes])
+    return (
+        torch.from_numpy(images).permute(0, 3, 1, 2),
+        torch.from_numpy(masks),
+        [s.caption for s in scenes],
+    )
+
+
+def _lr(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def train_tokenizer(work: Path):
+    path = work / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES)).save_pretrained(path)
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(path)
+
+
+def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_weight: float,
+              ckpt_every: int, seed: int):
+    vae, *_ = tiny.build_components(tokenizer, seed=seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    ckpt, start = work / "vae.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    if start >= steps:
+        return vae
+    latent_dims = 4 * 16 * 16
+    bar = tqdm(range(start, steps), desc="VAE", initial=start, total=steps, mininterval=10)
+    for step in bar:
+        x, alpha, _ = scene_batch(step, batch_size, seed + 1)
+        g = torch.Generator().manual_seed(seed * 7919 + step)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        weight = 1.0 + 3.0 * alpha[:, None]  # objects matter more than the plain background
+        rec_loss = (weight * (rec - x).abs()).mean() + F.mse_loss(rec, x)
+        kl = post.kl().mean() / latent_dims
+        loss = rec_loss + kl_weight * kl
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr, 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+    return vae
+
+
+@torch.no_grad()
+def set_scaling_factor(vae, seed: int) -> float:
+    """Set ``vae.config.scaling_factor`` = 1 / std of latents over 512 world images (SD's recipe)."""
+    zs = torch.cat([vae.encode(scene_batch(10_000 + i, 64, seed)[0]).latent_dist.mean for i in range(8)])
+    factor = float(1.0 / zs.std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def _ema_update(ema, model, decay: float):
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def encode_prompts(tokenizer, text_encoder, captions):
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: float, ckpt_every: int,
+               sample_every: int, seed: int, p_uncond: float = 0.1, snr_gamma: float = 5.0):
+    _, text_encoder, unet, scheduler = tiny.build_components(tokenizer, seed=seed)
+    vae.requires_grad_(False).eval()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ckpt, start, log = work / "unet.pt", 0, []
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
+        ema_unet.load_state_dict(state["ema_unet"]), ema_te.load_state_dict(state["ema_text_encoder"])
+        opt.load_state_dict(state["opt"])
+        start, log = state["step"], state.get("log", [])
+    abar = scheduler.alphas_cumprod
+    snr = abar / (1 - abar)
+    loss_weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR weighting for epsilon targets
+    bar = tqdm(range(start, steps), desc="UNet", initial=start, total=steps, mininterval=10)
+    t0, running = time.time(), []
+    for step in bar:
+        x, _, captions = scene_batch(step, batch_size, seed + 2)
+        g = torch.Generator().manual_seed(seed * 104729 + step)
+        drop = torch.rand(batch_size, generator=g) < p_uncond
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * vae.config.scaling_factor
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        zt = scheduler.add_noise(z0, noise, t)
+        pred = unet(zt, t, encode_prompts(tokenizer, text_encoder, captions)).sample
+        loss = (loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, lr, 200)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay), _ema_update(ema_te, text_encoder, decay)
+        running.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
+        if (step + 1) % 50 == 0:
+            log.append({"step": step + 1, "loss": float(np.mean(running[-50:])), "time": time.time() - t0})
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "ema_unet": ema_unet.state_dict(), "ema_text_encoder": ema_te.state_dict(),
+                         "opt": opt.state_dict(), "step": step + 1, "log": log}, ckpt)
+        if (step + 1) % sample_every == 0:
+            pipe = assemble(tokenizer, vae, ema_te, ema_unet)
+            pipe.set_progress_bar_config(disable=True)
+            save_sample_grid(pipe, work / "samples" / f"step{step + 1:06d}.png")
+    return ema_unet, ema_te
+
+
+def assemble(tokenizer, vae, text_encoder, unet):
+    """A StableDiffusionPipeline from the parts (no safety checker: the world is emoji)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**tiny.SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def save_sample_grid(pipe, path: Path, prompts=SAMPLE_PROMPTS, seed: int = 0):
+    from PIL import Image
+
+    images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(seed)).images
+    grid = Image.new("RGB", (64 * len(images), 64))
+    for i, im in enumerate(images):
+        grid.paste(im, (64 * i, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * 2, 128), Image.NEAREST).save(path)
+
+
+def load_stages(work: Path, seed: int = 0):
+    """Tokenizer, VAE (with scaling factor) and EMA UNet/text encoder from the latest checkpoints."""
+    tokenizer = train_tokenizer(work)
+    vae, text_encoder, unet, _ = tiny.build_components(tokenizer, seed=seed)
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["model"])
+    vae.register_to_config(scaling_factor=json.loads((work / "vae_scaling.json").read_text())["scaling_factor"])
+    state = torch.load(work / "unet.pt", weights_only=True)
+    unet.load_state_dict(state["ema_unet"])
+    text_encoder.load_state_dict(state["ema_text_encoder"])
+    return assemble(tokenizer, vae, text_encoder, unet), state
+
+
+def export(work: Path, out: Path, seed: int = 0) -> Path:
+    """Write the EMA pipeline to ``out`` as fp16 safetensors, with the training log."""
+    pipe, state = load_stages(work, seed)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    (out / "training_log.json").write_text(json.dumps({"unet_steps": state["step"], "log": state["log"]}))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mcteach.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["train", "export"])
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and samples")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where export writes the pipeline")
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--vae-batch", type=int, default=24)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.command == "export":
+        print(f"exported to {export(a.work, a.out, a.seed)}")
+        return
+    tokenizer = train_tokenizer(a.work)
+    vae = train_vae(a.work, tokenizer, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.ckpt_every, a.seed)
+    scaling = a.work / "vae_scaling.json"
+    if not scaling.exists():
+        scaling.write_text(json.dumps({"scaling_factor": set_scaling_factor(vae, a.seed)}))
+    vae.register_to_config(scaling_factor=json.loads(scaling.read_text())["scaling_factor"])
+    print(f"VAE scaling factor {vae.config.scaling_factor:.4f}", flush=True)
+    train_unet(a.work, tokenizer, vae, a.unet_steps, a.batch, a.lr, a.ckpt_every, a.sample_every, a.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mcteach import judge as J
+from mcteach import world
+
+E = world.EMOJI
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return J.Judge.load()
+
+
+def test_labels_cover_every_class_and_nothing(judge):
+    assert judge.labels == J.LABELS
+    assert len(judge.labels) == len(world.BASE_CLASSES) + len(world.HELDOUT_CONCEPTS) + 1
+    assert judge.labels[-1] == "nothing"
+
+
+def test_accuracy_on_fresh_renders(judge):
+    """~100 crops from the "test" stream: seeds the training stream never used."""
+    images, positions, labels = J.batch("test", 0, 0, 100)
+    pred = judge.probs(images, positions).argmax(-1)
+    assert (pred == labels).float().mean() >= 0.9
+    assert set(positions) == set(world.POSITIONS)
+    # blurred, noisy, shifted like a generator's output
+    blurred = J.augment(images, torch.Generator().manual_seed(0))
+    assert (judge.probs(blurred, positions).argmax(-1) == labels).float().mean() >= 0.85
+
+
+def test_empty_background_is_nothing(judge):
+    blank = Image.new("RGB", (64, 64), (200, 220, 240))
+    for pos in world.POSITIONS:
+        assert judge.classify(blank, pos)[0] == "nothing"
+    scene = world.render_scene([(E["cat"], "top")], seed=3)
+    assert judge.classify(scene.image, "bottom")[0] == "nothing"
+
+
+def test_two_object_scene(judge):
+    scene = world.render_scene([(E["fox"], "left"), (E["red apple"], "right")], seed=12345)
+    label, p = judge.classify(scene.image, "left")
+    assert label == "fox" and p > 0.5
+    assert judge.classify(scene.image, "right")[0] == "red apple"
+
+
+def test_probs_shape_sum_and_input_types_agree(judge):
+    scenes = [world.random_scene(10_000 + i) for i in range(4)]
+    pil = [s.image for s in scenes]
+    tensor = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in pil])).permute(0, 3, 1, 2)
+    positions = ["left", "top", "centre", "right"]
+    a, b = judge.probs(pil, positions), judge.probs(tensor, positions)
+    assert a.shape == (4, len(judge.labels))
+    torch.testing.assert_close(a.sum(-1), torch.ones(4))
+    torch.testing.assert_close(a, b)
+    # one str for all positions == the list; batching by position == one image at a time
+    torch.testing.assert_close(judge.probs(pil, "left"), judge.probs(pil, ["left"] * 4))
+    torch.testing.assert_close(a[2], judge.probs([pil[2]], "centre")[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_inputs_raise_helpful_errors(judge):
+    image = world.random_scene(0).image
+    with pytest.raises(ValueError, match="unknown position"):
+        judge.probs([image], "middle")
+    with pytest.raises(ValueError, match="64x64"):
+        judge.classify(image.resize((32, 32)), "left")
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        judge.probs(torch.rand(2, 3, 32, 32), "left")
+    with pytest.raises(ValueError, match="2 images but 3 positions"):
+        judge.probs([image, image], ["left", "right", "top"])
+
+
+def test_missing_file_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m mcteach.judge train"):
+        J.Judge.load(tmp_path / "nope.safetensors")
+
+
+def test_save_load_roundtrip_in_fp16(tmp_path):
+    torch.manual_seed(0)
+    net = J.Judge(widths=(8, 16)).eval()
+    net.save(tmp_path / "j.safetensors")
+    loaded = J.Judge.load(tmp_path / "j.safetensors")
+    assert loaded.widths == (8, 16) and loaded.labels == J.LABELS
+    assert next(loaded.parameters()).dtype == torch.float32
+    x = torch.rand(2, 3, 64, 64)
+    expected = net.half().float().probs(x, "top")
+    torch.testing.assert_close(loaded.probs(x, "top"), expected, atol=1e-3, rtol=1e-2)
+
+
+def test_crops_have_native_region_shapes():
+    seen = {}
+
+    class Spy(J.Judge):
+        def forward(self, crops):
+            seen[tuple(crops.shape[2:])] = True
+            return super().forward(crops)
+
+    Spy(widths=(8,)).eval().region_logits(torch.rand(5, 3, 64, 64), list(world.POSITIONS))
+    assert set(seen) == {(64, 32), (32, 64), (64, 64)}
+
+
+def test_sample_example_is_deterministic_and_nothing_means_an_empty_region():
+    a, b = J.sample_example(random.Random(7)), J.sample_example(random.Random(7))
+    assert a[1:] == b[1:] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    images, positions, labels = J.batch("train", 0, 0, 200)
+    assert images.shape == (200, 3, 64, 64) and set(positions) == set(world.POSITIONS)
+    nothing = J.LABELS.index("nothing")
+    assert 5 < (labels == nothing).sum() < 50
+    for image, pos, label in zip(images, positions, labels):
+        x0, y0, x1, y1 = world.region_box(pos)
+        empty = image[:, y0:y1, x0:x1].flatten(1).std(1).max() == 0  # one flat colour
+        assert empty == (label == nothing)
+
+
+def test_augment_keeps_range_and_blur_with_zero_sigma_is_identity():
+    x = torch.rand(3, 3, 64, 64)
+    torch.testing.assert_close(J.gaussian_blur(x, torch.zeros(3)), x)
+    blurred = J.gaussian_blur(x, torch.full((3,), 1.2))
+    assert blurred.std() < x.std() / 2
+    torch.testing.assert_close(blurred.mean(), x.mean(), atol=1e-2, rtol=0)
+    y = J.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    torch.testing.assert_close(y, J.augment(x, torch.Generator().manual_seed(0)))

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from mcteach import world
+from mcteach.world import BASE_CLASSES, EMOJI, HELDOUT_CONCEPTS, render_scene
+
+
+def test_enough_classes_in_every_category_and_heldout_disjoint():
+    cats = {c: sum(e.category == c for e in BASE_CLASSES) for c in ("animal", "person", "food", "object")}
+    assert len(BASE_CLASSES) >= 40 and min(cats.values()) >= 8, cats
+    assert len({e.name for e in BASE_CLASSES}) == len(BASE_CLASSES)
+    held = [e for e, _ in HELDOUT_CONCEPTS.values()]
+    assert len(held) >= 8
+    assert not {e.chars for e in held} & {e.chars for e in BASE_CLASSES}
+    for e, class_word in HELDOUT_CONCEPTS.values():
+        assert class_word in {b.name for b in BASE_CLASSES}
+
+
+@pytest.mark.parametrize(
+    "chars, name",
+    [("\U0001F98A", "fox"), ("\U0001F34E", "red apple"), ("\U0001F469\u200d\U0001F9B1", "woman with curly hair"),
+     ("\U0001F468\U0001F3FE", "man with medium dark skin"),
+     ("\U0001F469\U0001F3FD\u200d\U0001F9B0", "woman with red hair and medium skin"), ("\u26bd", "soccer ball")],
+)
+def test_emoji_names_come_from_unicode(chars, name):
+    assert world.emoji_name(chars) == name
+
+
+def test_every_class_renders_and_is_visible():
+    for e in EMOJI.values():
+        g = world.glyph(e.chars)
+        assert g.mode == "RGBA" and min(g.size) > 40, e
+
+
+def test_scene_is_deterministic_and_captioned():
+    objs = [(EMOJI["fox"], "left"), (EMOJI["red apple"], "right")]
+    a, b = render_scene(objs, seed=3), render_scene(objs, seed=3)
+    c = render_scene(objs, seed=4)
+    assert a.caption == "a fox on the left and a red apple on the right"
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+    assert a.image.size == (64, 64) and a.image.mode == "RGB"
+
+
+@pytest.mark.parametrize("pos", ["left", "right", "top", "bottom"])
+def test_masks_lie_in_their_region(pos):
+    for seed in range(10):
+        s = render_scene([(EMOJI["cat"], pos)], seed=seed)
+        m = s.masks[0]
+        inside = m[world.region_mask(pos)].sum() / m.sum()
+        assert inside > 0.97, (pos, seed, inside)
+        assert 0.05 < m.mean() < 0.3
+
+
+def test_mask_matches_pixels_that_differ_from_background():
+    s = render_scene([(EMOJI["panda"], "centre")], seed=0, background=(200, 100, 50))
+    img = np.asarray(s.image).astype(int)
+    differs = np.abs(img - np.array([200, 100, 50])).sum(-1) > 30
+    assert (differs == (s.masks[0] > 0.5)).mean() > 0.97
+
+
+def test_captions_use_articles_and_all_templates():
+    assert world.caption([("avocado", "centre")]) == "an avocado"
+    assert world.caption([("cat", "top"), ("dog", "bottom")]) == "a cat at the top and a dog at the bottom"
+    caps = {world.random_scene(i).caption.split(" and ")[0].split(" ", 2)[-1] for i in range(300)}
+    assert any("on the left" in c for c in caps) and any("at the top" in c for c in caps)
+
+
+@pytest.mark.parametrize(
+    "objs, match",
+    [([("fox", "middle")], "unknown position"), ([("fox", "left"), ("cat", "left")], "opposite halves"),
+     ([("fox", "left"), ("cat", "top")], "opposite halves"), ([], "one or two"),
+     ([("fox", "left"), ("cat", "right"), ("dog", "top")], "one or two")],
+)
+def test_bad_layouts_are_refused_clearly(objs, match):
+    with pytest.raises(ValueError, match=match):
+        render_scene([(EMOJI[n], p) for n, p in objs], seed=0)
+
+
+def test_missing_font_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(world, "FONT_CANDIDATES", (str(tmp_path / "nope.ttf"),))
+    monkeypatch.delenv("MCTEACH_EMOJI_FONT", raising=False)
+    with pytest.raises(world.EmojiFontMissing, match="apt-get install fonts-noto-color-emoji"):
+        world.font_path()
+
+
+def test_vocabulary_covers_base_captions_only_when_asked():
+    base = set(world.vocabulary_words(BASE_CLASSES))
+    assert {"fox", "left", "and", "an", "bottom"} <= base
+    assert "koala" not in base and "koala" in world.vocabulary_words()
