@@ -4,12 +4,15 @@ Modules, in the order the course teaches them:
 - ``world``: the emoji world (scenes, captions, masks) the tiny model is trained on;
 - ``tiny`` and ``pretrain``: the tiny Stable Diffusion and how it is trained;
 - ``pipeline``: load a pipeline (embedded, local or hub id) and generate reproducibly;
+- ``sd``: Stable Diffusion's parts one function each (the denoising loop by hand, notebook 01);
 - ``attention``: record cross-/self-attention maps; ``plot``: show images and maps;
 - ``concepts``: few-shot concept sets; ``judge``: the per-region classifier used for metrics;
 - ``evaluate``: the measurements reported in the README.
 """
 
-from .pipeline import EMBEDDED_MODEL, SD15, ModelNotAvailable, generate, load_pipeline, pick_device
+from .pipeline import (EMBEDDED_MODEL, SD15, ModelNotAvailable, describe_environment, generate, is_embedded,
+                       load_pipeline, pick_device)
 
 __version__ = "0.1.0"
-__all__ = ["EMBEDDED_MODEL", "SD15", "ModelNotAvailable", "generate", "load_pipeline", "pick_device"]
+__all__ = ["EMBEDDED_MODEL", "SD15", "ModelNotAvailable", "describe_environment", "generate", "is_embedded",
+           "load_pipeline", "pick_device"]

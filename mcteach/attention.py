@@ -172,6 +172,15 @@ def record_attention(pipe_or_unet, *, guidance: bool = True, self_attention: boo
         unet.set_attn_processor(previous)
 
 
+def region_share(attn_map: torch.Tensor, position: str) -> float:
+    """Share of a map's mass (h x w, non-negative) inside a named region of the image."""
+    from .world import region_mask
+
+    m = torch.as_tensor(attn_map, dtype=torch.float32)
+    inside = torch.from_numpy(region_mask(position, m.shape[-1]))
+    return float(m[inside].sum() / m.sum().clamp_min(1e-12))
+
+
 def token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     """Positions of ``word``'s tokens in the tokenized ``prompt`` (start-of-text is position 0).
 

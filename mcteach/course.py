@@ -20,7 +20,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 def clean(nb) -> None:
     """Strip what changes on every run but teaches nothing: timestamps, widget state, ids' noise."""
     nb.metadata.pop("widgets", None)
-    nb.metadata.get("kernelspec", {}).update(display_name="Python 3", name="python3", language="python")
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         cell.metadata.pop("collapsed", None)

@@ -53,6 +53,17 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def describe_environment(device: torch.device | None = None) -> str:
+    """One line of versions and the device the course will use."""
+    import diffusers
+    import transformers
+
+    device = device or pick_device()
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+            f"; device: {device}{gpu}, {torch.get_num_threads()} CPU threads")
+
+
 def is_embedded(model: str | os.PathLike | None) -> bool:
     return model is None or Path(model).resolve() == EMBEDDED_MODEL.resolve()
 

@@ -68,8 +68,13 @@ def scene_batch(step: int, batch_size: int, seed: int, classes=None):
     )
 
 
-def _lr(step: int, base: float, warmup: int) -> float:
-    return base * min(1.0, (step + 1) / warmup)
+def _lr(step: int, base: float, warmup: int, total: int | None = None) -> float:
+    """Linear warm-up, then constant (``total=None``) or cosine decay to 10% at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if total is None:
+        return base
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
 
 
 def train_tokenizer(work: Path):
@@ -106,7 +111,7 @@ def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_
         kl = post.kl().mean() / latent_dims
         loss = rec_loss + kl_weight * kl
         for group in opt.param_groups:
-            group["lr"] = _lr(step, lr, 50)
+            group["lr"] = _lr(step, lr, 50, steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -243,7 +248,7 @@ def main(argv=None):
     p.add_argument("command", choices=["train", "export"])
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and samples")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where export writes the pipeline")
-    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-steps", type=int, default=900)
     p.add_argument("--unet-steps", type=int, default=8000)
     p.add_argument("--vae-batch", type=int, default=24)
     p.add_argument("--batch", type=int, default=32)

@@ -1,0 +1,85 @@
+"""Plot helpers, the evaluation's outcome logic and bootstrap, and the notebook runner's cleaning."""
+
+import matplotlib.pyplot as plt
+import nbformat
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mcteach import evaluate, plot
+from mcteach.course import clean
+
+LABELS = ["cat", "dog", "fox", "nothing"]
+
+
+def one_hot(label, p=0.9):
+    v = torch.full((len(LABELS),), (1 - p) / (len(LABELS) - 1))
+    v[LABELS.index(label)] = p
+    return v
+
+
+@pytest.mark.parametrize("left, right, outcome", [
+    ("cat", "dog", "success"), ("dog", "cat", "swap"), ("cat", "cat", "duplication"), ("dog", "dog", "duplication"),
+    ("cat", "nothing", "neglect"), ("fox", "dog", "neglect"), ("fox", "fox", "other"), ("nothing", "nothing", "other"),
+])
+def test_pair_outcomes(left, right, outcome):
+    got, pred, conf, blend = evaluate.pair_outcome(LABELS, one_hot(left), one_hot(right), "cat", "dog")
+    assert got == outcome and pred == (left, right)
+    assert conf == pytest.approx((0.9, 0.9))
+
+
+def test_low_confidence_is_not_success_and_blend_index():
+    mixed = torch.tensor([0.45, 0.45, 0.05, 0.05])
+    got, _, _, blend = evaluate.pair_outcome(LABELS, mixed, one_hot("dog"), "cat", "dog")
+    assert got != "success"
+    assert blend[0] == pytest.approx(0.5) and blend[1] == pytest.approx(0.0333 / (0.9 + 0.0333), abs=1e-3)
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(20) < 0.7, rng.random(2000) < 0.7
+    m, lo, hi = evaluate.bootstrap_ci(small)
+    M, LO, HI = evaluate.bootstrap_ci(large)
+    assert lo <= m <= hi and LO <= M <= HI and (HI - LO) < (hi - lo)
+    assert abs(M - 0.7) < 0.03
+
+
+def test_pair_prompts_are_reproducible_and_distinct():
+    from mcteach import world
+
+    a = evaluate.pair_prompts(world.BASE_CLASSES, 10, seed=1)
+    assert a == evaluate.pair_prompts(world.BASE_CLASSES, 10, seed=1)
+    assert all(x is not y and pos in world.PAIRS for x, y, pos in a)
+
+
+@pytest.mark.parametrize("im", [
+    Image.new("RGB", (8, 8), (255, 0, 0)), np.full((8, 8, 3), 255, np.uint8), torch.ones(3, 8, 8), torch.ones(1, 3, 8, 8),
+])
+def test_to_array_accepts_everything(im):
+    a = plot.to_array(im)
+    assert a.shape == (8, 8, 3) and a.min() >= 0 and a.max() == pytest.approx(1.0)
+
+
+def test_to_array_value_range_for_vae_outputs():
+    assert plot.to_array(torch.zeros(3, 4, 4), value_range=(-1, 1)).max() == pytest.approx(0.5)
+
+
+def test_plot_helpers_return_their_axes_and_figures():
+    fig, ax = plt.subplots()
+    assert plot.show_image(Image.new("RGB", (8, 8)), ax=ax, title="t") is ax and ax.get_title() == "t"
+    assert plot.show_attention(Image.new("RGB", (64, 64)), torch.rand(16, 16), ax=ax) is ax
+    f = plot.show_token_maps(Image.new("RGB", (64, 64)), torch.rand(3, 16, 16), ["a", "cat", "<end>"])
+    assert len(f.axes) == 4 and [a.get_title() for a in f.axes[1:]] == ["a", "cat", "<end>"]
+    g = plot.show_images([np.zeros((4, 4))] * 5, titles=list("abcde"), ncols=3)
+    assert len(g.axes) == 6
+    plt.close("all")
+
+
+def test_clean_strips_noisy_metadata():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")])
+    nb.cells[0].metadata["execution"] = {"iopub.execute_input": "2026-01-01"}
+    nb.metadata["widgets"] = {"state": {}}
+    clean(nb)
+    assert "execution" not in nb.cells[0].metadata and "widgets" not in nb.metadata
+    assert nb.metadata["kernelspec"]["name"] == "python3"

@@ -1,0 +1,80 @@
+"""Pretraining: deterministic data stream, atomic checkpoints, and resume == uninterrupted run."""
+
+import json
+
+import pytest
+import torch
+
+from mcteach import pretrain
+
+
+def test_scene_batches_are_a_function_of_the_step():
+    a, ma, ca = pretrain.scene_batch(5, 4, seed=1)
+    b, mb, cb = pretrain.scene_batch(5, 4, seed=1)
+    c, _, _ = pretrain.scene_batch(6, 4, seed=1)
+    assert a.shape == (4, 3, 64, 64) and ma.shape == (4, 64, 64) and len(ca) == 4
+    assert torch.equal(a, b) and ca == cb and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    pretrain.atomic_save({"x": torch.ones(2)}, path)
+
+    def crash(obj, f):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.atomic_save({"x": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))  # the old checkpoint survives
+
+
+def test_lr_schedule():
+    assert pretrain._lr(0, 1.0, 10) == pytest.approx(0.1)
+    assert pretrain._lr(50, 1.0, 10) == 1.0
+    assert pretrain._lr(100, 1.0, 10, total=100) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    work = tmp_path_factory.mktemp("vae")
+    tok = pretrain.train_tokenizer(work)
+    vae = pretrain.train_vae(work, tok, steps=2, batch_size=2, lr=1e-3, kl_weight=1e-3, ckpt_every=1, seed=0)
+    vae.register_to_config(scaling_factor=pretrain.set_scaling_factor(vae, 0))
+    return tok, vae
+
+
+def _unet_state(work):
+    return torch.load(work / "unet.pt", weights_only=True)
+
+
+def test_resumed_training_equals_uninterrupted(tiny_vae, tmp_path):
+    tok, vae = tiny_vae
+    kw = dict(batch_size=2, lr=1e-3, ckpt_every=1, sample_every=10_000, seed=0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain.train_unet(straight, tok, vae, steps=3, **kw)
+    pretrain.train_unet(resumed, tok, vae, steps=2, **kw)  # "killed" after step 2
+    pretrain.train_unet(resumed, tok, vae, steps=3, **kw)  # run again: continues from the checkpoint
+    a, b = _unet_state(straight), _unet_state(resumed)
+    assert a["step"] == b["step"] == 3
+    for key in ("unet", "text_encoder", "ema_unet"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_export_writes_a_loadable_fp16_pipeline(tiny_vae, tmp_path):
+    tok, vae = tiny_vae
+    work = tmp_path / "w"
+    tok.save_pretrained(work / "tokenizer")
+    torch.save({"model": vae.state_dict(), "step": 2}, work / "vae.pt")
+    (work / "vae_scaling.json").write_text(json.dumps({"scaling_factor": vae.config.scaling_factor}))
+    pretrain.train_unet(work, tok, vae, steps=1, batch_size=2, lr=1e-3, ckpt_every=1, sample_every=10_000, seed=0)
+    out = pretrain.export(work, tmp_path / "out")
+    from mcteach import generate, load_pipeline
+
+    pipe = load_pipeline(out, device="cpu")
+    assert pipe.vae.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
+    assert generate(pipe, "a fox", seed=0, steps=2)[0].size == (64, 64)
+    assert json.loads((out / "training_log.json").read_text())["unet_steps"] == 1
