@@ -87,8 +87,11 @@ class AttentionStore:
 
 
 def _sdpa(attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-          *, observe=None):
-    """diffusers' AttnProcessor2_0, step by step, with an ``observe(q, k, is_cross)`` hook."""
+          *, observe=None, kv_context=None):
+    """diffusers' AttnProcessor2_0, step by step, with two hooks:
+    ``observe(q, k, mask, is_cross)`` sees the attention inputs (for recording), and
+    ``kv_context(c) -> (c_k, c_v)`` rewrites the text context that cross-attention reads K and V from
+    (HyperNetworks)."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -108,7 +111,10 @@ def _sdpa(attn: Attention, hidden_states, encoder_hidden_states=None, attention_
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    context_k = context_v = encoder_hidden_states
+    if is_cross and kv_context is not None:
+        context_k, context_v = kv_context(encoder_hidden_states)
+    key, value = attn.to_k(context_k), attn.to_v(context_v)
     head_dim = key.shape[-1] // attn.heads
     query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
     key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, T, d)

@@ -239,7 +239,27 @@ def export(work: Path, out: Path, seed: int = 0) -> Path:
     pipe, state = load_stages(work, seed)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     (out / "training_log.json").write_text(json.dumps({"unet_steps": state["step"], "log": state["log"]}))
+    (out / "README.md").write_text(MODEL_CARD.format(steps=state["step"], scaling=pipe.vae.config.scaling_factor))
     return out
+
+
+MODEL_CARD = """# tiny-sd: the mcteach course's embedded Stable Diffusion
+
+A Stable Diffusion pipeline (diffusers `StableDiffusionPipeline`: CLIPTokenizer, CLIPTextModel,
+UNet2DConditionModel with cross-attention, AutoencoderKL, DDIMScheduler) at laptop size: 64x64 RGB
+images, 16x16x4 latents (VAE scaling factor {scaling:.4f}), a 3-layer CLIP text encoder, a 6M-parameter UNet.
+Trained from scratch by `python -m mcteach.pretrain train` on rendered scenes of 60 Noto Color Emoji
+classes ("a fox on the left and a red apple on the right"); weights are the EMA after {steps} UNet steps
+(batch 32), stored in fp16.
+
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained("data/tiny-sd")
+    image = pipe("a cat on the left and a dog on the right", num_inference_steps=25, guidance_scale=5.0).images[0]
+
+It knows only its world: captions built from the 60 class names and the positions left/right/top/
+bottom. Its images are derived from Noto Color Emoji (images Apache-2.0, font OFL-1.1); see
+../NOTICE.md. Measured quality: the repository README (`python -m mcteach.evaluate base`).
+"""
 
 
 def main(argv=None):

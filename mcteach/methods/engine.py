@@ -1,0 +1,315 @@
+"""The training engine the four methods share: one loop, one loss, resumable, on ``accelerate``.
+
+Every method fine-tunes *some* parameters theta of the same noise predictor
+``eps_theta(z_t, t, c) = UNet(z_t, t, TextEncoder(prompt))`` with the same objective
+(Stable Diffusion's, as in ``mcteach.pretrain.train_unet`` but without min-SNR weighting)::
+
+    z_0 = s (mu + sigma n),  n ~ N(0, I)     VAE posterior sample of a concept image (B, 4, 16, 16); s = scaling_factor
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I),  t ~ U{0, ..., 999}
+    L   = mean_b mean_chw  w (eps_theta(z_t, t, c_b) - eps)^2,   w = 1 + mask_weight * m
+        + prior_weight * (the same on class images)               DreamBooth's prior preservation only
+
+``m`` is the concept's mask averaged down to the latent grid (B, 1, 16, 16): ``mask_weight=0`` (the
+default) is the plain loss, ``mask_weight > 0`` weights the object's pixels more (the masked-loss
+lesson). The prompt ``c_b`` is the concept's caption with its name replaced by the method's phrase:
+"a koala on the left" becomes "a <koala> on the left" (Textual Inversion) or "a sks bear on the left"
+(DreamBooth, LoRA), so the position words keep their meaning.
+
+What differs between methods is *which* parameters train (``Method.setup``) and how they are saved
+(``Method.save``); ``train`` freezes the VAE, text encoder and UNet first, so everything a method does
+not switch on stays bit-identical.
+
+Determinism and resuming: every random draw of step k (which images, the VAE sample, eps, t) comes from a
+generator seeded by (seed, k, process index), so the data stream is a pure function of the step. A
+checkpoint (``out/checkpoints/last.pt``, written atomically every ``checkpoint_every`` steps) holds the
+trainable parameters, the optimizer state, the step, the seed and torch's global RNG states (used only
+by dropout, off by default); ``resume=True`` continues from it and reaches the same final weights as a
+run that was never interrupted (bit for bit on CPU).
+
+The same code runs on CPU, one GPU, or several with ``accelerate launch``: the trainable parts are one
+module (``Denoiser``) that ``Accelerator.prepare`` places and, with several processes, wraps in DDP.
+Train in float32 (``load_pipeline(..., dtype=torch.float32)``); for half precision on a GPU pass
+``accelerator=Accelerator(mixed_precision="fp16")`` (autocast), as diffusers' training scripts do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..concepts import Concept, load_concept
+from ..pretrain import atomic_save
+
+
+@dataclass
+class Method:
+    """What a method tells the engine. Subclasses are dataclasses: their fields are the method's
+    settings (written to ``adapter.json``), including the default ``steps``, ``lr`` and ``batch_size``."""
+
+    name: ClassVar[str]
+    steps: int = 500
+    lr: float = 1e-3
+    batch_size: int = 2
+    class_word: str | None = None  # default: the concept's (concept.json)
+
+    def settings(self) -> dict:
+        """The method's own settings (adapter.json's "training" has the steps, lr and batch size used)."""
+        skip = ("steps", "lr", "batch_size")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in skip}
+
+    def class_word_for(self, concept: Concept) -> str:
+        word = self.class_word or concept.class_word
+        if not word:
+            raise ValueError(f"{self.name} needs the concept's class word (e.g. 'bear' for a koala): "
+                             f"{concept.folder} has no concept.json with one; pass class_word=...")
+        return word
+
+    def phrase(self, concept: Concept) -> str:
+        """What stands for the concept in prompts ("<koala>", "sks bear")."""
+        raise NotImplementedError
+
+    def setup(self, pipe, concept: Concept) -> torch.nn.Module | None:
+        """Switch on ``requires_grad`` for what trains (adding it to the pipeline first if it is new);
+        return a module the pipeline does not own (the hypernetwork), else None."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (Textual Inversion restores the frozen embedding rows)."""
+
+    def prior(self, pipe, concept: Concept, out: Path) -> tuple[list, list[str], float]:
+        """Class images, their prompts and the prior-preservation weight; none by default."""
+        return [], [], 0.0
+
+    def save(self, pipe, folder: Path, concept: Concept, step: int) -> dict:
+        """Write the method's files to ``folder``; return what ``adapter.json`` should add (file names...)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def load(pipe, folder: Path, meta: dict) -> None:
+        """Apply what ``save`` wrote to ``pipe`` (``meta``: the folder's adapter.json)."""
+        raise NotImplementedError
+
+
+class Denoiser(torch.nn.Module):
+    """eps_theta(z_t, t, ids) = unet(z_t, t, text_encoder(ids)): every trainable part in one module,
+    so that ``accelerate`` can place it (and wrap it in DDP). ``extra``: a module the pipeline's
+    processors use (the hypernetwork)."""
+
+    def __init__(self, unet, text_encoder, extra: torch.nn.Module | None = None):
+        super().__init__()
+        self.unet, self.text_encoder, self.extra = unet, text_encoder, extra
+
+    def forward(self, z_t, t, input_ids):
+        return self.unet(z_t, t, self.text_encoder(input_ids)[0]).sample
+
+
+@dataclass
+class Examples:
+    """Training examples encoded once: VAE posteriors, masks on the latent grid, token ids."""
+
+    mean: torch.Tensor  # (N, 4, h, w)
+    std: torch.Tensor  # (N, 4, h, w)
+    masks: torch.Tensor  # (N, 1, h, w) in [0, 1]
+    input_ids: torch.Tensor  # (N, T)
+    scaling_factor: float
+
+    def sample(self, n: int, generator: torch.Generator):
+        """n examples drawn with replacement: z_0 (n, 4, h, w), masks, ids."""
+        idx = torch.randint(len(self.mean), (n,), generator=generator)
+        noise = torch.randn(self.mean[idx].shape, generator=generator)
+        z0 = (self.mean[idx] + self.std[idx] * noise) * self.scaling_factor
+        return z0, self.masks[idx], self.input_ids[idx]
+
+
+@dataclass
+class TrainResult:
+    method: str
+    phrase: str  # write this in prompts: "a <koala> on the left"
+    losses: list[float]  # one per step, from step 0 (a resumed run includes the earlier ones)
+    out: Path
+    meta: dict = field(default_factory=dict)  # what was written to out/adapter.json (meta["files"]: the saved files)
+    seconds: float = 0.0  # this call's wall time
+
+
+def pixels(images, size: int) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) in [-1, 1]."""
+    from PIL import Image
+
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2)
+
+
+def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
+    """(N, T) ids, padded to the tokenizer's length; multi-vector TI tokens expanded as the pipeline does."""
+    prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
+    return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_examples(pipe, images, prompts: list[str], masks=None) -> Examples:
+    """Encode images once (the VAE is frozen); ``masks``: (size, size) arrays, default none (all zeros:
+    the plain loss whatever ``mask_weight``)."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    x = pixels(images, size).to(pipe.vae.device, pipe.vae.dtype)
+    post = pipe.vae.encode(x).latent_dist
+    latent = post.mean.shape[-2:]
+    if masks is None:
+        m = torch.zeros(len(images), 1, *latent)
+    else:
+        m = torch.from_numpy(np.stack(masks)).float()[:, None]
+        m = F.interpolate(m, size=latent, mode="area")
+    return Examples(post.mean.float().cpu(), post.std.float().cpu(), m, tokenize(pipe, prompts),
+                    float(pipe.vae.config.scaling_factor))
+
+
+def training_captions(concept: Concept, phrase: str) -> list[str]:
+    """The concept's captions with its name replaced by ``phrase`` ("a koala on the left" -> "a <koala> on
+    the left"); "a <phrase>" for a folder without captions."""
+    return [c.replace(concept.name, phrase) for c in concept.captions or [f"a {concept.name}"] * len(concept)]
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one step: a pure function of (seed, step, process index)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_weight: float,
+              generator: torch.Generator, batch_size: int, mask_weight: float, device) -> torch.Tensor:
+    """The loss of one step (see the module docstring); instances first, then class images."""
+    parts = [data.sample(batch_size, generator)]
+    if prior is not None:
+        parts.append(prior.sample(batch_size, generator))
+    z0, masks, ids = (torch.cat(x) for x in zip(*parts))
+    eps = torch.randn(z0.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
+    z_t = scheduler.add_noise(z0, eps, t)
+    pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
+    per_example = ((1 + mask_weight * masks.to(device)) * (pred - eps.to(device)).pow(2)).mean(dim=(1, 2, 3))
+    loss = per_example[:batch_size].mean()
+    if prior is not None:
+        loss = loss + prior_weight * per_example[batch_size:].mean()
+    return loss
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, method: Method, model, optimizer, step: int, seed: int, losses) -> None:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    atomic_save({"method": method.name, "step": step, "seed": seed, "losses": list(losses), "rng": rng,
+                 "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
+                 "optimizer": optimizer.state_dict()}, path)
+
+
+def load_checkpoint(path: Path, method: Method, model, optimizer, seed: int) -> tuple[int, list[float]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if (state["method"], state["seed"]) != (method.name, seed):
+        raise ValueError(f"{path} is a {state['method']} checkpoint with seed {state['seed']}, not {method.name} "
+                         f"with seed {seed}: resume with the same settings, or use another --out")
+    params = _trainable(model)
+    if {n: v.shape for n, v in state["params"].items()} != {n: p.shape for n, p in params.items()}:
+        raise ValueError(f"{path} does not match this method's trainable parameters (other settings?); "
+                         "resume with the same settings, or use another --out")
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["losses"]
+
+
+def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Path, steps: int | None = None,
+          lr: float | None = None, batch_size: int | None = None, seed: int = 0, checkpoint_every: int = 50,
+          resume: bool = False, progress: bool = True, mask_weight: float = 0.0, accelerator=None) -> TrainResult:
+    """Teach ``pipe`` a concept with ``method``, in place; write checkpoints, the method's files and
+    ``adapter.json`` under ``out``. ``steps``/``lr``/``batch_size`` default to the method's.
+
+    concept: a ``Concept`` or a folder/slug for ``load_concept`` (images are used at the pipeline's size).
+    resume: continue from ``out/checkpoints/last.pt`` if there is one (same method, settings and seed).
+    The pipeline must be a fresh base model: Textual Inversion refuses a token it already has.
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if not isinstance(concept, Concept):
+        concept = load_concept(concept, size)
+    steps = method.steps if steps is None else steps
+    lr = method.lr if lr is None else lr
+    batch_size = method.batch_size if batch_size is None else batch_size
+    if steps < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
+        raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, checkpoint_every >= 1; got "
+                         f"{steps}, {batch_size}, {lr}, {checkpoint_every}")
+    if pipe.unet.dtype != torch.float32:
+        raise ValueError(f"the pipeline is {pipe.unet.dtype}: load it in float32 to train "
+                         "(load_pipeline(..., dtype=torch.float32)); mixed precision comes from accelerate")
+    out = Path(out)
+    started = time.time()
+    pipe.to(accelerator.device)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.requires_grad_(False).eval()
+
+    with accelerator.main_process_first():  # DreamBooth: the main process generates, the others read the cache
+        class_images, class_prompts, prior_weight = method.prior(pipe, concept, out)
+    with torch.random.fork_rng(devices=[]):  # new weights (LoRA's A, the hypernetwork) depend on seed only
+        torch.manual_seed(seed)
+        extra = method.setup(pipe, concept)
+    phrase = method.phrase(concept)
+    data = encode_examples(pipe, concept.images, training_captions(concept, phrase), concept.masks)
+    prior = encode_examples(pipe, class_images, class_prompts) if class_images else None
+
+    model = Denoiser(pipe.unet, pipe.text_encoder, extra)
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoint = out / "checkpoints" / "last.pt"
+    start, losses = 0, []
+    if resume and checkpoint.exists():
+        start, losses = load_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, seed)
+
+    model.train()
+    bar = tqdm(range(start, steps), desc=method.name, initial=start, total=steps,
+               disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        g = step_generator(seed, step, accelerator.process_index)
+        with accelerator.autocast():
+            loss = step_loss(model, pipe.scheduler, data, prior, prior_weight, g, batch_size, mask_weight,
+                             accelerator.device)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        method.after_step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, step + 1, seed, losses)
+    model.eval().requires_grad_(False)
+
+    accelerator.wait_for_everyone()
+    meta = {}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"method": method.name, "concept": concept.slug, "name": concept.name,
+                "class_word": method.class_word_for(concept), "phrase": phrase, "settings": method.settings(),
+                "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+                             "mask_weight": mask_weight}}
+        meta |= method.save(pipe, out, concept, steps)
+        (out / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return TrainResult(method.name, phrase, losses, out, meta, time.time() - started)

@@ -1,0 +1,518 @@
+"""The four concept methods and their shared engine, on the tiny architecture with random weights.
+
+Each training here is 2-5 steps at batch 1: enough to move the weights, so that "identical" below is
+never trivially true (the tests also check that training changed what it should)."""
+
+import copy
+import json
+from importlib.metadata import version
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DDIMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from packaging.version import Version
+from PIL import Image
+
+from mcteach.concepts import Concept, ConceptError, load_concept
+from mcteach.methods import METHODS, engine, hypernetwork, load_adapter, lora, train_concept
+from mcteach.methods.dreambooth import class_prompts
+from mcteach.methods.textual_inversion import add_placeholder
+
+FAST = {"dreambooth": dict(num_class_images=2, class_steps=2, lr=1e-3)}  # 2 class images, 2 sampling steps
+
+
+def fresh(random_pipe):
+    """A private copy of the session's random pipeline (training changes a pipeline in place)."""
+    return copy.deepcopy(random_pipe)
+
+
+def quick(pipe, method, out, steps=2, concept="koala", **kw):
+    kw = FAST.get(method, {}) | kw
+    kw.setdefault("lr", 1e-2)  # large: a couple of steps must change the weights visibly
+    return train_concept(pipe, concept, method, out=out, steps=steps, batch_size=1, progress=False, **kw)
+
+
+@torch.no_grad()
+def eps(pipe, prompt="a sks bear on the left"):
+    """The UNet's noise prediction for a fixed latent and timestep: sensitive to every weight."""
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    return pipe.unet(z, torch.tensor([500]), pipe.text_encoder(engine.tokenize(pipe, [prompt]))[0]).sample
+
+
+def images(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, guidance_scale=5.0, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_step_generator_is_a_pure_function_of_seed_step_and_process():
+    draw = lambda *key: torch.rand(3, generator=engine.step_generator(*key))  # noqa: E731
+    assert torch.equal(draw(0, 5), draw(0, 5))
+    assert not torch.equal(draw(0, 5), draw(0, 6))
+    assert not torch.equal(draw(0, 5), draw(1, 5))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
+
+
+def test_pixels_take_any_mode_and_size():
+    x = engine.pixels([Image.new("RGBA", (32, 32), (255, 0, 0, 128)), Image.new("L", (80, 80), 0)], 64)
+    assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
+    assert x[0, 0].eq(1).all() and x[1].eq(-1).all()
+
+
+def test_training_captions_keep_the_position_words():
+    c = load_concept("koala")
+    caps = engine.training_captions(c, "<koala>")
+    assert caps[:2] == ["a <koala>", "a <koala> on the left"] and len(caps) == len(c)
+    bare = Concept("my dog", "my_dog", None, None, c.folder, c.images[:2], c.masks[:2], None)
+    assert engine.training_captions(bare, "sks dog") == ["a sks dog", "a sks dog"]
+
+
+def zero_model(z_t, t, ids):
+    """Predicts eps = 0, so the loss is the (weighted) mean of eps^2."""
+    return torch.zeros_like(z_t)
+
+
+def examples(n, masks=None):
+    return engine.Examples(torch.randn(n, 4, 16, 16), torch.ones(n, 4, 16, 16),
+                           torch.zeros(n, 1, 16, 16) if masks is None else masks, torch.zeros(n, 8, dtype=torch.long),
+                           1.0)
+
+
+def test_mask_weight_weights_the_object_pixels():
+    def loss(masks, mask_weight):  # the same draws on every call
+        return engine.step_loss(zero_model, DDIMScheduler(), examples(2, masks), None, 0.0,
+                                engine.step_generator(0, 0), 2, mask_weight, "cpu")
+
+    ones, zeros = torch.ones(2, 1, 16, 16), torch.zeros(2, 1, 16, 16)
+    plain = loss(ones, 0.0)
+    assert torch.equal(loss(zeros, 3.0), plain)  # no mask: the plain loss whatever the weight
+    torch.testing.assert_close(loss(ones, 3.0), 4 * plain)  # w = 1 + 3 * 1
+
+
+def test_prior_examples_add_a_weighted_term():
+    ex = examples(3)
+    losses = [engine.step_loss(zero_model, DDIMScheduler(), ex, ex, w, engine.step_generator(0, 0), 2, 0.0, "cpu")
+              for w in (0.0, 1.0, 2.0)]  # the same draws each time: L = L_instance + w L_prior
+    assert losses[1] > losses[0]
+    torch.testing.assert_close(losses[2] - losses[1], losses[1] - losses[0])
+
+
+def count_steps(monkeypatch, die_at=None):
+    """Count the engine's loss computations; raise KeyboardInterrupt (a kill) in call number ``die_at``."""
+    real, calls = engine.step_loss, []
+
+    def counted(*args, **kw):
+        calls.append(1)
+        if len(calls) == die_at:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "step_loss", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resume_after_a_kill_reaches_the_same_weights(random_pipe, tmp_path, monkeypatch, method):
+    full = quick(fresh(random_pipe), method, tmp_path / "full", steps=5, checkpoint_every=2)
+    count_steps(monkeypatch, die_at=4)  # killed in step 4, after the checkpoint of step 2
+    with pytest.raises(KeyboardInterrupt):
+        quick(fresh(random_pipe), method, tmp_path / "run", steps=5, checkpoint_every=2)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 2 and not list(ckpt.parent.glob("*.tmp"))
+    monkeypatch.undo()
+    calls = count_steps(monkeypatch)
+    resumed = quick(fresh(random_pipe), method, tmp_path / "run", steps=5, checkpoint_every=2, resume=True)
+    assert len(calls) == 3  # steps 3-5 only
+    assert resumed.losses == full.losses and len(full.losses) == 5
+    a, b = (torch.load(p / "checkpoints" / "last.pt", weights_only=True) for p in (tmp_path / "full", tmp_path / "run"))
+    assert a["step"] == b["step"] == 5
+    assert_same(a["params"], b["params"])
+
+
+def test_resume_refuses_another_run(random_pipe, tmp_path):
+    quick(fresh(random_pipe), "lora", tmp_path, steps=1)
+    with pytest.raises(ValueError, match="lora checkpoint with seed 0"):
+        quick(fresh(random_pipe), "hypernetwork", tmp_path, steps=2, resume=True)
+    with pytest.raises(ValueError, match="does not match"):
+        quick(fresh(random_pipe), "lora", tmp_path, steps=2, resume=True, rank=2)
+
+
+def test_a_run_writes_adapter_json_and_freezes_everything(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    r = quick(pipe, "lora", tmp_path, steps=3, rank=2)
+    meta = json.loads((tmp_path / "adapter.json").read_text())
+    assert meta["method"] == "lora" and meta["phrase"] == r.phrase == "sks bear" and meta["class_word"] == "bear"
+    assert meta["settings"]["rank"] == 2 and meta["training"]["steps"] == 3 and meta["concept"] == "koala"
+    assert meta == r.meta and set(meta["files"]) == {"diffusers", "kohya"} and len(r.losses) == 3 and r.seconds > 0
+    assert not any(p.requires_grad for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="dreamboth"), ValueError, "unknown method 'dreamboth'; choose one of textual_inversion, hyper"),
+    (dict(method="lora", rnk=4), ValueError, "unexpected keyword argument 'rnk'"),
+    (dict(method="lora", concept="no/such/folder"), ConceptError, "not found"),
+    (dict(method="lora", steps=0), ValueError, "steps >= 1"),
+    (dict(method="lora", rank=0), ValueError, "rank must be >= 1"),
+    (dict(method="textual_inversion", num_vectors=0), ValueError, "num_vectors"),
+    (dict(method="hypernetwork", activation="gelu2"), ValueError, "unknown activation"),
+    (dict(method="hypernetwork", layer_structure=[2, 1]), ValueError, "start and end with 1"),
+])
+def test_bad_input_is_refused_clearly(random_pipe, tmp_path, kwargs, error, match):
+    kwargs = {"concept": "koala", "steps": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        train_concept(fresh(random_pipe), out=tmp_path, progress=False, **kwargs)
+
+
+def test_folders_without_images_or_class_word_are_refused(random_pipe, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConceptError, match="no images"):
+        quick(fresh(random_pipe), "lora", tmp_path / "out", concept=tmp_path / "empty")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConceptError, match="cannot read image"):
+        quick(fresh(random_pipe), "lora", tmp_path / "out", concept=photos)
+    (photos / "broken.png").unlink()
+    load_concept("koala").images[0].save(photos / "a.jpg")
+    load_concept("koala").images[1].convert("RGBA").resize((100, 80)).save(photos / "b.png")
+    resized = r"b.png \(100x80: centre-cropped to a square and resized\)"  # any size and mode is accepted
+    with pytest.warns(UserWarning, match=resized), pytest.raises(ValueError, match="class word"):
+        quick(fresh(random_pipe), "dreambooth", tmp_path / "out", concept=photos)
+    with pytest.warns(UserWarning, match=resized):
+        r = quick(fresh(random_pipe), "lora", tmp_path / "out", concept=photos, class_word="bear", steps=1)
+    assert r.phrase == "sks bear" and r.meta["name"] == "photos"
+
+
+def test_half_precision_pipelines_are_refused(random_pipe, tmp_path):
+    with pytest.raises(ValueError, match="float32"):
+        quick(fresh(random_pipe).to(dtype=torch.float16), "lora", tmp_path)
+
+
+def test_load_adapter_needs_adapter_json(random_pipe, tmp_path):
+    with pytest.raises(ValueError, match="no adapter.json"):
+        load_adapter(fresh(random_pipe), tmp_path)
+    (tmp_path / "adapter.json").write_text(json.dumps({"method": "magic"}))
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        load_adapter(fresh(random_pipe), tmp_path)
+
+
+# ---------------------------------------------------------------- Textual Inversion
+
+
+def test_ti_initialises_new_rows_from_the_class_word(random_pipe):
+    pipe = fresh(random_pipe)
+    emb = lambda: pipe.text_encoder.get_input_embeddings().weight  # noqa: E731
+    word = lambda w: emb()[pipe.tokenizer(w, add_special_tokens=False).input_ids]  # noqa: E731
+    ids = add_placeholder(pipe.tokenizer, pipe.text_encoder, ["<p>", "<p>_1"], "red apple")  # 2 tokens, 2 vectors
+    assert torch.equal(emb()[ids], word("red apple"))
+    ids = add_placeholder(pipe.tokenizer, pipe.text_encoder, ["<q>", "<q>_1", "<q>_2"], "red apple")
+    assert torch.equal(emb()[ids], word("red apple").mean(0).expand(3, -1))
+    assert pipe.tokenizer.tokenize("a <q> on the left") == ["a</w>", "<q>", "on</w>", "the</w>", "left</w>"]
+
+
+def test_ti_trains_only_the_new_rows(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
+    r = quick(pipe, "textual_inversion", tmp_path, steps=3, num_vectors=2)
+    assert_same(state(pipe.unet), before["unet"])
+    assert_same(state(pipe.vae), before["vae"])
+    after = state(pipe.text_encoder)
+    key = next(k for k in after if k.endswith("token_embedding.weight"))
+    old, new = before["text_encoder"].pop(key), after.pop(key)
+    assert_same(after, before["text_encoder"])
+    assert new.shape[0] == old.shape[0] + 2 and torch.equal(new[: len(old)], old)
+    bear = old[pipe.tokenizer("bear", add_special_tokens=False).input_ids[0]]
+    assert not torch.equal(new[-1], bear) and not torch.equal(new[-2], bear)  # moved from the initialisation
+    assert r.phrase == "<koala>" and r.meta["tokens"] == ["<koala>", "<koala>_1"]
+
+
+@pytest.mark.parametrize("num_vectors", [1, 2])
+def test_ti_files_load_in_diffusers_and_give_the_same_images(random_pipe, tmp_path, num_vectors):
+    pipe = fresh(random_pipe)
+    quick(pipe, "textual_inversion", tmp_path, num_vectors=num_vectors)
+    prompt = "a <koala> on the left"
+    want = images(pipe, prompt)
+    assert not np.array_equal(want, images(random_pipe, "a bear on the left"))
+    embeds = safetensors.torch.load_file(tmp_path / "learned_embeds.safetensors")
+    assert list(embeds) == ["<koala>"] and embeds["<koala>"].shape == (num_vectors, 128)
+    a1111 = torch.load(tmp_path / "koala.pt", weights_only=True)
+    assert torch.equal(a1111["string_to_param"]["*"], embeds["<koala>"])
+    assert a1111["name"] == "<koala>" and a1111["step"] == 2
+    for file in ("learned_embeds.safetensors", "koala.pt"):
+        other = fresh(random_pipe)
+        other.load_textual_inversion(str(tmp_path / file))
+        assert np.array_equal(images(other, prompt), want), file
+    other = fresh(random_pipe)
+    assert load_adapter(other, tmp_path)["phrase"] == "<koala>"
+    assert np.array_equal(images(other, prompt), want)
+
+
+def test_ti_refuses_a_token_the_tokenizer_has(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    quick(pipe, "textual_inversion", tmp_path, steps=1)
+    with pytest.raises(ValueError, match="'<koala>' is already in the tokenizer's vocabulary"):
+        quick(pipe, "textual_inversion", tmp_path, steps=1)  # the same pipeline twice
+    with pytest.raises(ValueError, match="'bear' is already"):
+        quick(fresh(random_pipe), "textual_inversion", tmp_path, token="bear")
+    with pytest.raises(ValueError, match="does not tokenize to known tokens"):
+        quick(fresh(random_pipe), "textual_inversion", tmp_path, class_word=" ")
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_at_initialisation_is_the_base_model(random_pipe):
+    pipe = fresh(random_pipe)
+    METHODS["lora"](text_encoder=True).setup(pipe, load_concept("koala"))
+    assert any("lora_B" in n for n, _ in pipe.unet.named_parameters())
+    assert torch.equal(eps(pipe), eps(random_pipe))
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_lora_trains_only_lora_weights(random_pipe, tmp_path, text_encoder):
+    pipe = fresh(random_pipe)
+    before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
+    quick(pipe, "lora", tmp_path, text_encoder=text_encoder)
+    with lora.disabled(pipe):  # every adapter off: the base model
+        assert torch.equal(eps(pipe), eps(random_pipe))
+    assert_same(state(pipe.vae), before["vae"])
+    for m in ("unet", "text_encoder"):
+        after = state(getattr(pipe, m))
+        lora_keys = [k for k in after if "lora_" in k]
+        assert bool(lora_keys) == (m == "unet" or text_encoder)
+        assert_same({k.replace("base_layer.", ""): v for k, v in after.items() if "lora_" not in k}, before[m])
+        assert all(after[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)  # B left zero
+
+
+def test_lora_files_load_in_diffusers_and_kohya_form(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    quick(pipe, "lora", tmp_path, rank=2, alpha=3.0)
+    want = eps(pipe)
+    assert not torch.equal(want, eps(random_pipe))
+    for weight_name in ("pytorch_lora_weights.safetensors", "koala_kohya.safetensors"):
+        other = fresh(random_pipe)
+        other.load_lora_weights(str(tmp_path), weight_name=weight_name, adapter_name="k")
+        assert torch.equal(eps(other), want), weight_name
+    other = fresh(random_pipe)
+    load_adapter(other, tmp_path)
+    assert np.array_equal(images(other, "a sks bear"), images(pipe, "a sks bear"))
+
+
+@pytest.mark.skipif(Version(version("peft")) < Version("0.22"),
+                    reason="transformers 5 loads text-encoder LoRAs through its peft integration, peft >= 0.22")
+def test_text_encoder_lora_loads_in_diffusers(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    quick(pipe, "lora", tmp_path, text_encoder=True)
+    for weight_name in ("pytorch_lora_weights.safetensors", "koala_kohya.safetensors"):
+        other = fresh(random_pipe)
+        other.load_lora_weights(str(tmp_path), weight_name=weight_name, adapter_name="k")
+        assert torch.equal(eps(other), eps(pipe)), weight_name
+
+
+def test_kohya_keys_are_complete_and_well_formed(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    quick(pipe, "lora", tmp_path, steps=1, rank=2, alpha=3.0, text_encoder=True)
+    kohya = safetensors.torch.load_file(tmp_path / "koala_kohya.safetensors")
+    modules = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")}
+    te = {n: m for n, m in pipe.text_encoder.named_modules() if hasattr(m, "lora_A")}
+    assert all(n.endswith(lora.UNET_TARGETS) for n in modules)
+    assert all(n.endswith(lora.TEXT_ENCODER_TARGETS) for n in te)
+    assert len(modules) == 56 and len(te) == 12
+    expected = {f"lora_unet_{n.replace('.', '_')}": m for n, m in modules.items()}
+    expected |= {f"lora_te_text_model_{n.removeprefix('text_model.').replace('.', '_')}": m for n, m in te.items()}
+    assert set(kohya) == {f"{k}.{s}" for k in expected for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    for name, m in expected.items():
+        assert torch.equal(kohya[f"{name}.lora_down.weight"], m.lora_A["koala"].weight)  # (r, in)
+        assert torch.equal(kohya[f"{name}.lora_up.weight"], m.lora_B["koala"].weight)  # (out, r)
+        assert kohya[f"{name}.alpha"].item() == 3.0
+    one = lora.to_kohya({"mid_block.attn.to_out.0.lora_B.weight": torch.ones(2, 3)}, 4.0, prefix="lora_te")
+    assert list(one) == ["lora_te_mid_block_attn_to_out_0.lora_up.weight", "lora_te_mid_block_attn_to_out_0.alpha"]
+    with pytest.raises(ValueError, match="not a LoRA weight"):
+        lora.to_kohya({"to_q.weight": torch.zeros(1)}, 4.0)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # peft's note on a second adapter
+def test_several_loras_switch_and_weight(random_pipe, tmp_path):
+    koala, hamster = fresh(random_pipe), fresh(random_pipe)
+    quick(koala, "lora", tmp_path / "koala")
+    quick(hamster, "lora", tmp_path / "hamster", concept="hamster")
+    both = fresh(random_pipe)
+    assert load_adapter(both, tmp_path / "koala")["adapter_name"] == "koala"
+    load_adapter(both, tmp_path / "hamster")
+    both.set_adapters(["koala"])
+    assert torch.equal(eps(both), eps(koala))
+    both.set_adapters(["koala", "hamster"], adapter_weights=[0.0, 1.0])
+    assert torch.equal(eps(both), eps(hamster))
+    both.set_adapters(["koala", "hamster"], adapter_weights=[1.0, 1.0])
+    assert not torch.equal(eps(both), eps(koala)) and not torch.equal(eps(both), eps(hamster))
+    with lora.disabled(both):
+        assert torch.equal(eps(both), eps(random_pipe))
+    assert not torch.equal(eps(both), eps(random_pipe))
+
+
+# ---------------------------------------------------------------- HyperNetwork
+
+
+def test_hypernetwork_at_initialisation_or_zero_strength_is_the_base_model(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    base = images(random_pipe, "a bear")
+    hypernetwork.attach(pipe, hypernetwork.Hypernetwork([]))  # no MLP at all: our processor == diffusers'
+    assert np.array_equal(images(pipe, "a bear"), base)
+    hypernetwork.detach(pipe)
+    quick(pipe, "hypernetwork", tmp_path)
+    (hn,) = hypernetwork.attached(pipe)
+    assert not np.array_equal(images(pipe, "a bear"), base)
+    hn.strength = 0.0
+    assert np.array_equal(images(pipe, "a bear"), base)
+    fresh_hn = hypernetwork.Hypernetwork([128])
+    c = torch.randn(2, 128)
+    assert all(torch.equal(m(c), c) for pair in fresh_hn.layers.values() for m in pair)
+
+
+def test_hypernetwork_trains_only_its_mlps_on_cross_attention(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
+    init = hypernetwork.Hypernetwork([128])  # what setup builds under the same seed
+    r = quick(pipe, "hypernetwork", tmp_path)
+    for m in before:
+        assert_same(state(getattr(pipe, m)), before[m])
+    (hn,) = hypernetwork.attached(pipe)
+    assert r.phrase == "bear" and list(hn.layers) == ["128"]
+    assert not torch.equal(hn.layers["128"][0].linear[2].weight, init.layers["128"][0].linear[2].weight)
+    procs = pipe.unet.attn_processors
+    is_hn = {n: isinstance(p, hypernetwork.HypernetworkProcessor) for n, p in procs.items()}
+    assert all(hn == n.endswith("attn2.processor") for n, hn in is_hn.items())
+    assert all(isinstance(p, AttnProcessor2_0) for n, p in procs.items() if n.endswith("attn1.processor"))
+
+
+def test_hypernetwork_file_is_the_webui_layout_and_round_trips(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    quick(pipe, "hypernetwork", tmp_path)
+    saved = torch.load(tmp_path / "koala.pt", weights_only=True)  # plain types only
+    assert set(saved) >= {128, "layer_structure", "activation_func", "name", "step"}
+    assert saved["layer_structure"] == [1, 2, 1] and saved["activation_func"] == "relu" and saved["step"] == 2
+    k, v = saved[128]
+    assert set(k) == set(v) == {"linear.0.weight", "linear.0.bias", "linear.2.weight", "linear.2.bias"}
+    assert k["linear.0.weight"].shape == (256, 128) and k["linear.2.weight"].shape == (128, 256)
+    other = fresh(random_pipe)
+    load_adapter(other, tmp_path)
+    assert np.array_equal(images(other, "a bear"), images(pipe, "a bear"))
+
+
+def test_hypernetworks_chain_and_detach(random_pipe):
+    pipe = fresh(random_pipe)
+    a, b = hypernetwork.Hypernetwork([128]), hypernetwork.Hypernetwork([128], activation="linear")
+    for hn in (a, b):
+        hn.layers["128"][0].linear[-1].weight.data.normal_(std=0.1)
+        hypernetwork.attach(pipe, hn)
+    assert hypernetwork.attached(pipe) == [a, b]
+    c = torch.randn(1, 4, 128)
+    assert torch.equal(b(*a(c, c))[0], a.layers["128"][0](c) + b.layers["128"][0].linear(a.layers["128"][0](c)))
+    assert not torch.equal(eps(pipe), eps(random_pipe))
+    hypernetwork.detach(pipe)
+    assert hypernetwork.attached(pipe) == [] and torch.equal(eps(pipe), eps(random_pipe))
+
+
+# ---------------------------------------------------------------- DreamBooth
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_dreambooth_trains_the_unet_and_optionally_the_text_encoder(random_pipe, tmp_path, text_encoder):
+    pipe = fresh(random_pipe)
+    before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
+    r = quick(pipe, "dreambooth", tmp_path, text_encoder=text_encoder)
+    assert r.phrase == "sks bear"
+    assert_same(state(pipe.vae), before["vae"])
+    changed = {k for k, v in state(pipe.unet).items() if not torch.equal(v, before["unet"][k])}
+    assert len(changed) > len(before["unet"]) // 2
+    te_same = all(torch.equal(v, before["text_encoder"][k]) for k, v in state(pipe.text_encoder).items())
+    assert te_same != text_encoder
+
+
+def test_dreambooth_saves_fp16_parts_that_load_with_the_base(random_pipe, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pipe = fresh(random_pipe)
+    quick(pipe, "dreambooth", tmp_path, text_encoder=True)
+    saved = safetensors.torch.load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float16}
+    rounded = fresh(pipe)  # the trained pipeline with its weights rounded to fp16, as saved
+    rounded.unet.half().float()
+    rounded.text_encoder.half().float()
+    other = fresh(random_pipe)
+    load_adapter(other, tmp_path)
+    assert torch.equal(eps(other), eps(rounded)) and not torch.equal(eps(other), eps(random_pipe))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet", dtype=torch.float32)  # plain diffusers
+    assert_same(state(unet), state(rounded.unet))
+
+
+def test_dreambooth_class_images_are_generated_once(random_pipe, tmp_path, monkeypatch):
+    assert class_prompts("bear", 3) == ["a bear", "a bear on the left", "a bear on the right"]
+    quick(fresh(random_pipe), "dreambooth", tmp_path, steps=1)
+    pngs = sorted((tmp_path / "class_images").glob("*.png"))
+    assert [p.name for p in pngs] == ["00.png", "01.png"]
+    import mcteach.pipeline
+
+    monkeypatch.setattr(mcteach.pipeline, "generate", lambda *a, **k: pytest.fail("regenerated class images"))
+    quick(fresh(random_pipe), "dreambooth", tmp_path, steps=1)  # the cache is used
+    quick(fresh(random_pipe), "dreambooth", tmp_path / "noprior", steps=1, prior_weight=0.0)  # none needed
+    assert not (tmp_path / "noprior" / "class_images").exists()
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def model_dir(random_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    random_pipe.save_pretrained(path)
+    return path
+
+
+def test_cli_trains_and_generates_with_the_adapter(model_dir, tmp_path, capsys):
+    from mcteach import generate, load_pipeline
+    from mcteach.__main__ import main
+
+    out = tmp_path / "koala-lora"
+    args = ["train", "--method", "lora", "--concept", "koala", "--out", str(out), "--steps", "2",
+            "--model", str(model_dir)]
+    assert main(args) == 0
+    assert "sks bear" in capsys.readouterr().out and (out / "adapter.json").is_file()
+    image = tmp_path / "k.png"
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(out), "--prompt", "a sks bear",
+                 "--steps", "2", "--out", str(image), "--device", "cpu"]) == 0
+    pipe = load_pipeline(model_dir, device="cpu")
+    load_adapter(pipe, out)
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(generate(pipe, "a sks bear", steps=2)[0]))
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
+    from mcteach.__main__ import main
+
+    assert main(["train", "--method", "lora", "--concept", str(tmp_path / "nope"), "--out", str(tmp_path),
+                 "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: concept folder") and "Traceback" not in err
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(tmp_path), "--prompt", "a fox",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "no adapter.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--method", "magic", "--concept", "koala", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'magic'" in err and all(f"'{m}'" in err for m in METHODS)  # the CLI lists every method
