@@ -6,7 +6,9 @@ Modules, in the order the course teaches them:
 - ``pipeline``: load a pipeline (embedded, local or hub id) and generate reproducibly;
 - ``sd``: Stable Diffusion's parts one function each (the denoising loop by hand, notebook 01);
 - ``attention``: record cross-/self-attention maps; ``plot``: show images and maps;
-- ``concepts``: few-shot concept sets; ``judge``: the per-region classifier used for metrics;
+- ``concepts``: few-shot concept sets; ``methods``: Textual Inversion, HyperNetwork, DreamBooth, LoRA
+  (one training engine);
+- ``judge``: the per-region classifier used for metrics;
 - ``evaluate``: the measurements reported in the README.
 """
 
