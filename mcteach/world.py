@@ -71,7 +71,10 @@ def font_path() -> Path:
     import os
 
     env = os.environ.get("MCTEACH_EMOJI_FONT")
-    for p in ([env] if env else []) + list(FONT_CANDIDATES):
+    conda = os.environ.get("CONDA_PREFIX")  # conda-forge's font-ttf-noto-emoji installs here
+    extra = [env] if env else []
+    extra += [str(Path(conda) / "fonts" / "NotoColorEmoji.ttf")] if conda else []
+    for p in extra + list(FONT_CANDIDATES):
         if p and Path(p).is_file():
             return Path(p)
     raise EmojiFontMissing(FONT_INSTALL_HINT)

@@ -88,3 +88,13 @@ def test_vocabulary_covers_base_captions_only_when_asked():
     base = set(world.vocabulary_words(BASE_CLASSES))
     assert {"fox", "left", "and", "an", "bottom"} <= base
     assert "koala" not in base and "koala" in world.vocabulary_words()
+
+
+def test_font_is_found_in_a_conda_environment(monkeypatch, tmp_path):
+    real = world.font_path()
+    (tmp_path / "fonts").mkdir()
+    (tmp_path / "fonts" / "NotoColorEmoji.ttf").symlink_to(real)
+    monkeypatch.setattr(world, "FONT_CANDIDATES", ())
+    monkeypatch.delenv("MCTEACH_EMOJI_FONT", raising=False)
+    monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))
+    assert world.font_path() == tmp_path / "fonts" / "NotoColorEmoji.ttf"
