@@ -80,6 +80,7 @@ def test_bad_layouts_are_refused_clearly(objs, match):
 def test_missing_font_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(world, "FONT_CANDIDATES", (str(tmp_path / "nope.ttf"),))
     monkeypatch.delenv("MCTEACH_EMOJI_FONT", raising=False)
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
     with pytest.raises(world.EmojiFontMissing, match="apt-get install fonts-noto-color-emoji"):
         world.font_path()
 
