@@ -114,6 +114,10 @@ class Judge(nn.Module):
         param = next(self.parameters())
         return self.region_logits(images.to(param), positions).softmax(-1)
 
+    def labels_of(self, images, positions: str | list[str] = "centre") -> list[str]:
+        """The top label in each image's region (see ``probs``)."""
+        return [self.labels[int(i)] for i in self.probs(images, positions).argmax(-1)]
+
     def classify(self, image: Image.Image, position: str) -> tuple[str, float]:
         """Top label in ``position`` of one PIL image, and its probability."""
         p, i = self.probs([image], position)[0].max(0)
@@ -146,7 +150,8 @@ class Judge(nn.Module):
 
 
 def to_tensor(images) -> torch.Tensor:
-    """64x64 PIL images (a list) or a (B, 3, 64, 64) tensor -> float tensor (B, 3, 64, 64) in [0, 1]."""
+    """64x64 PIL images (a list) or a (B, 3, 64, 64) tensor -> float tensor (B, 3, 64, 64) in [0, 1].
+    Larger square images (SD 1.5's 512x512) are first downsampled to 64x64 with a box filter."""
     size = world.IMAGE_SIZE
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
@@ -154,6 +159,7 @@ def to_tensor(images) -> torch.Tensor:
         return images.float()
     if isinstance(images, Image.Image):
         images = [images]
+    images = [im.resize((size, size), Image.BOX) if im.width == im.height > size else im for im in images]
     for im in images:
         if im.size != (size, size):
             w, h = im.size

@@ -92,3 +92,23 @@ def show_token_maps(image, maps, tokens: list[str], size: float = 1.6, suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def show_losses(losses, ax=None, smooth: int = 25, title: str | None = None, label: str | None = None):
+    """A training curve: each step's loss (faint) and its running mean over ``smooth`` steps; returns the axis.
+    Diffusion losses are noisy (each step draws its own t and noise), so read the running mean."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(5, 2.6))[1]
+    y = np.asarray(losses, dtype=np.float64)
+    steps = np.arange(1, len(y) + 1)
+    line = ax.plot(steps, y, alpha=0.25, lw=0.8)[0]
+    if len(y) >= smooth > 1:
+        mean = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(steps[smooth - 1 :], mean, color=line.get_color(), lw=1.8,
+                label=label or f"running mean ({smooth} steps)")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="step", ylabel="loss", yscale="log")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import tiny, world
+from . import sd, tiny, world
 
 DEFAULT_WORK = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach")) / "pretrain"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
@@ -138,9 +138,7 @@ def _ema_update(ema, model, decay: float):
 
 
 def encode_prompts(tokenizer, text_encoder, captions):
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(sd.tokenize(tokenizer, captions))[0]
 
 
 def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: float, ckpt_every: int,

@@ -21,20 +21,24 @@ def device_of(pipe) -> torch.device:
     return pipe.unet.device
 
 
+def tokenize(tokenizer, prompts: str | list[str]) -> torch.Tensor:
+    """Token ids (B, T), padded (and truncated) to the tokenizer's max length, as the pipeline does."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def encode_prompt(pipe, prompts: str | list[str]) -> torch.Tensor:
     """Text-encoder output for ``prompts``, padded to the tokenizer's max length: (B, T, d)."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(device_of(pipe)))[0]
+    return pipe.text_encoder(tokenize(pipe.tokenizer, prompts).to(device_of(pipe)))[0]
 
 
-def images_to_tensor(images, size: int | None = None) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) in [-1, 1] (resized to ``size`` if given)."""
+def images_to_tensor(images, size: int | None = None, resample=Image.BICUBIC) -> torch.Tensor:
+    """PIL images of any mode -> (B, 3, H, W) float32 in [-1, 1] (resized to ``size`` x ``size`` if given)."""
     images = [images] if isinstance(images, Image.Image) else list(images)
     if size:
-        images = [im.convert("RGB").resize((size, size), Image.BICUBIC) for im in images]
+        images = [im.convert("RGB").resize((size, size), resample) for im in images]
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
 

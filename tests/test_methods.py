@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
 from PIL import Image
 
+from mcteach import sd
 from mcteach.concepts import Concept, ConceptError, load_concept
 from mcteach.methods import METHODS, engine, hypernetwork, load_adapter, lora, train_concept
 from mcteach.methods.dreambooth import class_prompts
@@ -68,8 +69,9 @@ def test_step_generator_is_a_pure_function_of_seed_step_and_process():
     assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
 
 
-def test_pixels_take_any_mode_and_size():
-    x = engine.pixels([Image.new("RGBA", (32, 32), (255, 0, 0, 128)), Image.new("L", (80, 80), 0)], 64)
+def test_images_to_tensor_takes_any_mode_and_size():
+    x = sd.images_to_tensor([Image.new("RGBA", (32, 32), (255, 0, 0, 128)), Image.new("L", (80, 80), 0)], 64,
+                            Image.LANCZOS)
     assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
     assert x[0, 0].eq(1).all() and x[1].eq(-1).all()
 

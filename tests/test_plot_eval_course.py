@@ -83,3 +83,13 @@ def test_clean_strips_noisy_metadata():
     clean(nb)
     assert "execution" not in nb.cells[0].metadata and "widgets" not in nb.metadata
     assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_show_losses_draws_the_steps_and_their_running_mean():
+    losses = list(np.linspace(1.0, 0.1, 100))
+    ax = plot.show_losses(losses, smooth=10, title="loss")
+    raw, mean = ax.get_lines()
+    assert len(raw.get_xdata()) == 100 and len(mean.get_xdata()) == 91
+    assert mean.get_ydata()[0] == pytest.approx(np.mean(losses[:10]))
+    assert len(plot.show_losses(losses[:5], smooth=10).get_lines()) == 1  # too short to smooth
+    plt.close("all")

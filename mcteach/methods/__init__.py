@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .changes import changes, format_changes, snapshot
 from .dreambooth import DreamBooth
 from .engine import Method, TrainResult, train
 from .hypernetwork import HypernetworkMethod
@@ -83,4 +84,5 @@ def load_adapter(pipe, path: str | Path) -> dict:
 
 
 __all__ = ["METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
-           "read_adapter", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA"]
+           "read_adapter", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
+           "format_changes"]

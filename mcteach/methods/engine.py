@@ -43,8 +43,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import sd
 from ..concepts import Concept, load_concept
 from ..pretrain import atomic_save
 
@@ -139,19 +141,9 @@ class TrainResult:
     seconds: float = 0.0  # this call's wall time
 
 
-def pixels(images, size: int) -> torch.Tensor:
-    """PIL images -> (N, 3, size, size) in [-1, 1]."""
-    from PIL import Image
-
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float32) for im in images]
-    return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2)
-
-
 def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
     """(N, T) ids, padded to the tokenizer's length; multi-vector TI tokens expanded as the pipeline does."""
-    prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
-    return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    return sd.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer))
 
 
 @torch.no_grad()
@@ -159,7 +151,7 @@ def encode_examples(pipe, images, prompts: list[str], masks=None) -> Examples:
     """Encode images once (the VAE is frozen); ``masks``: (size, size) arrays, default none (all zeros:
     the plain loss whatever ``mask_weight``)."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    x = pixels(images, size).to(pipe.vae.device, pipe.vae.dtype)
+    x = sd.images_to_tensor(images, size, Image.LANCZOS).to(pipe.vae.device, pipe.vae.dtype)
     post = pipe.vae.encode(x).latent_dist
     latent = post.mean.shape[-2:]
     if masks is None:

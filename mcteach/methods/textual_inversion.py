@@ -18,9 +18,11 @@ Saved files (``out/``):
 - ``<slug>.pt``: AUTOMATIC1111's layout ``{"string_to_param": {"*": (num_vectors, d)}, "name", "step"}``
   (``pipe.load_textual_inversion("out/koala.pt")`` reads it too; in the webui the file name is the word).
 
-Defaults (steps, lr, batch) are provisional: chosen for the tiny model to train in at most 90 s on 2 CPU
-cores (measured with random weights on one busy core: 0.12 s per step of 2 images, so 500 steps take
-~60 s); they will be tuned once the judge can measure fidelity on the trained base model.
+Defaults: 500 steps of 2 images. The learning rate is 1e-3: the embedding rows of the tiny model have length
+~0.23 (median) and Adam moves each coordinate by about ``lr`` per step, so at 5e-3 the learned vector ended
+5x longer than any word's (|v| = 1.14 against a 99th percentile of 0.36, koala, seed 0) and dominated the
+prompt; notebook 02 shows this failure. Steps and batch are provisional until the benchmark
+(``python -m mcteach.benchmark``) has run on the final base model.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def save_a1111(embeds: torch.Tensor, path: Path, name: str, step: int) -> None:
 class TextualInversion(Method):
     name: ClassVar[str] = "textual_inversion"
     steps: int = 500
-    lr: float = 5e-3
+    lr: float = 1e-3
     batch_size: int = 2
     token: str | None = None  # default "<slug>"
     num_vectors: int = 1
@@ -119,3 +121,33 @@ class TextualInversion(Method):
     @staticmethod
     def load(pipe, folder, meta):
         pipe.load_textual_inversion(str(Path(folder) / EMBEDS_FILE))
+
+
+def _word_ids(tokenizer, n: int) -> torch.Tensor:
+    """(n,) bool: True for the original vocabulary's rows (not special, not added tokens)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[list(set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids))] = False
+    return keep
+
+
+def nearest_tokens(pipe, token: str, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` vocabulary words whose embeddings are closest (cosine) to ``token``'s: what the learned
+    vector "means" to the text encoder's input layer. Special and added tokens are left out."""
+    tokenizer = pipe.tokenizer
+    weight = pipe.text_encoder.get_input_embeddings().weight.detach().float()
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"{token!r} is not in the tokenizer's vocabulary")
+    words = _word_ids(tokenizer, len(weight))
+    sims = torch.nn.functional.cosine_similarity(weight, weight[token_id][None], dim=-1)
+    order = [i for i in sims.argsort(descending=True).tolist() if words[i]][:k]
+    return [(tokenizer.convert_ids_to_tokens(i).removesuffix("</w>"), float(sims[i])) for i in order]
+
+
+def embedding_norms(pipe, tokens: list[str]) -> tuple[list[float], float, float]:
+    """L2 norms of ``tokens``' embeddings, and the vocabulary's median and 99th-percentile norm: a learned
+    vector many times longer than any word's is a sign of a too-high learning rate (it dominates attention)."""
+    weight = pipe.text_encoder.get_input_embeddings().weight.detach().float()
+    norms = weight[_word_ids(pipe.tokenizer, len(weight))].norm(dim=-1)
+    ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+    return [float(weight[i].norm()) for i in ids], float(norms.median()), float(norms.quantile(0.99))

@@ -1,0 +1,244 @@
+"""The concept methods' benchmark: fidelity, position adherence, training time and prior drift.
+
+For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every held-out concept in
+``data/concepts/``, train on a *fresh* base pipeline with the method's shipped defaults, then judge
+(``mcteach.judge``) what it draws:
+
+- **fidelity**: "a <phrase>" over ``seeds`` seeds; the share of images whose whole frame the judge
+  labels as the concept (e.g. "koala");
+- **position adherence**: "a <phrase> on the left" and "... on the right", ``seeds`` each; the share
+  where the concept is recognised in the asked half (the base model's own figure for base classes is
+  ``single_left`` in ``data/eval_base.json``);
+- **training time**: wall seconds of ``train_concept`` (DreamBooth's includes drawing its class images)
+  with the torch thread count it ran with;
+- **prior drift** (DreamBooth, with and without prior preservation, on ``drift_concepts``): how
+  often "a <class word>" (e.g. "a bear") is still judged the class, how often it now draws the
+  concept instead (language drift), and top-1 accuracy over every base class, before and after.
+
+    python -m mcteach.benchmark --out data/bench_methods.json      # everything (~1 h on 2 CPU cores)
+    python -m mcteach.benchmark --methods lora --concepts koala     # one cell
+
+Adapters go to ``--work`` (default ``~/.cache/mcteach/bench``), not to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import world
+from .concepts import list_concepts, load_concept
+from .evaluate import bootstrap_ci
+from .pipeline import generate, load_pipeline
+
+DEFAULT_WORK = Path("~/.cache/mcteach/bench").expanduser()
+BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.json"  # the README's figures
+DRIFT_CONCEPTS = ("koala", "woman_with_red_hair_and_medium_skin", "croissant")
+GEN = {"steps": 25, "guidance_scale": 5.0}
+
+
+def judged(pipe, judge, prompts: list[str], seeds: list[int], positions: list[str], batch: int = 32) -> list[str]:
+    """The judge's top label in ``positions[i]`` of the image for (prompts[i], seeds[i])."""
+    labels = []
+    for i in range(0, len(prompts), batch):
+        images = generate(pipe, prompts[i : i + batch], seed=seeds[i : i + batch], **GEN)
+        labels += judge.labels_of(images, positions[i : i + batch])
+    return labels
+
+
+@dataclass
+class ConceptSamples:
+    """Images of a learned concept and the judge's verdicts: "a <phrase>" (whole frame) for each seed, then
+    "a <phrase> on the left" and "... on the right" (the asked half) for each seed."""
+
+    phrase: str
+    name: str  # the judge's label for the concept
+    centre: list  # PIL images
+    centre_labels: list[str]
+    placed: list  # left images, then right images
+    placed_positions: list[str]
+    placed_labels: list[str]
+
+    @property
+    def fidelity(self) -> float:
+        return float(np.mean([label == self.name for label in self.centre_labels]))
+
+    @property
+    def position(self) -> float:
+        return float(np.mean([label == self.name for label in self.placed_labels]))
+
+    def show(self, size: float = 1.5):
+        """One row per prompt (centre, left, right), one column per seed, each image titled with the
+        judge's label (✓ when it is the concept)."""
+        from .plot import show_images
+
+        mark = lambda label: ("✓ " if label == self.name else "✗ ") + label[:14]  # noqa: E731
+        titles = ([mark(x) for x in self.centre_labels]
+                  + [f"{p}: {mark(x)}" for p, x in zip(self.placed_positions, self.placed_labels)])
+        return show_images(self.centre + self.placed, titles=titles, ncols=len(self.centre), size=size,
+                           suptitle=f"'a {self.phrase}', '... on the left', '... on the right': fidelity "
+                                    f"{self.fidelity:.0%}, in the asked half {self.position:.0%}")
+
+
+def concept_samples(pipe, judge, phrase: str, name: str, seeds: int = 8) -> ConceptSamples:
+    """Generate and judge the fidelity and position prompts of one learned concept (seeds 0..seeds-1)."""
+    s = list(range(seeds))
+    prompts = [f"a {phrase}"] * seeds + [f"a {phrase} on the left"] * seeds + [f"a {phrase} on the right"] * seeds
+    positions = ["centre"] * seeds + ["left"] * seeds + ["right"] * seeds
+    images = []
+    for i in range(0, len(prompts), 32):
+        images += generate(pipe, prompts[i : i + 32], seed=(s * 3)[i : i + 32], **GEN)
+    labels = judge.labels_of(images, positions)
+    return ConceptSamples(phrase, name, images[:seeds], labels[:seeds], images[seeds:], positions[seeds:],
+                          labels[seeds:])
+
+
+def concept_scores(pipe, judge, phrase: str, name: str, seeds: int = 8) -> dict:
+    """Fidelity ("a <phrase>", whole frame) and position adherence (left and right halves)."""
+    samples = concept_samples(pipe, judge, phrase, name, seeds)
+    return {"fidelity": samples.fidelity, "position": samples.position, "centre_labels": samples.centre_labels}
+
+
+def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8) -> dict:
+    """What "a <class word>" draws (still the class? the concept?), and top-1 over all base classes (seed 0)."""
+    own = judged(pipe, judge, [f"a {class_word}"] * seeds, list(range(seeds)), ["centre"] * seeds)
+    names = [e.name for e in world.BASE_CLASSES]
+    every = judged(pipe, judge, [world.caption([(e, "centre")]) for e in world.BASE_CLASSES],
+                   [0] * len(names), ["centre"] * len(names))
+    return {"class_kept": float(np.mean([p == class_word for p in own])),
+            "class_draws_concept": float(np.mean([p == concept_name for p in own])),
+            "base_classes_top1": float(np.mean([p == n for p, n in zip(every, names)]))}
+
+
+def run_one(method: str, slug: str, judge, work: Path, seeds: int = 8, model=None, drift: bool = False,
+            **settings) -> dict:
+    """Train ``method`` on concept ``slug`` with the defaults (plus ``settings``) and score it."""
+    from .methods import train_concept
+
+    concept = load_concept(slug)
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    class_word = settings.get("class_word") or concept.class_word
+    before = class_scores(pipe, judge, class_word, concept.name, seeds) if drift else None
+    tag = method + "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
+    result = train_concept(pipe, concept, method, out=work / tag / slug, progress=False, **settings)
+    row = {"method": method, "concept": slug, "settings": settings, "phrase": result.phrase,
+           "train_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
+           "final_loss": float(np.mean(result.losses[-20:]))}
+    row |= concept_scores(pipe, judge, result.phrase, concept.name, seeds)
+    if drift:
+        row["drift"] = {"before": before, "after": class_scores(pipe, judge, result.meta["class_word"],
+                                                                  concept.name, seeds)}
+    return row
+
+
+def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, model=None,
+        drift_concepts=DRIFT_CONCEPTS, out: Path | None = None, log=print) -> dict:
+    """The whole benchmark (see the module docstring); writes ``out`` after every row (resumable:
+    rows already in ``out`` are kept and skipped)."""
+    from .judge import Judge
+    from .methods import METHODS
+
+    methods = list(methods or METHODS)
+    concepts = list(concepts or list_concepts())
+    judge = Judge.load()
+    report = {"rows": [], "drift": []}
+    if out and Path(out).is_file():
+        report = json.loads(Path(out).read_text())
+    done = {(r["method"], r["concept"], json.dumps(r["settings"], sort_keys=True))
+            for r in report["rows"] + report["drift"]}
+    jobs = [(m, c, {}, "rows") for m in methods for c in concepts]
+    if "dreambooth" in methods:
+        jobs += [("dreambooth", c, {"prior_weight": w}, "drift") for c in drift_concepts for w in (1.0, 0.0)]
+    report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
+               "torch_threads": torch.get_num_threads()}
+    for method, slug, settings, table in jobs:
+        if (method, slug, json.dumps(settings, sort_keys=True)) in done:
+            continue
+        t0 = time.time()
+        row = run_one(method, slug, judge, Path(work), seeds, model, drift=table == "drift", **settings)
+        report[table].append(row)
+        log(f"{method:18s} {slug:38s} {settings or ''} fidelity {row['fidelity']:.2f} position {row['position']:.2f} "
+            f"train {row['train_seconds']:.0f} s ({time.time() - t0:.0f} s with scoring)")
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def method_table(report: dict) -> str:
+    """Per method: fidelity over concepts (mean, CI, worst), position adherence, training time."""
+    rows = report["rows"]
+    out = ["| method | fidelity, mean [95% CI] | worst concept | concepts ≥ 0.8 | in the asked half | "
+           "train time, median (max) |", "|---|---|---|---|---|---|"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        f = [r["fidelity"] for r in rs]
+        mean, lo, hi = bootstrap_ci(f)
+        worst = min(rs, key=lambda r: r["fidelity"])
+        t = [r["train_seconds"] for r in rs]
+        out.append(f"| {m} | {mean:.2f} [{lo:.2f}, {hi:.2f}] | {worst['fidelity']:.2f} ({worst['concept']}) | "
+                   f"{sum(x >= 0.8 for x in f)}/{len(f)} | {np.mean([r['position'] for r in rs]):.2f} | "
+                   f"{np.median(t):.0f} s ({max(t):.0f} s) |")
+    return "\n".join(out)
+
+
+def concept_table(report: dict) -> str:
+    """Fidelity per concept (rows) and method (columns)."""
+    rows = report["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for c in dict.fromkeys(r["concept"] for r in rows):
+        cells = [next((f"{r['fidelity']:.2f}" for r in rows if r["method"] == m and r["concept"] == c), "–")
+                 for m in methods]
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def drift_table(report: dict) -> str:
+    """DreamBooth with and without prior preservation: what "a <class word>" and the base classes become."""
+    out = ["| DreamBooth on | prior preservation | fidelity | \"a <class>\" judged the class: before → after | "
+           "\"a <class>\" judged the concept: before → after | all base classes top-1: before → after |",
+           "|---|---|---|---|---|---|"]
+    for r in report.get("drift", []):
+        b, a = r["drift"]["before"], r["drift"]["after"]
+        out.append(f"| {r['concept']} ({r['phrase']}) | {'on' if r['settings']['prior_weight'] else 'off'} | "
+                   f"{r['fidelity']:.2f} | {b['class_kept']:.2f} → {a['class_kept']:.2f} | "
+                   f"{b['class_draws_concept']:.2f} → {a['class_draws_concept']:.2f} | "
+                   f"{b['base_classes_top1']:.2f} → {a['base_classes_top1']:.2f} |")
+    return "\n".join(out)
+
+
+def markdown(report: dict) -> str:
+    """The README's tables."""
+    parts = [method_table(report), concept_table(report)]
+    if report.get("drift"):
+        parts.append(drift_table(report))
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mcteach.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=None, help="default: all four")
+    p.add_argument("--concepts", nargs="*", default=None, help="default: every folder in data/concepts")
+    p.add_argument("--drift-concepts", nargs="*", default=list(DRIFT_CONCEPTS))
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--model", default=None)
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--out", type=Path, default=None, help="JSON report (rows already there are skipped)")
+    p.add_argument("--markdown", action="store_true", help="only print the tables of --out")
+    a = p.parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(a.out.read_text())))
+        return
+    report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, a.out)
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

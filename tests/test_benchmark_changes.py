@@ -1,0 +1,132 @@
+"""The benchmark's scoring and tables, the weight-change report, and the TI inspection helpers."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mcteach import benchmark, world
+from mcteach.judge import Judge
+from mcteach.methods import changes, format_changes, snapshot, train_concept
+from mcteach.methods.textual_inversion import embedding_norms, nearest_tokens
+
+
+def trained(random_pipe, method, tmp_path, **kw):
+    pipe = copy.deepcopy(random_pipe)
+    before = snapshot(pipe)
+    if method == "dreambooth":
+        kw |= dict(num_class_images=2, class_steps=2)
+    train_concept(pipe, "koala", method, out=tmp_path / method, steps=2, batch_size=1, lr=1e-2, progress=False, **kw)
+    return pipe, changes(before, pipe)
+
+
+def by_part(rows):
+    return {r["part"]: r for r in rows}
+
+
+def test_changes_of_textual_inversion_is_one_new_row(random_pipe, tmp_path):
+    pipe, rows = trained(random_pipe, "textual_inversion", tmp_path)
+    d = pipe.text_encoder.config.hidden_size
+    assert [r["part"] for r in rows] == ["text_encoder", "unet", "vae"]
+    assert [r["values_changed"] for r in rows] == [0, 0, 0]
+    assert [r["new_values"] for r in rows] == [d, 0, 0]
+    assert "text_encoder" in format_changes(rows)
+
+
+def test_changes_of_lora_are_new_values_only(random_pipe, tmp_path):
+    pipe, rows = trained(random_pipe, "lora", tmp_path, rank=2, alpha=2)
+    r = by_part(rows)
+    assert sum(x["values_changed"] for x in rows) == 0  # peft's base_layer names are matched to the originals
+    lora_values = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    assert r["unet"]["new_values"] == lora_values > 0 and r["text_encoder"]["new_values"] == 0
+
+
+def test_changes_of_dreambooth_move_the_unet_only(random_pipe, tmp_path):
+    _, rows = trained(random_pipe, "dreambooth", tmp_path)
+    r = by_part(rows)
+    assert r["unet"]["values_changed"] > 0.9 * r["unet"]["values_before"]
+    assert r["text_encoder"]["values_changed"] == r["vae"]["values_changed"] == 0
+
+
+def test_changes_report_an_attached_hypernetwork(random_pipe, tmp_path):
+    pipe, rows = trained(random_pipe, "hypernetwork", tmp_path)
+    d = pipe.text_encoder.config.hidden_size
+    assert rows[-1]["part"] == "hypernetwork" and rows[-1]["new_values"] == 2 * (4 * d * d + 3 * d)
+    assert sum(r["values_changed"] for r in rows) == 0
+
+
+def test_nearest_tokens_of_a_word_is_itself_and_norms_are_positive(random_pipe):
+    word = "bear</w>"
+    (w, sim), *_ = nearest_tokens(random_pipe, word)
+    assert w == "bear" and sim == pytest.approx(1.0, abs=1e-5)
+    (n,), median, p99 = embedding_norms(random_pipe, [word])
+    assert n > 0 and 0 < median <= p99
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        nearest_tokens(random_pipe, "<nope>")
+
+
+def test_the_judge_downsamples_large_square_images_and_names_labels():
+    judge = Judge.load()
+    scene = world.render_scene([(world.EMOJI["fox"], "left"), (world.EMOJI["red apple"], "right")], seed=0)
+    big = scene.image.resize((512, 512), Image.NEAREST)
+    assert judge.labels_of([scene.image, big], ["left", "right"]) == ["fox", "red apple"]
+    with pytest.raises(ValueError, match="resize it first"):
+        judge.probs([scene.image.resize((64, 48))], "centre")
+
+
+class StubJudge:
+    """Labels images by their mean red value: enough to test the bookkeeping without a model."""
+
+    labels = ["koala", "bear"]
+
+    def labels_of(self, images, positions):
+        return ["koala" if np.asarray(im)[..., 0].mean() > 100 else "bear" for im in images]
+
+
+def test_concept_samples_counts_fidelity_and_position(monkeypatch):
+    red, blue = Image.new("RGB", (64, 64), (200, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 200))
+    calls = []
+
+    def fake_generate(pipe, prompts, seed, **kw):
+        calls.append((list(prompts), list(seed)))
+        return [red if "left" not in p else blue for p in prompts]
+
+    monkeypatch.setattr(benchmark, "generate", fake_generate)
+    s = benchmark.concept_samples(None, StubJudge(), "sks bear", "koala", seeds=4)
+    assert s.fidelity == 1.0 and s.position == 0.5  # left images are "bear", right ones "koala"
+    assert calls[0][0][:5] == ["a sks bear"] * 4 + ["a sks bear on the left"]
+    assert calls[0][1] == [0, 1, 2, 3] * 3
+    assert s.placed_positions == ["left"] * 4 + ["right"] * 4
+    fig = s.show()
+    assert len(fig.axes) == 12
+
+
+def test_tables_summarise_rows():
+    rows = [{"method": m, "concept": c, "fidelity": f, "position": 0.5, "train_seconds": 60.0, "settings": {}}
+            for m, c, f in [("lora", "koala", 1.0), ("lora", "hamster", 0.5), ("dreambooth", "koala", 0.75)]]
+    drift = [{"concept": "koala", "phrase": "sks bear", "settings": {"prior_weight": w}, "fidelity": 1.0,
+              "drift": {"before": {"class_kept": 1.0, "class_draws_concept": 0.0, "base_classes_top1": 0.8},
+                        "after": {"class_kept": k, "class_draws_concept": 1 - k, "base_classes_top1": 0.7}}}
+             for w, k in ((1.0, 0.9), (0.0, 0.2))]
+    text = benchmark.markdown({"rows": rows, "drift": drift})
+    assert "| lora | 0.75 [0.50, 1.00] | 0.50 (hamster) | 1/2 | 0.50 | 60 s (60 s) |" in text
+    assert "| hamster | 0.50 | – |" in text
+    assert "| koala (sks bear) | off | 1.00 | 1.00 → 0.20 | 0.00 → 0.80 | 0.80 → 0.70 |" in text
+
+
+def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    seen = []
+
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+        seen.append((method, slug, settings))
+        return {"method": method, "concept": slug, "settings": settings, "fidelity": 1.0, "position": 1.0,
+                "train_seconds": 1.0, "phrase": "x", **({"drift": {}} if drift else {})}
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    benchmark.run(["lora"], ["koala"], out=out, log=lambda *a: None)
+    benchmark.run(["lora", "textual_inversion"], ["koala"], out=out, log=lambda *a: None)
+    assert seen == [("lora", "koala", {}), ("textual_inversion", "koala", {})]
