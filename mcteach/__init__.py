@@ -9,7 +9,7 @@ Modules, in the order the course teaches them:
 - ``concepts``: few-shot concept sets; ``methods``: Textual Inversion, HyperNetwork, DreamBooth, LoRA
   (one training engine);
 - ``judge``: the per-region classifier used for metrics;
-- ``evaluate``: the measurements reported in the README.
+- ``evaluate``: the base model's measurements reported in the README; ``benchmark``: the methods'.
 """
 
 from .pipeline import (EMBEDDED_MODEL, SD15, ModelNotAvailable, describe_environment, generate, is_embedded,

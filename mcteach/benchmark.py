@@ -15,7 +15,7 @@ For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every h
   often "a <class word>" (e.g. "a bear") is still judged the class, how often it now draws the
   concept instead (language drift), and top-1 accuracy over every base class, before and after.
 
-    python -m mcteach.benchmark --out data/bench_methods.json      # everything (~1 h on 2 CPU cores)
+    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 46 training runs, resumable
     python -m mcteach.benchmark --methods lora --concepts koala     # one cell
 
 Adapters go to ``--work`` (default ``~/.cache/mcteach/bench``), not to the repository.
@@ -152,7 +152,7 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
         report = json.loads(Path(out).read_text())
     done = {(r["method"], r["concept"], json.dumps(r["settings"], sort_keys=True))
             for r in report["rows"] + report["drift"]}
-    jobs = [(m, c, {}, "rows") for m in methods for c in concepts]
+    jobs = [(m, c, {}, "rows") for c in concepts for m in methods]  # concept by concept: a partial run is comparable
     if "dreambooth" in methods:
         jobs += [("dreambooth", c, {"prior_weight": w}, "drift") for c in drift_concepts for w in (1.0, 0.0)]
     report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,

@@ -20,9 +20,9 @@ Saved files (``out/``):
 
 Defaults: 500 steps of 2 images. The learning rate is 1e-3: the embedding rows of the tiny model have length
 ~0.23 (median) and Adam moves each coordinate by about ``lr`` per step, so at 5e-3 the learned vector ended
-5x longer than any word's (|v| = 1.14 against a 99th percentile of 0.36, koala, seed 0) and dominated the
-prompt; notebook 02 shows this failure. Steps and batch are provisional until the benchmark
-(``python -m mcteach.benchmark``) has run on the final base model.
+5x longer than the median word (|v| = 1.23 against a 99th percentile of 0.43; koala, seed 0, 4900-step base
+model) and dominated the prompt; notebook 02 shows this failure. Steps and batch are provisional until the
+benchmark (``python -m mcteach.benchmark``) has covered every concept.
 """
 
 from __future__ import annotations
