@@ -13,7 +13,11 @@ For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every h
   with the torch thread count it ran with;
 - **prior drift** (DreamBooth, with and without prior preservation, on ``drift_concepts``): how
   often "a <class word>" (e.g. "a bear") is still judged the class, how often it now draws the
-  concept instead (language drift), and top-1 accuracy over every base class, before and after.
+  concept instead (language drift), and top-1 accuracy over every base class, before and after;
+- **controls** (Textual Inversion and the HyperNetwork): the same training on a class the UNet *was* trained
+  to draw (``CONTROLS``: tiger images, starting from the word "cat"). The two methods leave the UNet
+  frozen, so they can only steer it towards what it already draws; the control separates "the method
+  does not work" from "the frozen model cannot draw this concept".
 
     python -m mcteach.benchmark --out data/bench_methods.json      # everything: 46 training runs, resumable
     python -m mcteach.benchmark --methods lora --concepts koala     # one cell
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,23 +38,29 @@ import numpy as np
 import torch
 
 from . import world
-from .concepts import list_concepts, load_concept
+from .concepts import list_concepts, load_concept, make_concept_set
 from .evaluate import bootstrap_ci
 from .pipeline import generate, load_pipeline
 
 DEFAULT_WORK = Path("~/.cache/mcteach/bench").expanduser()
 BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.json"  # the README's figures
 DRIFT_CONCEPTS = ("koala", "woman_with_red_hair_and_medium_skin", "croissant")
+CONTROLS = {"tiger": "cat"}  # a base class the UNet draws -> the class word a method starts from
+CONTROL_METHODS = ("textual_inversion", "hypernetwork")  # the frozen-UNet methods
 GEN = {"steps": 25, "guidance_scale": 5.0}
 
 
 def judged(pipe, judge, prompts: list[str], seeds: list[int], positions: list[str], batch: int = 32) -> list[str]:
     """The judge's top label in ``positions[i]`` of the image for (prompts[i], seeds[i])."""
-    labels = []
+    return judge.labels_of(_generate(pipe, prompts, seeds, batch), positions)
+
+
+def _generate(pipe, prompts: list[str], seeds: list[int], batch: int = 32) -> list:
+    """One image per (prompt, seed) with the benchmark's settings, ``batch`` at a time."""
+    images = []
     for i in range(0, len(prompts), batch):
-        images = generate(pipe, prompts[i : i + batch], seed=seeds[i : i + batch], **GEN)
-        labels += judge.labels_of(images, positions[i : i + batch])
-    return labels
+        images += generate(pipe, prompts[i : i + batch], seed=seeds[i : i + batch], **GEN)
+    return images
 
 
 @dataclass
@@ -91,9 +102,7 @@ def concept_samples(pipe, judge, phrase: str, name: str, seeds: int = 8) -> Conc
     s = list(range(seeds))
     prompts = [f"a {phrase}"] * seeds + [f"a {phrase} on the left"] * seeds + [f"a {phrase} on the right"] * seeds
     positions = ["centre"] * seeds + ["left"] * seeds + ["right"] * seeds
-    images = []
-    for i in range(0, len(prompts), 32):
-        images += generate(pipe, prompts[i : i + 32], seed=(s * 3)[i : i + 32], **GEN)
+    images = _generate(pipe, prompts, s * 3)
     labels = judge.labels_of(images, positions)
     return ConceptSamples(phrase, name, images[:seeds], labels[:seeds], images[seeds:], positions[seeds:],
                           labels[seeds:])
@@ -116,9 +125,18 @@ def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8
             "base_classes_top1": float(np.mean([p == n for p, n in zip(every, names)]))}
 
 
-def run_one(method: str, slug: str, judge, work: Path, seeds: int = 8, model=None, drift: bool = False,
+def control_set(name: str, class_word: str, work: Path = DEFAULT_WORK) -> Path:
+    """Render a few-shot set of base class ``name`` (class word ``class_word``) under ``work/controls/``."""
+    emoji = next((e for e in world.BASE_CLASSES if e.name == name), None)
+    if emoji is None:
+        raise ValueError(f"{name!r} is not a base class; choose one of {[e.name for e in world.BASE_CLASSES]}")
+    return make_concept_set(emoji, class_word, Path(work) / "controls" / name.replace(" ", "_"))
+
+
+def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, model=None, drift: bool = False,
             **settings) -> dict:
-    """Train ``method`` on concept ``slug`` with the defaults (plus ``settings``) and score it."""
+    """Train ``method`` on concept ``slug`` (or a concept folder) with the defaults (plus ``settings``) and
+    score it."""
     from .methods import train_concept
 
     concept = load_concept(slug)
@@ -126,8 +144,8 @@ def run_one(method: str, slug: str, judge, work: Path, seeds: int = 8, model=Non
     class_word = settings.get("class_word") or concept.class_word
     before = class_scores(pipe, judge, class_word, concept.name, seeds) if drift else None
     tag = method + "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
-    result = train_concept(pipe, concept, method, out=work / tag / slug, progress=False, **settings)
-    row = {"method": method, "concept": slug, "settings": settings, "phrase": result.phrase,
+    result = train_concept(pipe, concept, method, out=work / tag / concept.slug, progress=False, **settings)
+    row = {"method": method, "concept": concept.slug, "settings": settings, "phrase": result.phrase,
            "train_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
            "final_loss": float(np.mean(result.losses[-20:]))}
     row |= concept_scores(pipe, judge, result.phrase, concept.name, seeds)
@@ -138,32 +156,36 @@ def run_one(method: str, slug: str, judge, work: Path, seeds: int = 8, model=Non
 
 
 def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, model=None,
-        drift_concepts=DRIFT_CONCEPTS, out: Path | None = None, log=print) -> dict:
+        drift_concepts=DRIFT_CONCEPTS, controls=CONTROLS, out: Path | None = None, settings: dict | None = None,
+        log=print) -> dict:
     """The whole benchmark (see the module docstring); writes ``out`` after every row (resumable:
-    rows already in ``out`` are kept and skipped)."""
+    rows already in ``out`` are kept and skipped). ``settings`` (e.g. ``{"num_vectors": 4}``) override the
+    defaults in the method x concept rows, for a sweep; each row records them."""
     from .judge import Judge
     from .methods import METHODS
 
     methods = list(methods or METHODS)
     concepts = list(concepts or list_concepts())
     judge = Judge.load()
-    report = {"rows": [], "drift": []}
+    report = {"rows": [], "drift": [], "controls": []}
     if out and Path(out).is_file():
-        report = json.loads(Path(out).read_text())
+        report |= json.loads(Path(out).read_text())
     done = {(r["method"], r["concept"], json.dumps(r["settings"], sort_keys=True))
-            for r in report["rows"] + report["drift"]}
-    jobs = [(m, c, {}, "rows") for c in concepts for m in methods]  # concept by concept: a partial run is comparable
+            for r in report["rows"] + report["drift"] + report["controls"]}
+    jobs = [(m, c, dict(settings or {}), "rows") for c in concepts for m in methods]  # concept by concept: a partial run is comparable
     if "dreambooth" in methods:
         jobs += [("dreambooth", c, {"prior_weight": w}, "drift") for c in drift_concepts for w in (1.0, 0.0)]
+    jobs += [(m, name, {}, "controls") for name in controls for m in methods if m in CONTROL_METHODS]
     report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
                "torch_threads": torch.get_num_threads()}
-    for method, slug, settings, table in jobs:
-        if (method, slug, json.dumps(settings, sort_keys=True)) in done:
+    for method, slug, job_settings, table in jobs:
+        if (method, slug.replace(" ", "_"), json.dumps(job_settings, sort_keys=True)) in done:
             continue
         t0 = time.time()
-        row = run_one(method, slug, judge, Path(work), seeds, model, drift=table == "drift", **settings)
+        concept = control_set(slug, controls[slug], work) if table == "controls" else slug
+        row = run_one(method, concept, judge, Path(work), seeds, model, drift=table == "drift", **job_settings)
         report[table].append(row)
-        log(f"{method:18s} {slug:38s} {settings or ''} fidelity {row['fidelity']:.2f} position {row['position']:.2f} "
+        log(f"{method:18s} {slug:38s} {job_settings or ''} fidelity {row['fidelity']:.2f} position {row['position']:.2f} "
             f"train {row['train_seconds']:.0f} s ({time.time() - t0:.0f} s with scoring)")
         if out:
             Path(out).write_text(json.dumps(report, indent=1) + "\n")
@@ -213,12 +235,40 @@ def drift_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def control_table(report: dict) -> str:
+    """The frozen-UNet methods on a held-out concept (mean over concepts) and on the control class."""
+    out = ["| method | held-out concepts: mean fidelity | control: learns | control fidelity | control draws |",
+           "|---|---|---|---|---|"]
+    for r in report["controls"]:
+        held = [x["fidelity"] for x in report["rows"] if x["method"] == r["method"]]
+        drawn = ", ".join(f"{k} {v}" for k, v in Counter(r["centre_labels"]).most_common(3))
+        out.append(f"| {r['method']} | {np.mean(held) if held else float('nan'):.2f} | {r['concept']} from "
+                   f"'{r['phrase']}' | {r['fidelity']:.2f} | {drawn} |")
+    return "\n".join(out)
+
+
 def markdown(report: dict) -> str:
     """The README's tables."""
     parts = [method_table(report), concept_table(report)]
     if report.get("drift"):
         parts.append(drift_table(report))
+    if report.get("controls"):
+        parts.append(control_table(report))
     return "\n\n".join(parts)
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``["num_vectors=4", "lr=3e-3"]`` -> ``{"num_vectors": 4, "lr": 0.003}`` (values read as JSON, else text)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE pairs, e.g. --set num_vectors=4; got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def main(argv=None) -> None:
@@ -227,16 +277,22 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="*", default=None, help="default: all four")
     p.add_argument("--concepts", nargs="*", default=None, help="default: every folder in data/concepts")
     p.add_argument("--drift-concepts", nargs="*", default=list(DRIFT_CONCEPTS))
+    p.add_argument("--controls", nargs="*", default=list(CONTROLS),
+                   help=f"base classes for the frozen-UNet control (default {list(CONTROLS)}; none: skip)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--out", type=Path, default=None, help="JSON report (rows already there are skipped)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override a default in the method x concept rows, e.g. --set num_vectors=4 steps=800")
     p.add_argument("--markdown", action="store_true", help="only print the tables of --out")
     a = p.parse_args(argv)
     if a.markdown:
         print(markdown(json.loads(a.out.read_text())))
         return
-    report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, a.out)
+    controls = {name: CONTROLS.get(name, "cat") for name in a.controls}
+    report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, controls, a.out,
+                 parse_settings(a.set))
     print(markdown(report))
 
 

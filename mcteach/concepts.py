@@ -156,50 +156,48 @@ def load_concept(path: str | Path, size: int = world.IMAGE_SIZE) -> Concept:
     )
 
 
-def make_concept_sets(out: str | Path = CONCEPTS_DIR, *, n: int = 6, seed: int = 0) -> list[Path]:
-    """Render the few-shot set of every held-out concept into ``out/<slug>/``; return the folders.
+def make_concept_set(emoji: world.Emoji, class_word: str, folder: str | Path, *, slug: str | None = None,
+                     n: int = 6, seed: int = 0) -> Path:
+    """Render ``n`` images of ``emoji`` (with masks and ``concept.json``) into ``folder``: a few-shot set.
 
-    Image ``i`` of a concept is at ``POSITION_CYCLE[i % 5]``, with the scale, jitter and
-    background drawn from a generator seeded by (slug, seed, i): the same files every time.
+    Image ``i`` is at ``POSITION_CYCLE[i % 5]``, with the scale, jitter and background drawn from a
+    generator seeded by (slug, seed, i): the same files every time. Any emoji works, including a base
+    class the model already draws (notebook 02 uses one as a control).
     """
-    folders = []
-    for slug, (emoji, class_word) in world.HELDOUT_CONCEPTS.items():
-        folder = Path(out) / slug
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("[0-9][0-9]*.png"):  # a smaller --n leaves no stale images
-            old.unlink()
-        entries = []
-        for i in range(n):
-            position = POSITION_CYCLE[i % len(POSITION_CYCLE)]
-            scene = world.render_scene(
-                [(emoji, position)], rng=random.Random(f"{slug}/{seed}/{i}")
-            )
-            mask = Image.fromarray(np.round(scene.masks[0] * 255).astype(np.uint8))
-            scene.image.save(folder / f"{i:02d}.png", optimize=True)
-            mask.save(folder / f"{i:02d}_mask.png", optimize=True)
-            entries.append(
-                {
-                    "file": f"{i:02d}.png",
-                    "mask": f"{i:02d}_mask.png",
-                    "position": position,
-                    "caption": scene.caption,
-                }
-            )
-        meta = {
-            "name": emoji.name,
-            "slug": slug,
-            "chars": emoji.chars,
-            "unicode_names": [unicodedata.name(ch) for ch in emoji.chars],
-            "category": emoji.category,
-            "class_word": class_word,
-            "images": entries,
-            "source": "Noto Color Emoji",
-            "license": "Apache-2.0 (images), OFL-1.1 (font)",
-        }
-        text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-        (folder / "concept.json").write_text(text, encoding="utf-8")
-        folders.append(folder)
-    return folders
+    folder = Path(folder)
+    slug = slug or folder.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("[0-9][0-9]*.png"):  # a smaller --n leaves no stale images
+        old.unlink()
+    entries = []
+    for i in range(n):
+        position = POSITION_CYCLE[i % len(POSITION_CYCLE)]
+        scene = world.render_scene([(emoji, position)], rng=random.Random(f"{slug}/{seed}/{i}"))
+        mask = Image.fromarray(np.round(scene.masks[0] * 255).astype(np.uint8))
+        scene.image.save(folder / f"{i:02d}.png", optimize=True)
+        mask.save(folder / f"{i:02d}_mask.png", optimize=True)
+        entries.append({"file": f"{i:02d}.png", "mask": f"{i:02d}_mask.png", "position": position,
+                        "caption": scene.caption})
+    meta = {
+        "name": emoji.name,
+        "slug": slug,
+        "chars": emoji.chars,
+        "unicode_names": [unicodedata.name(ch) for ch in emoji.chars],
+        "category": emoji.category,
+        "class_word": class_word,
+        "images": entries,
+        "source": "Noto Color Emoji",
+        "license": "Apache-2.0 (images), OFL-1.1 (font)",
+    }
+    (folder / "concept.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+def make_concept_sets(out: str | Path = CONCEPTS_DIR, *, n: int = 6, seed: int = 0) -> list[Path]:
+    """Render the few-shot set of every held-out concept into ``out/<slug>/`` (``make_concept_set``);
+    return the folders."""
+    return [make_concept_set(emoji, class_word, Path(out) / slug, n=n, seed=seed)
+            for slug, (emoji, class_word) in world.HELDOUT_CONCEPTS.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

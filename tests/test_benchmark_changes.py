@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from mcteach import benchmark, world
+from mcteach.concepts import load_concept
 from mcteach.judge import Judge
 from mcteach.methods import changes, format_changes, snapshot, train_concept
 from mcteach.methods.textual_inversion import embedding_norms, nearest_tokens
@@ -127,6 +128,42 @@ def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
-    benchmark.run(["lora"], ["koala"], out=out, log=lambda *a: None)
-    benchmark.run(["lora", "textual_inversion"], ["koala"], out=out, log=lambda *a: None)
+    benchmark.run(["lora"], ["koala"], out=out, controls={}, log=lambda *a: None)
+    benchmark.run(["lora", "textual_inversion"], ["koala"], out=out, controls={}, log=lambda *a: None)
     assert seen == [("lora", "koala", {}), ("textual_inversion", "koala", {})]
+
+
+def test_controls_train_the_frozen_unet_methods_on_a_rendered_base_class(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    seen = []
+
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+        concept = load_concept(slug)
+        seen.append((method, concept.name, concept.class_word, len(concept)))
+        return {"method": method, "concept": concept.slug, "settings": settings, "fidelity": 0.5, "position": 0.0,
+                "train_seconds": 1.0, "phrase": "<tiger>", "centre_labels": ["tiger", "cat"]}
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    for _ in range(2):  # the second run finds every row done
+        report = benchmark.run(["textual_inversion", "lora"], ["koala"], work=tmp_path, drift_concepts=(),
+                               controls={"tiger": "cat"}, out=out, log=lambda *a: None)
+    assert seen[2:] == [("textual_inversion", "tiger", "cat", 6)]  # LoRA changes the UNet: no control
+    assert len(seen) == 3
+    assert "| textual_inversion | 0.50 | tiger from '<tiger>' | 0.50 | tiger 1, cat 1 |" in benchmark.markdown(report)
+    with pytest.raises(ValueError, match="not a base class"):
+        benchmark.control_set("koala", "bear", tmp_path)
+
+
+def test_set_overrides_are_parsed_and_passed_to_the_rows(tmp_path, monkeypatch):
+    assert benchmark.parse_settings(["num_vectors=4", "lr=3e-3", "class_word=cat"]) == {
+        "num_vectors": 4, "lr": 0.003, "class_word": "cat"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        benchmark.parse_settings(["num_vectors"])
+    seen = []
+    monkeypatch.setattr(benchmark, "run_one", lambda m, slug, *a, drift=False, **kw: seen.append(kw) or {
+        "method": m, "concept": slug, "settings": kw, "fidelity": 0.0, "position": 0.0, "train_seconds": 1.0})
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    benchmark.run(["textual_inversion"], ["koala"], work=tmp_path, controls={}, settings={"num_vectors": 4},
+                  log=lambda *a: None)
+    assert seen == [{"num_vectors": 4}]
