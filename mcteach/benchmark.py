@@ -19,8 +19,14 @@ For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every h
   frozen, so they can only steer it towards what it already draws; the control separates "the method
   does not work" from "the frozen model cannot draw this concept".
 
-    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 46 training runs, resumable
+    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 48 training runs, resumable
     python -m mcteach.benchmark --methods lora --concepts koala     # one cell
+
+On 2 cores, two processes of one thread each finish sooner than one of two threads:
+
+    OMP_NUM_THREADS=1 python -m mcteach.benchmark --shard 0/2 --out bench0.json &
+    OMP_NUM_THREADS=1 python -m mcteach.benchmark --shard 1/2 --out bench1.json
+    python -m mcteach.benchmark --merge bench0.json bench1.json --out data/bench_methods.json
 
 Adapters go to ``--work`` (default ``~/.cache/mcteach/bench``), not to the repository.
 """
@@ -155,27 +161,46 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
     return row
 
 
+TABLES = ("rows", "drift", "controls")
+
+
+def _key(row: dict) -> tuple[str, str, str]:
+    return row["method"], row["concept"], json.dumps(row["settings"], sort_keys=True)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from the files of several shards (a row that is in two of them is kept once)."""
+    merged = {table: [] for table in TABLES}
+    for report in reports:
+        merged |= {k: v for k, v in report.items() if k not in TABLES}
+        for table in TABLES:
+            seen = {_key(r) for r in merged[table]}
+            merged[table] += [r for r in report.get(table, []) if _key(r) not in seen]
+    return merged
+
+
 def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, model=None,
         drift_concepts=DRIFT_CONCEPTS, controls=CONTROLS, out: Path | None = None, settings: dict | None = None,
-        log=print) -> dict:
+        shard: tuple[int, int] = (0, 1), log=print) -> dict:
     """The whole benchmark (see the module docstring); writes ``out`` after every row (resumable:
     rows already in ``out`` are kept and skipped). ``settings`` (e.g. ``{"num_vectors": 4}``) override the
-    defaults in the method x concept rows, for a sweep; each row records them."""
+    defaults in the method x concept rows, for a sweep; each row records them. ``shard=(i, n)`` runs only
+    jobs i, i+n, i+2n...: n processes with their own ``out`` share the cores, and ``merge`` joins their files."""
     from .judge import Judge
     from .methods import METHODS
 
     methods = list(methods or METHODS)
     concepts = list(concepts or list_concepts())
     judge = Judge.load()
-    report = {"rows": [], "drift": [], "controls": []}
+    report = {table: [] for table in TABLES}
     if out and Path(out).is_file():
         report |= json.loads(Path(out).read_text())
-    done = {(r["method"], r["concept"], json.dumps(r["settings"], sort_keys=True))
-            for r in report["rows"] + report["drift"] + report["controls"]}
+    done = {_key(r) for table in TABLES for r in report[table]}
     jobs = [(m, c, dict(settings or {}), "rows") for c in concepts for m in methods]  # concept by concept: a partial run is comparable
     if "dreambooth" in methods:
         jobs += [("dreambooth", c, {"prior_weight": w}, "drift") for c in drift_concepts for w in (1.0, 0.0)]
     jobs += [(m, name, {}, "controls") for name in controls for m in methods if m in CONTROL_METHODS]
+    jobs = jobs[shard[0]::shard[1]]
     report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
                "torch_threads": torch.get_num_threads()}
     for method, slug, job_settings, table in jobs:
@@ -285,14 +310,24 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON report (rows already there are skipped)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override a default in the method x concept rows, e.g. --set num_vectors=4 steps=800")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run only every N-th job, from the I-th (N processes, each with its own --out)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="FILE",
+                   help="join the reports of several shards into --out, then print its tables")
     p.add_argument("--markdown", action="store_true", help="only print the tables of --out")
     a = p.parse_args(argv)
+    if a.merge:
+        a.out.write_text(json.dumps(merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n")
+        a.markdown = True
     if a.markdown:
         print(markdown(json.loads(a.out.read_text())))
         return
     controls = {name: CONTROLS.get(name, "cat") for name in a.controls}
+    i, _, n = a.shard.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise SystemExit(f"--shard takes I/N with 0 <= I < N, e.g. --shard 0/2; got {a.shard!r}")
     report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, controls, a.out,
-                 parse_settings(a.set))
+                 parse_settings(a.set), (int(i), int(n)))
     print(markdown(report))
 
 

@@ -1,6 +1,7 @@
 """The benchmark's scoring and tables, the weight-change report, and the TI inspection helpers."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -167,3 +168,31 @@ def test_set_overrides_are_parsed_and_passed_to_the_rows(tmp_path, monkeypatch):
     benchmark.run(["textual_inversion"], ["koala"], work=tmp_path, controls={}, settings={"num_vectors": 4},
                   log=lambda *a: None)
     assert seen == [{"num_vectors": 4}]
+
+
+def test_shards_split_the_jobs_and_merge_joins_them(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+        seen.append((method, slug))
+        scores = {"class_kept": 1.0, "class_draws_concept": 0.0, "base_classes_top1": 1.0}
+        return {"method": method, "concept": slug, "settings": settings, "fidelity": 1.0, "position": 0.5,
+                "train_seconds": 1.0, "phrase": "sks bear"} | ({"drift": {"before": scores, "after": scores}}
+                                                                if drift else {})
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    kw = dict(methods=["lora", "dreambooth"], concepts=["koala", "hamster"], drift_concepts=("koala",), controls={},
+              log=lambda *a: None)
+    parts = [benchmark.run(out=tmp_path / f"b{i}.json", shard=(i, 2), **kw) for i in range(2)]
+    assert len(seen) == 6 and len(set(seen)) == 4  # 4 rows + 2 drift runs, each job in exactly one shard
+    assert [len(p["rows"]) + len(p["drift"]) for p in parts] == [3, 3]
+    merged = benchmark.merge(parts + [parts[0]])  # a row in two files is kept once
+    assert sorted((r["method"], r["concept"]) for r in merged["rows"]) == sorted(
+        (m, c) for m in kw["methods"] for c in kw["concepts"])
+    assert len(merged["drift"]) == 2 and merged["controls"] == []
+    out = tmp_path / "all.json"
+    benchmark.main(["--merge", str(tmp_path / "b0.json"), str(tmp_path / "b1.json"), "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == merged["rows"]
+    with pytest.raises(SystemExit, match="I/N"):
+        benchmark.main(["--shard", "2/2", "--out", str(out)])
