@@ -11,15 +11,16 @@ For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every h
   ``single_left`` in ``data/eval_base.json``);
 - **training time**: wall seconds of ``train_concept`` (DreamBooth's includes drawing its class images)
   with the torch thread count it ran with;
-- **prior drift** (DreamBooth, with and without prior preservation, on ``drift_concepts``): how
-  often "a <class word>" (e.g. "a bear") is still judged the class, how often it now draws the
-  concept instead (language drift), and top-1 accuracy over every base class, before and after;
+- **prior drift** (DreamBooth on ``drift_concepts``, three ways: prior preservation with class and world
+  images, with class images only as in the paper, and none): how often "a <class word>" (e.g. "a bear") is
+  still judged the class, how often it now draws the concept instead (language drift), and top-1 accuracy
+  over every base class (does the rest of the world survive?), before and after;
 - **controls** (Textual Inversion and the HyperNetwork): the same training on a class the UNet *was* trained
   to draw (``CONTROLS``: tiger images, starting from the word "cat"). The two methods leave the UNet
   frozen, so they can only steer it towards what it already draws; the control separates "the method
   does not work" from "the frozen model cannot draw this concept".
 
-    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 48 training runs, resumable
+    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 51 training runs, resumable
     python -m mcteach.benchmark --methods lora --concepts koala     # one cell
 
 On 2 cores, two processes of one thread each finish sooner than one of two threads:
@@ -53,6 +54,8 @@ BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.js
 DRIFT_CONCEPTS = ("koala", "woman_with_red_hair_and_medium_skin", "croissant")
 CONTROLS = {"tiger": "cat"}  # a base class the UNet draws -> the class word a method starts from
 CONTROL_METHODS = ("textual_inversion", "hypernetwork")  # the frozen-UNet methods
+# DreamBooth's prior preservation, three ways: class + world images (the default), class images only (the paper), none
+PRIORS = ({"world_prior": True}, {"world_prior": False}, {"prior_weight": 0.0})
 GEN = {"steps": 25, "guidance_scale": 5.0}
 
 
@@ -198,7 +201,7 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     done = {_key(r) for table in TABLES for r in report[table]}
     jobs = [(m, c, dict(settings or {}), "rows") for c in concepts for m in methods]  # concept by concept: a partial run is comparable
     if "dreambooth" in methods:
-        jobs += [("dreambooth", c, {"prior_weight": w}, "drift") for c in drift_concepts for w in (1.0, 0.0)]
+        jobs += [("dreambooth", c, prior, "drift") for c in drift_concepts for prior in PRIORS]
     jobs += [(m, name, {}, "controls") for name in controls for m in methods if m in CONTROL_METHODS]
     jobs = jobs[shard[0]::shard[1]]
     report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
@@ -217,12 +220,19 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     return report
 
 
+def _methods(rows: list[dict]) -> list[str]:
+    """The methods present in ``rows``, in the course's order (TI, HN, DreamBooth, LoRA)."""
+    from .methods import METHODS
+
+    return [m for m in METHODS if any(r["method"] == m for r in rows)]
+
+
 def method_table(report: dict) -> str:
     """Per method: fidelity over concepts (mean, CI, worst), position adherence, training time."""
     rows = report["rows"]
     out = ["| method | fidelity, mean [95% CI] | worst concept | concepts ≥ 0.8 | in the asked half | "
            "train time, median (max) |", "|---|---|---|---|---|---|"]
-    for m in dict.fromkeys(r["method"] for r in rows):
+    for m in _methods(rows):
         rs = [r for r in rows if r["method"] == m]
         f = [r["fidelity"] for r in rs]
         mean, lo, hi = bootstrap_ci(f)
@@ -237,13 +247,22 @@ def method_table(report: dict) -> str:
 def concept_table(report: dict) -> str:
     """Fidelity per concept (rows) and method (columns)."""
     rows = report["rows"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = _methods(rows)
     out = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for c in dict.fromkeys(r["concept"] for r in rows):
+    for c in sorted({r["concept"] for r in rows}):
         cells = [next((f"{r['fidelity']:.2f}" for r in rows if r["method"] == m and r["concept"] == c), "–")
                  for m in methods]
         out.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def prior_name(settings: dict) -> str:
+    """How a drift row's DreamBooth kept its prior: "off", "class images" or "class + world images"."""
+    from .methods import DreamBooth
+
+    if settings.get("prior_weight", DreamBooth.prior_weight) == 0:
+        return "off"
+    return "class + world images" if settings.get("world_prior", DreamBooth.world_prior) else "class images"
 
 
 def drift_table(report: dict) -> str:
@@ -251,9 +270,12 @@ def drift_table(report: dict) -> str:
     out = ["| DreamBooth on | prior preservation | fidelity | \"a <class>\" judged the class: before → after | "
            "\"a <class>\" judged the concept: before → after | all base classes top-1: before → after |",
            "|---|---|---|---|---|---|"]
-    for r in report.get("drift", []):
+    drift = report.get("drift", [])
+    concepts = list(dict.fromkeys(r["concept"] for r in drift))
+    order = ["class + world images", "class images", "off"]
+    for r in sorted(drift, key=lambda r: (concepts.index(r["concept"]), order.index(prior_name(r["settings"])))):
         b, a = r["drift"]["before"], r["drift"]["after"]
-        out.append(f"| {r['concept']} ({r['phrase']}) | {'on' if r['settings']['prior_weight'] else 'off'} | "
+        out.append(f"| {r['concept']} ({r['phrase']}) | {prior_name(r['settings'])} | "
                    f"{r['fidelity']:.2f} | {b['class_kept']:.2f} → {a['class_kept']:.2f} | "
                    f"{b['class_draws_concept']:.2f} → {a['class_draws_concept']:.2f} | "
                    f"{b['base_classes_top1']:.2f} → {a['base_classes_top1']:.2f} |")

@@ -19,7 +19,7 @@ def trained(random_pipe, method, tmp_path, **kw):
     pipe = copy.deepcopy(random_pipe)
     before = snapshot(pipe)
     if method == "dreambooth":
-        kw |= dict(num_class_images=2, class_steps=2)
+        kw |= dict(num_class_images=2, class_steps=2, world_prior=False)
     train_concept(pipe, "koala", method, out=tmp_path / method, steps=2, batch_size=1, lr=1e-2, progress=False, **kw)
     return pipe, changes(before, pipe)
 
@@ -45,11 +45,13 @@ def test_changes_of_lora_are_new_values_only(random_pipe, tmp_path):
     assert r["unet"]["new_values"] == lora_values > 0 and r["text_encoder"]["new_values"] == 0
 
 
-def test_changes_of_dreambooth_move_the_unet_only(random_pipe, tmp_path):
-    _, rows = trained(random_pipe, "dreambooth", tmp_path)
+@pytest.mark.parametrize("text_encoder", [True, False])
+def test_changes_of_dreambooth_move_the_unet_and_the_text_encoder_if_asked(random_pipe, tmp_path, text_encoder):
+    _, rows = trained(random_pipe, "dreambooth", tmp_path, text_encoder=text_encoder)
     r = by_part(rows)
     assert r["unet"]["values_changed"] > 0.9 * r["unet"]["values_before"]
-    assert r["text_encoder"]["values_changed"] == r["vae"]["values_changed"] == 0
+    assert (r["text_encoder"]["values_changed"] > 0) == text_encoder
+    assert r["vae"]["values_changed"] == 0
 
 
 def test_changes_report_an_attached_hypernetwork(random_pipe, tmp_path):
@@ -108,14 +110,18 @@ def test_concept_samples_counts_fidelity_and_position(monkeypatch):
 def test_tables_summarise_rows():
     rows = [{"method": m, "concept": c, "fidelity": f, "position": 0.5, "train_seconds": 60.0, "settings": {}}
             for m, c, f in [("lora", "koala", 1.0), ("lora", "hamster", 0.5), ("dreambooth", "koala", 0.75)]]
-    drift = [{"concept": "koala", "phrase": "sks bear", "settings": {"prior_weight": w}, "fidelity": 1.0,
+    drift = [{"concept": "koala", "phrase": "sks bear", "settings": prior, "fidelity": 1.0,
               "drift": {"before": {"class_kept": 1.0, "class_draws_concept": 0.0, "base_classes_top1": 0.8},
                         "after": {"class_kept": k, "class_draws_concept": 1 - k, "base_classes_top1": 0.7}}}
-             for w, k in ((1.0, 0.9), (0.0, 0.2))]
+             for prior, k in zip(benchmark.PRIORS, (0.9, 0.5, 0.2))]
     text = benchmark.markdown({"rows": rows, "drift": drift})
     assert "| lora | 0.75 [0.50, 1.00] | 0.50 (hamster) | 1/2 | 0.50 | 60 s (60 s) |" in text
-    assert "| hamster | 0.50 | – |" in text
+    assert "| hamster | – | 0.50 |" in text  # columns in the course's order: DreamBooth, then LoRA
     assert "| koala (sks bear) | off | 1.00 | 1.00 → 0.20 | 0.00 → 0.80 | 0.80 → 0.70 |" in text
+    assert "| koala (sks bear) | class images | 1.00 | 1.00 → 0.50 |" in text
+    assert "| koala (sks bear) | class + world images | 1.00 | 1.00 → 0.90 |" in text
+    shuffled = benchmark.drift_table({"drift": drift[::-1]})  # rows come out per concept, in the order of PRIORS
+    assert shuffled == benchmark.drift_table({"drift": drift})
 
 
 def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
@@ -185,12 +191,12 @@ def test_shards_split_the_jobs_and_merge_joins_them(tmp_path, monkeypatch):
     kw = dict(methods=["lora", "dreambooth"], concepts=["koala", "hamster"], drift_concepts=("koala",), controls={},
               log=lambda *a: None)
     parts = [benchmark.run(out=tmp_path / f"b{i}.json", shard=(i, 2), **kw) for i in range(2)]
-    assert len(seen) == 6 and len(set(seen)) == 4  # 4 rows + 2 drift runs, each job in exactly one shard
-    assert [len(p["rows"]) + len(p["drift"]) for p in parts] == [3, 3]
+    assert len(seen) == 7 and len(set(seen)) == 4  # 4 rows + 3 drift runs, each job in exactly one shard
+    assert [len(p["rows"]) + len(p["drift"]) for p in parts] == [4, 3]
     merged = benchmark.merge(parts + [parts[0]])  # a row in two files is kept once
     assert sorted((r["method"], r["concept"]) for r in merged["rows"]) == sorted(
         (m, c) for m in kw["methods"] for c in kw["concepts"])
-    assert len(merged["drift"]) == 2 and merged["controls"] == []
+    assert len(merged["drift"]) == 3 and merged["controls"] == []
     out = tmp_path / "all.json"
     benchmark.main(["--merge", str(tmp_path / "b0.json"), str(tmp_path / "b1.json"), "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == merged["rows"]

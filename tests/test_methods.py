@@ -16,13 +16,14 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
 from PIL import Image
 
-from mcteach import sd
+from mcteach import sd, world
 from mcteach.concepts import Concept, ConceptError, load_concept
 from mcteach.methods import METHODS, engine, hypernetwork, load_adapter, lora, train_concept
-from mcteach.methods.dreambooth import class_prompts
+from mcteach.methods import dreambooth
+from mcteach.methods.dreambooth import DreamBooth, class_prompts
 from mcteach.methods.textual_inversion import add_placeholder
 
-FAST = {"dreambooth": dict(num_class_images=2, class_steps=2, lr=1e-3)}  # 2 class images, 2 sampling steps
+FAST = {"dreambooth": dict(num_class_images=2, class_steps=2, lr=1e-3, world_prior=False)}  # 2 class images, 2 steps
 
 
 def fresh(random_pipe):
@@ -474,6 +475,17 @@ def test_dreambooth_class_images_are_generated_once(random_pipe, tmp_path, monke
     quick(fresh(random_pipe), "dreambooth", tmp_path, steps=1)  # the cache is used
     quick(fresh(random_pipe), "dreambooth", tmp_path / "noprior", steps=1, prior_weight=0.0)  # none needed
     assert not (tmp_path / "noprior" / "class_images").exists()
+
+
+def test_dreambooth_world_prior_adds_one_prompt_per_base_class(random_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(dreambooth, "class_images", lambda pipe, prompts, folder, **kw: [None] * len(prompts))
+    koala = load_concept("koala")
+    _, prompts, weight = DreamBooth(num_class_images=3).prior(random_pipe, koala, tmp_path)  # world_prior: default
+    assert weight == 1.0 and prompts[:3] == class_prompts("bear", 3) == ["a bear", "a bear on the left",
+                                                                         "a bear on the right"]
+    assert prompts[3:] == [world.caption([(e, "centre")]) for e in world.BASE_CLASSES] and "an owl" in prompts
+    _, prompts, _ = DreamBooth(num_class_images=3, world_prior=False).prior(random_pipe, koala, tmp_path)
+    assert prompts == class_prompts("bear", 3)  # the paper's prior: the class only
 
 
 # ---------------------------------------------------------------- command line
