@@ -48,6 +48,7 @@ from . import world
 from .concepts import list_concepts, load_concept, make_concept_set
 from .evaluate import bootstrap_ci
 from .pipeline import generate, load_pipeline
+from .pretrain import atomic_save, write_text
 
 DEFAULT_WORK = Path("~/.cache/mcteach/bench").expanduser()
 BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.json"  # the README's figures
@@ -215,8 +216,8 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
         report[table].append(row)
         log(f"{method:18s} {slug:38s} {job_settings or ''} fidelity {row['fidelity']:.2f} position {row['position']:.2f} "
             f"train {row['train_seconds']:.0f} s ({time.time() - t0:.0f} s with scoring)")
-        if out:
-            Path(out).write_text(json.dumps(report, indent=1) + "\n")
+        if out:  # atomically: a killed run leaves the last complete report to resume from
+            atomic_save(json.dumps(report, indent=1) + "\n", Path(out), write_text)
     return report
 
 
@@ -339,7 +340,7 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", action="store_true", help="only print the tables of --out")
     a = p.parse_args(argv)
     if a.merge:
-        a.out.write_text(json.dumps(merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n")
+        atomic_save(json.dumps(merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n", a.out, write_text)
         a.markdown = True
     if a.markdown:
         print(markdown(json.loads(a.out.read_text())))

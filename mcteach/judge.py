@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import world
+from .pretrain import atomic_save, write_text
 
 JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge.safetensors"
 NOTHING = "nothing"
@@ -125,13 +125,9 @@ class Judge(nn.Module):
 
     def save(self, path: Path = JUDGE_PATH) -> None:
         """fp16 safetensors with labels and widths in the metadata, written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in self.state_dict().items()}
         meta = {"labels": json.dumps(self.labels), "widths": json.dumps(self.widths)}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        atomic_save(tensors, path, lambda t, tmp: save_file(t, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path = JUDGE_PATH) -> "Judge":
@@ -306,9 +302,7 @@ def main(argv=None):
         judge = Judge.load(args.out)
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
         info.update(report(judge))
-    tmp = info_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, info_path)
+    atomic_save(json.dumps(info, indent=1) + "\n", info_path, write_text)
     print(json.dumps(info, indent=1))
 
 

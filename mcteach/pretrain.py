@@ -48,12 +48,19 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+def atomic_save(obj, path: Path, save=None) -> None:
+    """``save(obj, tmp)`` (default ``torch.save``) to a temporary file, then rename: a crash never leaves a
+    half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    (save or torch.save)(obj, tmp)
     os.replace(tmp, path)
+
+
+def write_text(text: str, path: Path) -> None:
+    """``atomic_save``'s ``save`` for text files (JSON reports)."""
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def scene_batch(step: int, batch_size: int, seed: int, classes=None):

@@ -31,6 +31,19 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))  # the old checkpoint survives
 
 
+def test_atomic_save_writes_text_and_keeps_the_old_file_on_a_crash(tmp_path):
+    path = tmp_path / "report.json"
+    pretrain.atomic_save('{"rows": []}\n', path, pretrain.write_text)
+
+    def crash(text, tmp):
+        pretrain.write_text(text[:3], tmp)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.atomic_save('{"rows": [1]}\n', path, crash)
+    assert path.read_text() == '{"rows": []}\n'  # the last complete report survives
+
+
 def test_lr_schedule():
     assert pretrain._lr(0, 1.0, 10) == pytest.approx(0.1)
     assert pretrain._lr(50, 1.0, 10) == 1.0
