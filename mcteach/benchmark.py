@@ -169,7 +169,8 @@ TABLES = ("rows", "drift", "controls")
 
 
 def _key(row: dict) -> tuple[str, str, str]:
-    return row["method"], row["concept"], json.dumps(row["settings"], sort_keys=True)
+    """What identifies a row (and the job that makes it): method, concept slug, settings."""
+    return row["method"], row["concept"].replace(" ", "_"), json.dumps(row["settings"], sort_keys=True)
 
 
 def merge(reports: list[dict]) -> dict:
@@ -208,7 +209,7 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
                "torch_threads": torch.get_num_threads()}
     for method, slug, job_settings, table in jobs:
-        if (method, slug.replace(" ", "_"), json.dumps(job_settings, sort_keys=True)) in done:
+        if _key({"method": method, "concept": slug, "settings": job_settings}) in done:
             continue
         t0 = time.time()
         concept = control_set(slug, controls[slug], work) if table == "controls" else slug
@@ -273,7 +274,7 @@ def drift_table(report: dict) -> str:
            "|---|---|---|---|---|---|"]
     drift = report.get("drift", [])
     concepts = list(dict.fromkeys(r["concept"] for r in drift))
-    order = ["class + world images", "class images", "off"]
+    order = [prior_name(p) for p in PRIORS]
     for r in sorted(drift, key=lambda r: (concepts.index(r["concept"]), order.index(prior_name(r["settings"])))):
         b, a = r["drift"]["before"], r["drift"]["after"]
         out.append(f"| {r['concept']} ({r['phrase']}) | {prior_name(r['settings'])} | "
