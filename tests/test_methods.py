@@ -147,6 +147,21 @@ def test_resume_after_a_kill_reaches_the_same_weights(random_pipe, tmp_path, mon
     assert_same(a["params"], b["params"])
 
 
+def test_cosine_schedule_decays_to_zero_and_resumes_exactly(random_pipe, tmp_path, monkeypatch):
+    assert [round(engine.lr_at(s, 4, 1e-3, "cosine") / 1e-3, 4) for s in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
+    assert engine.lr_at(3, 4, 1e-3, "constant") == 1e-3
+    full = quick(fresh(random_pipe), "lora", tmp_path / "full", steps=5, checkpoint_every=2, lr_schedule="cosine")
+    constant = quick(fresh(random_pipe), "lora", tmp_path / "constant", steps=5, checkpoint_every=2)
+    assert full.losses[:1] == constant.losses[:1] and full.losses[1:] != constant.losses[1:]
+    count_steps(monkeypatch, die_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        quick(fresh(random_pipe), "lora", tmp_path / "run", steps=5, checkpoint_every=2, lr_schedule="cosine")
+    monkeypatch.undo()
+    resumed = quick(fresh(random_pipe), "lora", tmp_path / "run", steps=5, checkpoint_every=2, lr_schedule="cosine",
+                    resume=True)
+    assert resumed.losses == full.losses and resumed.meta["settings"]["lr_schedule"] == "cosine"
+
+
 def test_resume_refuses_another_run(random_pipe, tmp_path):
     quick(fresh(random_pipe), "lora", tmp_path, steps=1)
     with pytest.raises(ValueError, match="lora checkpoint with seed 0"):
@@ -171,6 +186,7 @@ def test_a_run_writes_adapter_json_and_freezes_everything(random_pipe, tmp_path)
     (dict(method="lora", concept="no/such/folder"), ConceptError, "not found"),
     (dict(method="lora", steps=0), ValueError, "steps >= 1"),
     (dict(method="lora", rank=0), ValueError, "rank must be >= 1"),
+    (dict(method="lora", lr_schedule="linear"), ValueError, "unknown lr_schedule 'linear'; choose one of constant, cos"),
     (dict(method="textual_inversion", num_vectors=0), ValueError, "num_vectors"),
     (dict(method="hypernetwork", activation="gelu2"), ValueError, "unknown activation"),
     (dict(method="hypernetwork", layer_structure=[2, 1]), ValueError, "start and end with 1"),
@@ -286,6 +302,16 @@ def test_lora_at_initialisation_is_the_base_model(random_pipe):
     assert torch.equal(eps(pipe), eps(random_pipe))
 
 
+def test_lora_targets_choose_the_layers(random_pipe):
+    for targets, count in ((lora.UNET_TARGETS, 56), (lora.UNET_TRANSFORMER_TARGETS, 84), (["to_k", "to_v"], 28)):
+        pipe = fresh(random_pipe)
+        METHODS["lora"](targets=targets).setup(pipe, load_concept("koala"))
+        names = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")]
+        assert len(names) == count and all(n.endswith(tuple(targets)) for n in names)
+    with pytest.raises(ValueError, match="no UNet layer is named 'to_z'"):
+        METHODS["lora"](targets=["to_q", "to_z"]).setup(fresh(random_pipe), load_concept("koala"))
+
+
 @pytest.mark.parametrize("text_encoder", [False, True])
 def test_lora_trains_only_lora_weights(random_pipe, tmp_path, text_encoder):
     pipe = fresh(random_pipe)
@@ -333,9 +359,9 @@ def test_kohya_keys_are_complete_and_well_formed(random_pipe, tmp_path):
     kohya = safetensors.torch.load_file(tmp_path / "koala_kohya.safetensors")
     modules = {n: m for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")}
     te = {n: m for n, m in pipe.text_encoder.named_modules() if hasattr(m, "lora_A")}
-    assert all(n.endswith(lora.UNET_TARGETS) for n in modules)
+    assert all(n.endswith(lora.UNET_TRANSFORMER_TARGETS) for n in modules)
     assert all(n.endswith(lora.TEXT_ENCODER_TARGETS) for n in te)
-    assert len(modules) == 56 and len(te) == 12
+    assert len(modules) == 84 and len(te) == 12  # 7 transformer blocks x 12 layers; 3 encoder layers x 4
     expected = {f"lora_unet_{n.replace('.', '_')}": m for n, m in modules.items()}
     expected |= {f"lora_te_text_model_{n.removeprefix('text_model.').replace('.', '_')}": m for n, m in te.items()}
     assert set(kohya) == {f"{k}.{s}" for k in expected for s in ("lora_down.weight", "lora_up.weight", "alpha")}

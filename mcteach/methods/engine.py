@@ -15,6 +15,9 @@ lesson). The prompt ``c_b`` is the concept's caption with its name replaced by t
 "a koala on the left" becomes "a <koala> on the left" (Textual Inversion) or "a sks bear on the left"
 (DreamBooth, LoRA), so the position words keep their meaning.
 
+The optimizer is AdamW (no weight decay) with gradients clipped to norm 1; the rate is constant, or decays to 0 on a
+cosine (``lr_schedule="cosine"``, DreamBooth's default), a pure function of the step.
+
 What differs between methods is *which* parameters train (``Method.setup``) and how they are saved
 (``Method.save``); ``train`` freezes the VAE, text encoder and UNet first, so everything a method does
 not switch on stays bit-identical.
@@ -60,6 +63,7 @@ class Method:
     steps: int = 500
     lr: float = 1e-3
     batch_size: int = 2
+    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2, to 0 at the end
     class_word: str | None = None  # default: the concept's (concept.json)
 
     def settings(self) -> dict:
@@ -192,6 +196,19 @@ def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_we
     return loss
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
+    """The learning rate of ``step`` (0-based) of ``steps``: a pure function of the step, so a resumed run needs
+    no scheduler state."""
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":
+        return float(lr * 0.5 * (1 + np.cos(np.pi * step / steps)))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -246,6 +263,7 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
     if steps < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
         raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, checkpoint_every >= 1; got "
                          f"{steps}, {batch_size}, {lr}, {checkpoint_every}")
+    lr_at(0, steps, lr, method.lr_schedule)  # an unknown schedule fails here, before any work
     if pipe.unet.dtype != torch.float32:
         raise ValueError(f"the pipeline is {pipe.unet.dtype}: load it in float32 to train "
                          "(load_pipeline(..., dtype=torch.float32)); mixed precision comes from accelerate")
@@ -278,6 +296,8 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
                disable=not (progress and accelerator.is_main_process))
     for step in bar:
         g = step_generator(seed, step, accelerator.process_index)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, method.lr_schedule)
         with accelerator.autocast():
             loss = step_loss(model, pipe.scheduler, data, prior, prior_weight, g, batch_size, mask_weight,
                              accelerator.device)

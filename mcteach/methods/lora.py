@@ -1,13 +1,17 @@
-"""LoRA (Hu et al. 2021) with peft: low-rank updates of the UNet's attention projections.
+"""LoRA (Hu et al. 2021) with peft: low-rank updates of the linear layers in the UNet's transformer blocks.
 
-Each targeted linear layer W (d_out, d_in) — ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every
-attention layer, self and cross — gets a trainable low-rank update; W itself stays frozen:
+Each targeted layer W (d_out, d_in) gets a trainable low-rank update; W itself stays frozen:
 
     h = W x + (alpha / r) B A x        A (r, d_in), B (d_out, r),  r = rank
     A ~ kaiming-uniform, B = 0         at initialisation B A = 0: the model is exactly the base model
 
-Only A and B train (``text_encoder=True`` also adds them to the text encoder's ``q_proj``, ``k_proj``,
-``v_proj``, ``out_proj``). The tiny UNet has 56 such layers: rank 4 is 46,592 parameters (0.8% of its 5.9M).
+Which layers (``targets``, module-name endings): by default kohya-ss's set, ``UNET_TRANSFORMER_TARGETS``: in
+every transformer block the attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` (self and cross),
+the feed-forward ``ff.net.0.proj`` and ``ff.net.2``, and the block's ``proj_in`` / ``proj_out`` (1x1
+convolutions in SD 1.5 and here). ``targets=UNET_TARGETS`` is the attention-only set of diffusers' training
+script. The tiny UNet has 84 such layers: rank 4 is 97,280 parameters (1.6% of its 5.9M; attention only: 56
+layers, 46,592). Only A and B train (``text_encoder=True`` also adds them to the text encoder's ``q_proj``,
+``k_proj``, ``v_proj``, ``out_proj``).
 Prompts use "a sks bear" (``identifier`` + class word); give each concept its own identifier
 when several LoRAs are used together.
 
@@ -24,12 +28,13 @@ Saved files (``out/``):
 Loading a text-encoder LoRA with diffusers goes through transformers' peft integration, which (transformers 5)
 needs peft >= 0.22; UNet-only LoRAs (the default) load with any supported peft.
 
-Defaults: rank 4, alpha 4, 800 steps of 2 images at lr 2e-3. Measured on the koala (the hardest held-out
-concept; 4900-step base model, seeds 0-7, one CPU thread): 400 steps at 1e-3 gave fidelity 0.38, 400 at 2e-3
-0.62, 800 at 2e-3 1.00 in 51 s (rank 8: also 1.00, so rank 4 stays). ``python -m mcteach.benchmark``
-measures every concept; the README has the table. Where these defaults fall short, more did not help: the trumpet
-(0.38) gave 0.25 with 1200 steps and 0.00 at rank 8, the raccoon (0.75) 0.62 with 1200 steps; the samples have
-the trumpet's outline but not its thin valves, which the judge needs. For SD 1.5 the usual rate is 1e-4.
+Defaults: rank 4, alpha 4, 800 steps of 2 images at lr 2e-3, kohya's layer set. Measured (4900-step base
+model, fidelity over seeds 0-7, one CPU thread): on the koala, with attention-only targets, 400 steps at 1e-3 gave
+0.38, 400 at 2e-3 0.62, 800 at 2e-3 1.00 in 51 s. Over all ten held-out concepts, attention only fell short on the
+trumpet (0.38: the right colours and outline, but mushy, judged a cow or a pig) and the raccoon (0.75), and more of
+the same did not help (trumpet: 1200 steps 0.25, rank 8 0.00, lr 1e-3 x 1600 0.25, the text encoder too 0.12,
+masked loss 0.38). Adding the feed-forward and proj layers did: trumpet 1.00, every concept >= 0.88, in about 60 s.
+``python -m mcteach.benchmark --methods lora`` measures every concept; the README has the table. For SD 1.5 the usual rate is 1e-4.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from safetensors.torch import save_file
 from .engine import Method
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: kohya-ss's default: every linear (and 1x1 conv) layer of the UNet's transformer blocks, feed-forward included
+UNET_TRANSFORMER_TARGETS = UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
@@ -93,6 +100,7 @@ class LoRA(Method):
     alpha: float = 4.0
     identifier: str = "sks"
     text_encoder: bool = False
+    targets: tuple[str, ...] = UNET_TRANSFORMER_TARGETS  # module-name endings in the UNet (UNET_TARGETS: attention only)
     adapter_name: str | None = None  # default: the concept's slug
     _adapter: str = field(default="", init=False, repr=False)
 
@@ -102,8 +110,14 @@ class LoRA(Method):
     def setup(self, pipe, concept):
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        self.targets = tuple(self.targets)
+        names = [n for n, _ in pipe.unet.named_modules()]
+        unknown = [t for t in self.targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unknown:
+            raise ValueError(f"no UNet layer is named {unknown[0]!r}: targets are module-name endings such as "
+                             f"{', '.join(UNET_TRANSFORMER_TARGETS)}")
         self._adapter = self.adapter_name or concept.slug
-        pipe.unet.add_adapter(lora_config(self.rank, self.alpha, UNET_TARGETS), adapter_name=self._adapter)
+        pipe.unet.add_adapter(lora_config(self.rank, self.alpha, self.targets), adapter_name=self._adapter)
         if self.text_encoder:  # peft directly: transformers 5's add_adapter wants peft >= 0.22
             from peft import inject_adapter_in_model
 
