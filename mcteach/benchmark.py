@@ -18,9 +18,12 @@ For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every h
 - **controls** (Textual Inversion and the HyperNetwork): the same training on a class the UNet *was* trained
   to draw (``CONTROLS``: tiger images, starting from the word "cat"). The two methods leave the UNet
   frozen, so they can only steer it towards what it already draws; the control separates "the method
-  does not work" from "the frozen model cannot draw this concept".
+  does not work" from "the frozen model cannot draw this concept";
+- **ceiling** (``--ceiling``, on ``CEILING_CONCEPTS``): ``methods.ceiling.FreeContext``, free offsets on every
+  cross-attention layer's key and value context, far more freedom than TI or HN have with the UNet just as frozen:
+  what it reaches bounds what any frozen-UNet method could.
 
-    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 51 training runs, resumable
+    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 53 training runs, resumable
     python -m mcteach.benchmark --methods lora --concepts koala     # one cell
 
 On 2 cores, two processes of one thread each finish sooner than one of two threads:
@@ -55,6 +58,7 @@ BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.js
 DRIFT_CONCEPTS = ("koala", "woman_with_red_hair_and_medium_skin", "croissant")
 CONTROLS = {"tiger": "cat"}  # a base class the UNet draws -> the class word a method starts from
 CONTROL_METHODS = ("textual_inversion", "hypernetwork")  # the frozen-UNet methods
+CEILING_CONCEPTS = ("koala", "croissant")  # the frozen-UNet ceiling (FreeContext) is measured on these
 # DreamBooth's prior preservation, three ways: class + world images (the default), class images only (the paper), none
 PRIORS = ({"world_prior": True}, {"world_prior": False}, {"prior_weight": 0.0})
 GEN = {"steps": 25, "guidance_scale": 5.0}
@@ -147,14 +151,18 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
             **settings) -> dict:
     """Train ``method`` on concept ``slug`` (or a concept folder) with the defaults (plus ``settings``) and
     score it."""
-    from .methods import train_concept
+    from .methods import train, train_concept
+    from .methods.ceiling import FreeContext
 
     concept = load_concept(slug)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     class_word = settings.get("class_word") or concept.class_word
     before = class_scores(pipe, judge, class_word, concept.name, seeds) if drift else None
     tag = method + "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
-    result = train_concept(pipe, concept, method, out=work / tag / concept.slug, progress=False, **settings)
+    if method == FreeContext.name:  # not a user method: not in METHODS
+        result = train(pipe, concept, FreeContext(**settings), out=work / tag / concept.slug, progress=False)
+    else:
+        result = train_concept(pipe, concept, method, out=work / tag / concept.slug, progress=False, **settings)
     row = {"method": method, "concept": concept.slug, "settings": settings, "phrase": result.phrase,
            "train_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
            "final_loss": float(np.mean(result.losses[-20:]))}
@@ -165,7 +173,7 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
     return row
 
 
-TABLES = ("rows", "drift", "controls")
+TABLES = ("rows", "drift", "controls", "ceiling")
 
 
 def _key(row: dict) -> tuple[str, str, str]:
@@ -186,7 +194,7 @@ def merge(reports: list[dict]) -> dict:
 
 def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, model=None,
         drift_concepts=DRIFT_CONCEPTS, controls=CONTROLS, out: Path | None = None, settings: dict | None = None,
-        shard: tuple[int, int] = (0, 1), log=print) -> dict:
+        shard: tuple[int, int] = (0, 1), ceiling=CEILING_CONCEPTS, log=print) -> dict:
     """The whole benchmark (see the module docstring); writes ``out`` after every row (resumable:
     rows already in ``out`` are kept and skipped). ``settings`` (e.g. ``{"num_vectors": 4}``) override the
     defaults in the method x concept rows, for a sweep; each row records them. ``shard=(i, n)`` runs only
@@ -205,6 +213,8 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     if "dreambooth" in methods:
         jobs += [("dreambooth", c, prior, "drift") for c in drift_concepts for prior in PRIORS]
     jobs += [(m, name, {}, "controls") for name in controls for m in methods if m in CONTROL_METHODS]
+    if any(m in CONTROL_METHODS for m in methods):
+        jobs += [("free_context", c, {}, "ceiling") for c in ceiling]
     jobs = jobs[shard[0]::shard[1]]
     report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
                "torch_threads": torch.get_num_threads()}
@@ -296,6 +306,19 @@ def control_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def ceiling_table(report: dict) -> str:
+    """Fidelity of the frozen-UNet methods next to the free-context ceiling, per concept."""
+    methods = [m for m in CONTROL_METHODS if any(r["method"] == m for r in report["rows"])]
+    out = ["| concept | " + " | ".join(methods) + " | free context (the frozen-UNet ceiling) | ceiling draws |",
+           "|---|" + "---|" * (len(methods) + 2)]
+    for r in sorted(report["ceiling"], key=lambda r: r["concept"]):
+        cells = [next((f"{x['fidelity']:.2f}" for x in report["rows"] if x["method"] == m and x["concept"] == r["concept"]),
+                      "") for m in methods]
+        drawn = ", ".join(f"{k} {v}" for k, v in Counter(r["centre_labels"]).most_common(3))
+        out.append(f"| {r['concept']} | " + " | ".join(cells) + f" | {r['fidelity']:.2f} | {drawn} |")
+    return "\n".join(out)
+
+
 def markdown(report: dict) -> str:
     """The README's tables."""
     parts = [method_table(report), concept_table(report)]
@@ -303,6 +326,8 @@ def markdown(report: dict) -> str:
         parts.append(drift_table(report))
     if report.get("controls"):
         parts.append(control_table(report))
+    if report.get("ceiling"):
+        parts.append(ceiling_table(report))
     return "\n\n".join(parts)
 
 
@@ -328,6 +353,8 @@ def main(argv=None) -> None:
     p.add_argument("--drift-concepts", nargs="*", default=list(DRIFT_CONCEPTS))
     p.add_argument("--controls", nargs="*", default=list(CONTROLS),
                    help=f"base classes for the frozen-UNet control (default {list(CONTROLS)}; none: skip)")
+    p.add_argument("--ceiling", nargs="*", default=list(CEILING_CONCEPTS),
+                   help=f"concepts for the frozen-UNet ceiling (default {list(CEILING_CONCEPTS)}; none: skip)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -351,7 +378,7 @@ def main(argv=None) -> None:
     if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
         raise SystemExit(f"--shard takes I/N with 0 <= I < N, e.g. --shard 0/2; got {a.shard!r}")
     report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, controls, a.out,
-                 parse_settings(a.set), (int(i), int(n)))
+                 parse_settings(a.set), (int(i), int(n)), a.ceiling)
     print(markdown(report))
 
 

@@ -136,7 +136,7 @@ def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
     benchmark.run(["lora"], ["koala"], out=out, controls={}, log=lambda *a: None)
-    benchmark.run(["lora", "textual_inversion"], ["koala"], out=out, controls={}, log=lambda *a: None)
+    benchmark.run(["lora", "textual_inversion"], ["koala"], out=out, controls={}, ceiling=(), log=lambda *a: None)
     assert seen == [("lora", "koala", {}), ("textual_inversion", "koala", {})]
 
 
@@ -154,12 +154,33 @@ def test_controls_train_the_frozen_unet_methods_on_a_rendered_base_class(tmp_pat
     monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
     for _ in range(2):  # the second run finds every row done
         report = benchmark.run(["textual_inversion", "lora"], ["koala"], work=tmp_path, drift_concepts=(),
-                               controls={"tiger": "cat"}, out=out, log=lambda *a: None)
+                               controls={"tiger": "cat"}, ceiling=(), out=out, log=lambda *a: None)
     assert seen[2:] == [("textual_inversion", "tiger", "cat", 6)]  # LoRA changes the UNet: no control
     assert len(seen) == 3
     assert "| textual_inversion | 0.50 | tiger from '<tiger>' | 0.50 | tiger 1, cat 1 |" in benchmark.markdown(report)
     with pytest.raises(ValueError, match="not a base class"):
         benchmark.control_set("koala", "bear", tmp_path)
+
+
+def test_the_ceiling_runs_with_the_frozen_unet_methods_and_is_tabled(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+        seen.append((method, slug, settings))
+        return {"method": method, "concept": slug, "settings": settings, "position": 0.0, "train_seconds": 1.0,
+                "phrase": "bear", "fidelity": {"free_context": 0.5, "hypernetwork": 0.25}.get(method, 0.0),
+                "centre_labels": ["koala", "bear"]}
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    report = benchmark.run(["hypernetwork", "lora"], ["koala"], work=tmp_path, controls={}, ceiling=("koala",),
+                           settings={"steps": 9}, log=lambda *a: None)
+    assert seen[-1] == ("free_context", "koala", {})  # --set is for the method rows only
+    assert [r["method"] for r in report["ceiling"]] == ["free_context"]
+    assert "| koala | 0.25 | 0.50 | koala 1, bear 1 |" in benchmark.markdown(report)
+    seen.clear()
+    benchmark.run(["lora"], ["koala"], work=tmp_path, controls={}, ceiling=("koala",), log=lambda *a: None)
+    assert seen == [("lora", "koala", {})]  # no frozen-UNet method asked for: no ceiling
 
 
 def test_set_overrides_are_parsed_and_passed_to_the_rows(tmp_path, monkeypatch):
@@ -172,7 +193,7 @@ def test_set_overrides_are_parsed_and_passed_to_the_rows(tmp_path, monkeypatch):
         "method": m, "concept": slug, "settings": kw, "fidelity": 0.0, "position": 0.0, "train_seconds": 1.0})
     monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
     benchmark.run(["textual_inversion"], ["koala"], work=tmp_path, controls={}, settings={"num_vectors": 4},
-                  log=lambda *a: None)
+                  ceiling=(), log=lambda *a: None)
     assert seen == [{"num_vectors": 4}]
 
 

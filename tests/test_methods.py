@@ -19,7 +19,7 @@ from PIL import Image
 from mcteach import sd, world
 from mcteach.concepts import Concept, ConceptError, load_concept
 from mcteach.methods import METHODS, engine, hypernetwork, load_adapter, lora, train_concept
-from mcteach.methods import dreambooth
+from mcteach.methods import ceiling, dreambooth
 from mcteach.methods.dreambooth import DreamBooth, class_prompts
 from mcteach.methods.textual_inversion import add_placeholder
 
@@ -440,6 +440,26 @@ def test_hypernetwork_file_is_the_webui_layout_and_round_trips(random_pipe, tmp_
     assert k["linear.0.weight"].shape == (256, 128) and k["linear.2.weight"].shape == (128, 256)
     other = fresh(random_pipe)
     load_adapter(other, tmp_path)
+    assert np.array_equal(images(other, "a bear"), images(pipe, "a bear"))
+
+
+def test_free_context_starts_as_the_base_model_trains_only_offsets_and_round_trips(random_pipe, tmp_path):
+    pipe = fresh(random_pipe)
+    base = images(random_pipe, "a bear")
+    before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
+    method = ceiling.FreeContext()
+    offsets = method.setup(pipe, load_concept("koala"))
+    assert np.array_equal(images(pipe, "a bear"), base)  # zero offsets: exactly the base model
+    assert sum(p.numel() for p in offsets.parameters()) == 2 * 7 * 32 * 128  # K and V, 7 cross-attention layers
+    pipe = fresh(random_pipe)
+    r = engine.train(pipe, "koala", ceiling.FreeContext(), out=tmp_path, steps=2, batch_size=1, lr=1e-2,
+                     progress=False)
+    assert r.phrase == "bear" and "free_context" not in METHODS  # a measuring stick, not a user method
+    for m in before:
+        assert_same(state(getattr(pipe, m)), before[m])
+    assert not np.array_equal(images(pipe, "a bear"), base)
+    other = fresh(random_pipe)
+    ceiling.FreeContext.load(other, tmp_path, r.meta)
     assert np.array_equal(images(other, "a bear"), images(pipe, "a bear"))
 
 

@@ -6,10 +6,10 @@ Every method claims to train a particular set of parameters; this checks it on t
     train_concept(pipe, "koala", "lora", out="runs/koala-lora")
     print(format_changes(changes(before, pipe)))
 
-    part          tensors changed   values changed     new values   values before
-    text_encoder  0 / 40            0                  0            1,069,184
-    unet          0 / 270           0                  46,592       5,907,428   (LoRA's A and B are new)
-    vae           0 / 110           0                  0            1,339,907
+    part            tensors changed  values changed  new values  values before
+    text_encoder             0 / 52               0           0        699,520
+    unet                    0 / 324               0      97,280      5,925,124   (LoRA's A and B are new)
+    vae                     0 / 152               0           0        954,567
 
 peft wraps a LoRA layer's original weight as ``...to_q.base_layer.weight``: that name is matched to the
 original ``...to_q.weight``. A hypernetwork is not part of the pipeline's models; it is reported as the
