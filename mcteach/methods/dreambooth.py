@@ -46,9 +46,8 @@ light bulb or an older man in 3 of 8 seeds; 4e-4: 0.62 too). 800 steps brought i
 fell from 0.88 to 0.62 (judged a woman): at a constant rate the weights still wander at the end, so the result
 depends on where training stops. Decaying the rate to 0 on a cosine gave 1.00 on both, at 600 steps as at 800; over
 all ten concepts, 600 decayed steps left the peach and the raccoon at 0.75 (the decay halves the mean rate), 800
-brought both to 1.00. The class and world images
-are drawn ``class_batch`` at a time: the same images, to within one grey level, as one by one, and faster (16 images
-on 2 threads: 4.0 s in batches of 8, 6.6 s one by one).
+brought both to 1.00. The class and world images are drawn ``class_batch`` at a time: the same images, to within
+one grey level, as one by one, and faster (16 images on 2 threads: 4.0 s in batches of 8, 6.6 s one by one).
 
 Training the text encoder lets "sks bear" move away from "bear" without pushing the UNet hard; a high rate
 instead burns the samples' colours, which the judge (trained on clean renders) no longer recognises.
@@ -79,8 +78,8 @@ def class_images(pipe, prompts: list[str], folder: Path, *, seed: int = 0, steps
                  guidance_scale: float = 5.0, batch: int = 8) -> list[Image.Image]:
     """The base model's images for ``prompts``, generated once and cached in ``folder`` (NN.png).
 
-    Image i has its own seed (``seed*1000 + i``), so ``batch`` (images per UNet call; 8 at 512 px fits a 16 GB
-    GPU in half precision) changes the speed, not what is drawn."""
+    Image i has its own seed (``seed*1000 + i``), so ``batch`` (images per pipeline call) changes the speed, not
+    what is drawn: the images agree with those drawn one by one to within one grey level (float rounding)."""
     from ..pipeline import generate
 
     recipe = {"prompts": prompts, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
