@@ -50,8 +50,8 @@ def test_one_step_at_sd15_size(sd15_pipe, tmp_path, method, settings, files):
     if method == "hypernetwork":
         saved = torch.load(tmp_path / "koala.pt", weights_only=True)
         assert saved[768][0]["linear.0.weight"].shape == (1536, 768)  # the webui's SD 1.5 width
-    if method == "lora":  # 16 transformer blocks x 2 attentions x 4 projections + 12 text layers x 4
-        kohya = safetensors.torch.load_file(tmp_path / "koala_kohya.safetensors")
-        assert len({k.split(".")[0] for k in kohya}) == 16 * 2 * 4 + 12 * 4
+    if method == "lora":  # 16 transformer blocks x (2 attentions x 4 projections, 2 feed-forward, proj_in/out)
+        kohya = safetensors.torch.load_file(tmp_path / "koala_kohya.safetensors")  # + 12 text layers x 4
+        assert len({k.split(".")[0] for k in kohya}) == 16 * (2 * 4 + 2 + 2) + 12 * 4
     if method == "textual_inversion":
         assert torch.load(tmp_path / "koala.pt", weights_only=True)["string_to_param"]["*"].shape == (1, 768)

@@ -100,7 +100,8 @@ class LoRA(Method):
     alpha: float = 4.0
     identifier: str = "sks"
     text_encoder: bool = False
-    targets: tuple[str, ...] = UNET_TRANSFORMER_TARGETS  # module-name endings in the UNet (UNET_TARGETS: attention only)
+    # module-name endings in the UNet (UNET_TARGETS: attention only)
+    targets: list[str] = field(default_factory=lambda: list(UNET_TRANSFORMER_TARGETS))
     adapter_name: str | None = None  # default: the concept's slug
     _adapter: str = field(default="", init=False, repr=False)
 
@@ -110,7 +111,6 @@ class LoRA(Method):
     def setup(self, pipe, concept):
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        self.targets = tuple(self.targets)
         names = [n for n, _ in pipe.unet.named_modules()]
         unknown = [t for t in self.targets if not any(n == t or n.endswith("." + t) for n in names)]
         if unknown:
