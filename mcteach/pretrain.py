@@ -123,7 +123,7 @@ def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}", refresh=False)
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
     return vae
@@ -189,7 +189,7 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
         decay = min(0.998, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay), _ema_update(ema_te, text_encoder, decay)
         running.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
+        bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}", refresh=False)
         if (step + 1) % 50 == 0:
             log.append({"step": step + 1, "loss": float(np.mean(running[-50:])), "time": time.time() - t0})
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:

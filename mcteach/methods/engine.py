@@ -307,7 +307,9 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
         optimizer.step()
         method.after_step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        # drawn at tqdm's own pace: in Jupyter every refresh is a widget message, and one per step once made nbval
+        # time out waiting for the training cell's end
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
