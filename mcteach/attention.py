@@ -159,6 +159,30 @@ class RecordingProcessor:
         return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, observe=self._observe)
 
 
+class ContextProcessor:
+    """``AttnProcessor2_0`` for a cross-attention layer whose K and V are read from a rewritten text context:
+    subclasses define ``rewrite(c) -> (c_k, c_v)`` (the HyperNetwork, the free-context ceiling)."""
+
+    def rewrite(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        if encoder_hidden_states is None:
+            raise ValueError(f"{type(self).__name__} is for the UNet's cross-attention layers (attn2) only")
+        return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kv_context=self.rewrite)
+
+
+def cross_attention_layers(unet) -> list[str]:
+    """The processor names of the UNet's cross-attention layers (7 in the tiny UNet, 16 in SD 1.5)."""
+    return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+
+
+def set_cross_attention_processors(unet, processor_for) -> None:
+    """``processor_for(name)`` on every cross-attention layer; the other layers keep theirs."""
+    layers = set(cross_attention_layers(unet))
+    unet.set_attn_processor({n: processor_for(n) if n in layers else p for n, p in unet.attn_processors.items()})
+
+
 @contextmanager
 def record_attention(pipe_or_unet, *, guidance: bool = True, self_attention: bool = False,
                      max_self_pixels: int = 1024):

@@ -239,6 +239,16 @@ def _methods(rows: list[dict]) -> list[str]:
     return [m for m in METHODS if any(r["method"] == m for r in rows)]
 
 
+def _fidelity(rows: list[dict], method: str, concept: str, missing: str) -> str:
+    """The table cell of ``method`` on ``concept``: its fidelity, or ``missing`` if there is no such row."""
+    return next((f"{r['fidelity']:.2f}" for r in rows if r["method"] == method and r["concept"] == concept), missing)
+
+
+def _drawn(row: dict) -> str:
+    """What a row's "a <phrase>" images were judged, the three commonest labels: "tiger 7, cat 1"."""
+    return ", ".join(f"{k} {v}" for k, v in Counter(row["centre_labels"]).most_common(3))
+
+
 def method_table(report: dict) -> str:
     """Per method: fidelity over concepts (mean, CI, worst), position adherence, training time."""
     rows = report["rows"]
@@ -262,8 +272,7 @@ def concept_table(report: dict) -> str:
     methods = _methods(rows)
     out = ["| concept | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for c in sorted({r["concept"] for r in rows}):
-        cells = [next((f"{r['fidelity']:.2f}" for r in rows if r["method"] == m and r["concept"] == c), "–")
-                 for m in methods]
+        cells = [_fidelity(rows, m, c, "–") for m in methods]
         out.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -300,22 +309,19 @@ def control_table(report: dict) -> str:
            "|---|---|---|---|---|"]
     for r in report["controls"]:
         held = [x["fidelity"] for x in report["rows"] if x["method"] == r["method"]]
-        drawn = ", ".join(f"{k} {v}" for k, v in Counter(r["centre_labels"]).most_common(3))
         out.append(f"| {r['method']} | {np.mean(held) if held else float('nan'):.2f} | {r['concept']} from "
-                   f"'{r['phrase']}' | {r['fidelity']:.2f} | {drawn} |")
+                   f"'{r['phrase']}' | {r['fidelity']:.2f} | {_drawn(r)} |")
     return "\n".join(out)
 
 
 def ceiling_table(report: dict) -> str:
     """Fidelity of the frozen-UNet methods next to the free-context ceiling, per concept."""
-    methods = [m for m in CONTROL_METHODS if any(r["method"] == m for r in report["rows"])]
+    methods = [m for m in _methods(report["rows"]) if m in CONTROL_METHODS]
     out = ["| concept | " + " | ".join(methods) + " | free context (the frozen-UNet ceiling) | ceiling draws |",
            "|---|" + "---|" * (len(methods) + 2)]
     for r in sorted(report["ceiling"], key=lambda r: r["concept"]):
-        cells = [next((f"{x['fidelity']:.2f}" for x in report["rows"] if x["method"] == m and x["concept"] == r["concept"]),
-                      "") for m in methods]
-        drawn = ", ".join(f"{k} {v}" for k, v in Counter(r["centre_labels"]).most_common(3))
-        out.append(f"| {r['concept']} | " + " | ".join(cells) + f" | {r['fidelity']:.2f} | {drawn} |")
+        cells = [_fidelity(report["rows"], m, r["concept"], "") for m in methods]
+        out.append(f"| {r['concept']} | " + " | ".join(cells) + f" | {r['fidelity']:.2f} | {_drawn(r)} |")
     return "\n".join(out)
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..attention import _sdpa
+from ..attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
 from .engine import Method
 
 FILE = "free_context.safetensors"
@@ -47,7 +47,7 @@ class ContextOffsets(nn.Module):
         self.v = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros(length, dim)) for n in layers})
 
 
-class OffsetProcessor:
+class OffsetProcessor(ContextProcessor):
     """``AttnProcessor2_0`` for one cross-attention layer, with K and V read from the offset contexts."""
 
     def __init__(self, offsets: ContextOffsets, layer: str):
@@ -57,26 +57,16 @@ class OffsetProcessor:
         n = context.shape[1]
         return context + self.offsets.k[self.key][:n], context + self.offsets.v[self.key][:n]
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kv_context=self.rewrite)
-
-
-def cross_attention_layers(pipe) -> list[str]:
-    """The processor names of the UNet's cross-attention layers (7 in the tiny UNet, 16 in SD 1.5)."""
-    return [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
-
 
 def new_offsets(pipe) -> ContextOffsets:
     """Zero offsets for every cross-attention layer of ``pipe``, at its prompt length and context width."""
-    return ContextOffsets(cross_attention_layers(pipe), pipe.tokenizer.model_max_length,
+    return ContextOffsets(cross_attention_layers(pipe.unet), pipe.tokenizer.model_max_length,
                           pipe.unet.config.cross_attention_dim)
 
 
 def attach(pipe, offsets: ContextOffsets) -> None:
     """Put ``offsets`` on every cross-attention layer of ``pipe.unet``."""
-    layers = set(cross_attention_layers(pipe))
-    pipe.unet.set_attn_processor({n: OffsetProcessor(offsets, n) if n in layers else p
-                                  for n, p in pipe.unet.attn_processors.items()})
+    set_cross_attention_processors(pipe.unet, lambda name: OffsetProcessor(offsets, name))
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..attention import _sdpa
+from ..attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
 from .engine import Method
 
 #: the webui's names (its "swish" is Hardswish)
@@ -93,7 +93,7 @@ class Hypernetwork(nn.Module):
         return mlp_k(context_k, self.strength), mlp_v(context_v, self.strength)
 
 
-class HypernetworkProcessor:
+class HypernetworkProcessor(ContextProcessor):
     """diffusers' ``AttnProcessor2_0`` for a cross-attention layer, with K and V read from the contexts
     the hypernetworks rewrote (in turn). With no hypernetwork, or strength 0, it computes exactly what
     ``AttnProcessor2_0`` computes. The weights live in the hypernetworks, not here."""
@@ -108,11 +108,6 @@ class HypernetworkProcessor:
             context_k, context_v = hn(context_k, context_v)
         return context_k, context_v
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        if encoder_hidden_states is None:
-            raise ValueError("HypernetworkProcessor is for the UNet's cross-attention layers (attn2) only")
-        return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kv_context=self.rewrite)
-
 
 def _unet(pipe_or_unet):
     return getattr(pipe_or_unet, "unet", pipe_or_unet)
@@ -122,7 +117,7 @@ def context_dims(pipe_or_unet) -> list[int]:
     """The distinct context widths of the UNet's cross-attention layers ([128] tiny, [768] SD 1.5)."""
     unet = _unet(pipe_or_unet)
     return sorted({unet.get_submodule(n.removesuffix(".processor")).cross_attention_dim
-                   for n in unet.attn_processors if n.endswith("attn2.processor")})
+                   for n in cross_attention_layers(unet)})
 
 
 def attached(pipe_or_unet) -> list[Hypernetwork]:
@@ -135,8 +130,7 @@ def attach(pipe_or_unet, hypernetwork: Hypernetwork) -> None:
     """Apply ``hypernetwork`` to every cross-attention layer (after those already attached)."""
     unet = _unet(pipe_or_unet)
     processor = HypernetworkProcessor(attached(unet) + [hypernetwork])
-    unet.set_attn_processor({n: processor if n.endswith("attn2.processor") else p
-                             for n, p in unet.attn_processors.items()})
+    set_cross_attention_processors(unet, lambda name: processor)
 
 
 def detach(pipe_or_unet) -> None:
