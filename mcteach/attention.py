@@ -20,6 +20,7 @@ images are bit-identical) and, on the side, adds A averaged over heads to an ``A
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -36,8 +37,9 @@ class AttentionStore:
         ``max_self_pixels`` pixels (full-resolution SD layers would need gigabytes).
     """
 
-    def __init__(self, guidance: bool = True, self_attention: bool = False, max_self_pixels: int = 1024):
-        self.guidance = guidance
+    def __init__(self, guidance: bool = True, self_attention: bool = False, max_self_pixels: int = 1024,
+                 keep_grad: bool = False):
+        self.guidance, self.keep_grad = guidance, keep_grad
         self.self_attention = self_attention
         self.max_self_pixels = max_self_pixels
         self.cross: dict[str, torch.Tensor] = {}  # layer -> (B, N, T) summed over calls
@@ -49,7 +51,7 @@ class AttentionStore:
 
     def add(self, name: str, probs: torch.Tensor, is_cross: bool) -> None:
         """probs: (B, heads, N, T) attention probabilities of one call of layer ``name``."""
-        probs = probs.mean(dim=1).float().cpu()
+        probs = probs.mean(dim=1) if self.keep_grad else probs.mean(dim=1).float().cpu()
         if self.guidance:
             if probs.shape[0] % 2:
                 raise ValueError("record_attention(guidance=True) expects an [uncond, cond] batch of even size; "
@@ -87,11 +89,12 @@ class AttentionStore:
 
 
 def _sdpa(attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-          *, observe=None, kv_context=None):
-    """diffusers' AttnProcessor2_0, step by step, with two hooks:
-    ``observe(q, k, mask, is_cross)`` sees the attention inputs (for recording), and
+          *, observe=None, kv_context=None, bias=None):
+    """diffusers' AttnProcessor2_0, step by step, with three hooks:
     ``kv_context(c) -> (c_k, c_v)`` rewrites the text context that cross-attention reads K and V from
-    (HyperNetworks)."""
+    (HyperNetworks); ``bias(n_queries, n_keys, batch, is_cross, like) -> (B|1, 1, N, T) | None`` adds to the
+    attention logits (masking: -inf where a pixel may not look); ``observe(q, k, mask, is_cross)`` sees the
+    attention inputs, bias included (recording). With no hooks the result is AttnProcessor2_0's, bit for bit."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -123,6 +126,10 @@ def _sdpa(attn: Attention, hidden_states, encoder_hidden_states=None, attention_
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
+    if bias is not None:
+        extra = bias(query.shape[2], key.shape[2], batch_size, is_cross, query)
+        if extra is not None:
+            attention_mask = extra if attention_mask is None else attention_mask + extra
     if observe is not None:
         observe(query, key, attention_mask, is_cross)
     hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
@@ -144,23 +151,56 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, attention_mask=None)
     return scores.softmax(dim=-1)
 
 
-class RecordingProcessor:
-    """An attention processor equal to ``AttnProcessor2_0`` that also records A into a store."""
+class Processor:
+    """diffusers' ``AttnProcessor2_0`` with optional parts, so that they compose on one layer:
 
-    def __init__(self, store: AttentionStore, name: str):
-        self.store, self.name = store, name
+    - ``rewrite(c) -> (c_k, c_v)``: cross-attention reads K and V from a rewritten context (the HyperNetwork,
+      the free-context ceiling; subclasses may define it as a method);
+    - ``masker``: an object with ``bias(layer, n_queries, n_keys, batch, is_cross, like)`` returning an
+      additive logit bias or None (``mcteach.masking``);
+    - ``store``: an ``AttentionStore`` that records the probabilities (``record_attention``).
+
+    With no parts it computes exactly what ``AttnProcessor2_0`` computes (the same SDPA call), bit for bit.
+    ``name`` is the layer's processor name (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor``).
+    """
+
+    name, rewrite, masker, store = "", None, None, None  # subclasses need not call __init__
+
+    def __init__(self, name: str = "", *, rewrite=None, masker=None, store=None):
+        self.name, self.masker, self.store = name, masker, store
+        if rewrite is not None:
+            self.rewrite = rewrite
+
+    def with_parts(self, name: str, **parts) -> "Processor":
+        """A copy for layer ``name`` with ``parts`` (``masker=``, ``store=``, ``rewrite=``) set."""
+        other = copy.copy(self)
+        other.name = name
+        for key, value in parts.items():
+            if key not in ("masker", "store", "rewrite"):
+                raise TypeError(f"unknown processor part {key!r}")
+            setattr(other, key, value)
+        return other
 
     def _observe(self, query, key, attention_mask, is_cross):
         if self.store.wants(is_cross, query.shape[2]):
-            with torch.no_grad():
+            if self.store.keep_grad:
                 self.store.add(self.name, attention_probs(query, key, attention_mask), is_cross)
+            else:
+                with torch.no_grad():
+                    self.store.add(self.name, attention_probs(query, key, attention_mask), is_cross)
+
+    def _bias(self, n_queries, n_keys, batch, is_cross, like):
+        return self.masker.bias(self.name, n_queries, n_keys, batch, is_cross, like)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, observe=self._observe)
+        return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                     observe=self._observe if self.store is not None else None,
+                     kv_context=self.rewrite if encoder_hidden_states is not None else None,
+                     bias=self._bias if self.masker is not None else None)
 
 
-class ContextProcessor:
-    """``AttnProcessor2_0`` for a cross-attention layer whose K and V are read from a rewritten text context:
+class ContextProcessor(Processor):
+    """A ``Processor`` for a cross-attention layer whose K and V are read from a rewritten text context:
     subclasses define ``rewrite(c) -> (c_k, c_v)`` (the HyperNetwork, the free-context ceiling)."""
 
     def rewrite(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +209,23 @@ class ContextProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         if encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__} is for the UNet's cross-attention layers (attn2) only")
-        return _sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kv_context=self.rewrite)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def with_parts(unet, **parts) -> dict:
+    """Every layer's processor with ``parts`` added (``masker=``, ``store=``): default processors become a
+    ``Processor``, ours keep what they have (a HyperNetwork keeps rewriting). Returns the previous processors,
+    to restore with ``unet.set_attn_processor(previous)``. Foreign processors (xformers, IP-Adapter, ...) are
+    refused: replacing them would silently change the model."""
+    previous = unet.attn_processors
+    foreign = {type(p).__name__ for p in previous.values()
+               if not isinstance(p, Processor) and type(p) not in (AttnProcessor2_0, AttnProcessor)}
+    if foreign:
+        raise ValueError(f"mcteach's attention tools replace the default attention processors, but this UNet uses "
+                         f"{sorted(foreign)}; record or mask before installing them (or remove them first)")
+    unet.set_attn_processor({name: p.with_parts(name, **parts) if isinstance(p, Processor)
+                             else Processor(name, **parts) for name, p in previous.items()})
+    return previous
 
 
 def cross_attention_layers(unet) -> list[str]:
@@ -185,17 +241,14 @@ def set_cross_attention_processors(unet, processor_for) -> None:
 
 @contextmanager
 def record_attention(pipe_or_unet, *, guidance: bool = True, self_attention: bool = False,
-                     max_self_pixels: int = 1024):
+                     max_self_pixels: int = 1024, keep_grad: bool = False):
     """Record attention maps of every attention layer while the block runs; restores the
-    previous processors afterwards. Yields the ``AttentionStore``."""
+    previous processors afterwards. Yields the ``AttentionStore``. Composes with masking, LoRA and the
+    HyperNetwork (their processors keep their parts and gain a store). ``keep_grad=True`` keeps the maps on
+    the device with their gradients (the attention loss of training, ``mcteach.methods.engine``)."""
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    previous = unet.attn_processors
-    foreign = {type(p).__name__ for p in previous.values()} - {"AttnProcessor2_0", "AttnProcessor"}
-    if foreign:
-        raise ValueError(f"record_attention replaces the default attention processors, but this UNet uses "
-                         f"{sorted(foreign)}; record before installing them (or remove them first)")
-    store = AttentionStore(guidance, self_attention, max_self_pixels)
-    unet.set_attn_processor({name: RecordingProcessor(store, name) for name in previous})
+    store = AttentionStore(guidance, self_attention, max_self_pixels, keep_grad=keep_grad)
+    previous = with_parts(unet, store=store)
     try:
         yield store
     finally:

@@ -150,6 +150,7 @@ HELDOUT_CONCEPTS: dict[str, tuple[Emoji, str]] = {
     for e, cls in [
         (Emoji(f"{W}🏽{ZWJ}🦰", "person"), "woman"),  # the couple: two similar people
         (Emoji(f"{M}🏻{ZWJ}🦱", "person"), "man"),
+        (Emoji(f"{W}🏿{ZWJ}🦱", "person"), "woman"),  # with the first: a same-class pair (mixing's worst case)
         (Emoji("🧔", "person"), "man"),
         (Emoji("🐨", "animal"), "bear"),  # similar animals
         (Emoji("🐹", "animal"), "mouse"),

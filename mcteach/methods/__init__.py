@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .changes import changes, format_changes, snapshot
 from .dreambooth import DreamBooth
-from .engine import Method, TrainResult, train
+from .engine import Method, TrainResult, base_fingerprint, train
 from .hypernetwork import HypernetworkMethod
 from .lora import LoRA
 from .textual_inversion import TextualInversion
@@ -75,14 +75,90 @@ def read_adapter(path: str | Path) -> dict:
     return meta
 
 
+def check_base(pipe, meta: dict, path) -> None:
+    """ValueError when the adapter in ``path`` was trained on another base model than ``pipe``'s."""
+    theirs = meta.get("base")
+    if not theirs:  # adapters written before the fingerprint was recorded
+        return
+    ours = base_fingerprint(pipe)
+    differs = [k for k in theirs if k != "conv_in_sum" and theirs[k] != ours.get(k)]
+    if not differs and abs(theirs["conv_in_sum"] - ours["conv_in_sum"]) > 1e-3 * max(1.0, abs(ours["conv_in_sum"])):
+        differs = ["weights"]
+    if differs:
+        raise ValueError(f"{path} was trained on another base model ({', '.join(differs)} differ): load it on the "
+                         f"pipeline it was trained on ({meta.get('base_model', 'see its adapter.json')})")
+
+
 def load_adapter(pipe, path: str | Path) -> dict:
     """Apply the concept saved in folder ``path`` to ``pipe`` (in place); return its adapter.json
     (``meta["phrase"]`` is what to write in prompts)."""
     meta = read_adapter(path)
+    check_base(pipe, meta, path)
     METHODS[meta["method"]].load(pipe, Path(path), meta)
     return meta
 
 
+def phrases(meta: dict) -> dict[str, str]:
+    """{concept slug: phrase} of an adapter folder's adapter.json (several for a jointly trained one)."""
+    return meta.get("phrases") or {meta["concept"]: meta["phrase"]}
+
+
+def load_adapters(pipe, folders, weights=None, *, merge: bool = False) -> list[dict]:
+    """Put several learned concepts on one pipeline; returns their adapter.json, in order.
+
+    Every folder must come from the same method and the same base model (a clear error otherwise), and
+    each concept must answer to its own phrase (two "sks woman" could never be told apart). Per method:
+
+    - ``textual_inversion``: every token is added (``<koala>``, ``<hamster>``); ``weights`` must be None;
+    - ``lora``: every adapter is loaded under its name and activated together with
+      ``set_adapters(names, weights)`` (default weight 1 each); ``merge=True`` then fuses them into the
+      weights (diffusers' ``fuse_lora``: faster, no longer switchable);
+    - ``hypernetwork``: the networks are chained (each rewrites the context the previous one wrote);
+      ``weights`` sets each one's strength. Each acts on every token, so none can be bound to one concept;
+    - ``dreambooth``: one folder only: it *replaces* the UNet (and text encoder). Two concepts in one
+      DreamBooth model are trained jointly: ``train_concept(pipe, [a, b], "dreambooth", ...)``.
+    """
+    folders = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    if not folders:
+        raise ValueError("load_adapters needs at least one adapter folder")
+    metas = [read_adapter(f) for f in folders]
+    kinds = {m["method"] for m in metas}
+    if len(kinds) > 1:
+        raise ValueError(f"these adapters come from different methods ({', '.join(sorted(kinds))}): combine "
+                         "concepts learned with one method (compare methods in separate pipelines)")
+    method = kinds.pop()
+    if weights is not None and (len(weights) != len(folders) or method in ("textual_inversion", "dreambooth")):
+        raise ValueError(f"weights: one number per folder, and only for LoRA and HyperNetwork adapters; got "
+                         f"{len(weights)} for {len(folders)} {method} folders")
+    if method == "dreambooth" and len(folders) > 1:
+        raise ValueError("DreamBooth replaces the whole UNet, so two DreamBooth folders cannot both apply: train "
+                         "the concepts jointly instead (python -m mcteach train --method dreambooth --concept A "
+                         "--concept B)")
+    seen = {}
+    for f, m in zip(folders, metas):
+        for slug, phrase in phrases(m).items():
+            if phrase in seen:
+                raise ValueError(f"{f} and {seen[phrase]} both answer to {phrase!r}: no prompt or mask can tell them "
+                                 "apart; retrain one with its own identifier (--identifier)")
+            seen[phrase] = f
+    names = [m.get("adapter_name") for m in metas]
+    if method == "lora" and len(set(names)) < len(names):
+        raise ValueError(f"two LoRA folders share the adapter name {names}: retrain one with another adapter_name")
+    for f, m in zip(folders, metas):
+        check_base(pipe, m, f)
+        METHODS[method].load(pipe, f, m)
+    if method == "lora":
+        pipe.set_adapters(names, adapter_weights=list(weights) if weights is not None else [1.0] * len(names))
+        if merge:
+            pipe.fuse_lora(adapter_names=names)
+    if method == "hypernetwork" and weights is not None:
+        from .hypernetwork import attached
+
+        for hn, w in zip(attached(pipe)[-len(folders):], weights):
+            hn.strength = float(w)
+    return metas
+
+
 __all__ = ["METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
-           "read_adapter", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
+           "read_adapter", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
            "format_changes"]

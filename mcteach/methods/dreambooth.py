@@ -103,7 +103,7 @@ class DreamBooth(Method):
     lr: float = 3e-4
     batch_size: int = 2
     lr_schedule: str = "cosine"
-    identifier: str = "sks"
+    identifier: str | None = None  # default: three consonants made from the concept's slug
     text_encoder: bool = True
     prior_weight: float = 1.0  # lambda; 0 turns prior preservation off
     num_class_images: int = 10
@@ -113,7 +113,7 @@ class DreamBooth(Method):
     class_batch: int = 8  # class images per UNet call (speed only)
 
     def phrase(self, concept) -> str:
-        return f"{self.identifier} {self.class_word_for(concept)}"
+        return f"{self.identifier_for(concept)} {self.class_word_for(concept)}"
 
     def prior(self, pipe, concept, out):
         if self.prior_weight == 0 or self.num_class_images == 0:

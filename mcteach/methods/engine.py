@@ -54,6 +54,18 @@ from ..concepts import Concept, load_concept
 from ..pretrain import atomic_save
 
 
+IDENTIFIER_LETTERS = "bcdfghjklmnpqrstvwxz"  # consonants only: no English word, several tokens in any tokenizer
+
+
+def default_identifier(slug: str) -> str:
+    """Three consonants derived from ``slug`` ("koala" -> the same word on every machine): a rare identifier
+    of one's own per concept (DreamBooth's "sks" for everyone cannot tell two concepts apart)."""
+    import hashlib
+
+    digest = hashlib.sha256(slug.encode("utf-8")).digest()
+    return "".join(IDENTIFIER_LETTERS[b % len(IDENTIFIER_LETTERS)] for b in digest[:3])
+
+
 @dataclass
 class Method:
     """What a method tells the engine. Subclasses are dataclasses: their fields are the method's
@@ -79,8 +91,13 @@ class Method:
         return word
 
     def phrase(self, concept: Concept) -> str:
-        """What stands for the concept in prompts ("<koala>", "sks bear")."""
+        """What stands for the concept in prompts ("<koala>", "kqz bear")."""
         raise NotImplementedError
+
+    def identifier_for(self, concept: Concept) -> str:
+        """The rare word before the class word (DreamBooth, LoRA): the ``identifier`` setting, else one made
+        from the concept's slug, so two concepts trained with the defaults answer to different words."""
+        return getattr(self, "identifier", None) or default_identifier(concept.slug)
 
     def setup(self, pipe, concept: Concept) -> torch.nn.Module | None:
         """Switch on ``requires_grad`` for what trains (adding it to the pipeline first if it is new);
@@ -143,6 +160,15 @@ class TrainResult:
     out: Path
     meta: dict = field(default_factory=dict)  # what was written to out/adapter.json (meta["files"]: the saved files)
     seconds: float = 0.0  # this call's wall time
+
+
+def base_fingerprint(pipe) -> dict:
+    """What identifies the base model an adapter was trained on: its architecture and a checksum of the
+    UNet's first convolution (no method changes it; another checkpoint of the same architecture does)."""
+    unet, te = pipe.unet, pipe.text_encoder
+    return {"sample_size": unet.config.sample_size, "cross_attention_dim": unet.config.cross_attention_dim,
+            "block_out_channels": list(unet.config.block_out_channels), "text_hidden_size": te.config.hidden_size,
+            "conv_in_sum": round(float(unet.conv_in.weight.detach().double().sum()), 4)}
 
 
 def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
@@ -269,6 +295,7 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
                          "(load_pipeline(..., dtype=torch.float32)); mixed precision comes from accelerate")
     out = Path(out)
     started = time.time()
+    base = base_fingerprint(pipe)  # before training: DreamBooth changes the UNet
     pipe.to(accelerator.device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
         part.requires_grad_(False).eval()
@@ -323,7 +350,7 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
         meta = {"method": method.name, "concept": concept.slug, "name": concept.name,
                 "class_word": method.class_word_for(concept), "phrase": phrase, "settings": method.settings(),
                 "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-                             "mask_weight": mask_weight}}
+                             "mask_weight": mask_weight}, "base": base}
         meta |= method.save(pipe, out, concept, steps)
         (out / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return TrainResult(method.name, phrase, losses, out, meta, time.time() - started)

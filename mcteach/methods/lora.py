@@ -98,7 +98,7 @@ class LoRA(Method):
     batch_size: int = 2
     rank: int = 4
     alpha: float = 4.0
-    identifier: str = "sks"
+    identifier: str | None = None  # default: three consonants made from the concept's slug
     text_encoder: bool = False
     # module-name endings in the UNet (UNET_TARGETS: attention only)
     targets: list[str] = field(default_factory=lambda: list(UNET_TRANSFORMER_TARGETS))
@@ -106,7 +106,7 @@ class LoRA(Method):
     _adapter: str = field(default="", init=False, repr=False)
 
     def phrase(self, concept) -> str:
-        return f"{self.identifier} {self.class_word_for(concept)}"
+        return f"{self.identifier_for(concept)} {self.class_word_for(concept)}"
 
     def setup(self, pipe, concept):
         if self.rank < 1:

@@ -1,0 +1,366 @@
+"""Attention masking: each concept's tokens, and its pixels, confined to its region (notebook 07).
+
+Two concepts in one prompt mix because nothing in the UNet says which pixels belong to which concept:
+every pixel reads every token (cross-attention), every pixel reads every other pixel (self-attention), and
+every LoRA changes every layer for every pixel. Given one region per concept, this module removes each
+of those paths with an additive bias on the attention logits, ``softmax(QK^T / sqrt(d) + B)``, where
+``B = -inf`` wherever a pixel may not look:
+
+- **cross = "tokens"** (one prompt): pixels outside region r get ``-inf`` on concept r's tokens (its phrase,
+  e.g. "sks woman"). The causal text encoder also writes every concept into the end-of-text and padding
+  tokens (notebook 06 measures how much): ``eot="keep"`` lets every pixel read them, ``eot="background"``
+  only the pixels outside every region (Bounded Attention's choice);
+- **cross = "regional"** (Regional Prompter's attention mode, Mix-of-Show's regional sampling): each region
+  has its own sub-prompt, encoded separately (its own start, end and padding); the UNet's context is the
+  concatenation ``[global | sub_1 | ... | sub_R]`` (B, (R+1) T, d) and pixels of region r read only
+  ``sub_r``, the background only the global prompt. Inside one softmax this equals computing attention
+  per region and pasting it in;
+- **self_attention = True** (Bounded Attention): a pixel of region r cannot read the pixels of another
+  concept's region (the background is read by all and reads all);
+- **bind_adapters = True** (region-bound LoRA, the single-pass form of OMG / Regional Prompter's latent
+  mode): a LoRA named in region r changes the UNet only at region r's pixels, and in cross-attention's
+  K and V only the tokens of ``sub_r``. The update ``(alpha/r) B A x`` is multiplied by the region's mask
+  (a forward hook on peft's ``lora_B``), so the background is drawn by the base model.
+
+Masks act on every UNet resolution (a region spec becomes a mask at 16x16, 8x8, 4x4 here; 64..8 in
+SD 1.5), optionally only at some resolutions (``resolutions``) and some part of the denoising process
+(``steps``: fractions, 0 = pure noise, 1 = the end).
+
+    regions = [Region("left", "a sks woman", adapter="woman_..."), Region("right", "a zqv man", adapter="man_...")]
+    images = regional_generate(pipe, "a sks woman on the left and a zqv man on the right", regions,
+                               fix=Fix(), seed=[0, 1])
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import token_indices, with_parts
+from .pipeline import generator_for
+
+#: named regions as (x0, y0, x1, y1) fractions of the image
+NAMED_REGIONS = {
+    "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0),
+    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
+    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0),
+    "left-third": (0.0, 0.0, 1 / 3, 1.0), "middle-third": (1 / 3, 0.0, 2 / 3, 1.0), "right-third": (2 / 3, 0.0, 1.0, 1.0),
+}
+CROSS_MODES = ("none", "tokens", "regional")
+EOT_POLICIES = ("keep", "background")
+
+
+class RegionError(ValueError):
+    """A region spec that cannot be used; the message says what to fix."""
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """"x0,y0,x1,y1" (fractions in [0, 1]) -> a tuple; RegionError when malformed."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise RegionError(f"region {text!r} is neither a name ({', '.join(NAMED_REGIONS)}) nor a box "
+                          "'x0,y0,x1,y1' of four fractions in [0, 1]")
+    return box
+
+
+def region_mask(spec, size: int) -> np.ndarray:
+    """A float (size, size) mask in [0, 1] from a region spec: a name (``"left"``, ``"top-right"``,
+    ``"middle-third"``...), a box ``(x0, y0, x1, y1)`` or ``"x0,y0,x1,y1"`` in fractions of the image, or a
+    mask (h, w) of any size (array, tensor or PIL image; resized to ``size``). RegionError when it is empty,
+    all zero, or out of range."""
+    if isinstance(spec, str):
+        spec = NAMED_REGIONS[spec] if spec in NAMED_REGIONS else parse_box(spec)
+    if isinstance(spec, (tuple, list)) and len(spec) == 4 and all(np.isscalar(v) for v in spec):
+        x0, y0, x1, y1 = (float(v) for v in spec)
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise RegionError(f"box {spec} is out of range or empty: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+                              "(fractions of the image width and height)")
+        m = np.zeros((size, size), np.float32)
+        m[round(y0 * size) : max(round(y1 * size), round(y0 * size) + 1),
+          round(x0 * size) : max(round(x1 * size), round(x0 * size) + 1)] = 1.0
+        return m
+    a = np.asarray(spec.convert("L") if hasattr(spec, "convert") else torch.as_tensor(spec).detach().cpu(),
+                   dtype=np.float32)
+    if a.ndim != 2 or min(a.shape) == 0:
+        raise RegionError(f"a mask must be 2-D (height, width), got shape {a.shape}")
+    if a.max() > 1.0:
+        a = a / 255.0
+    if not np.isfinite(a).all() or a.min() < 0:
+        raise RegionError("a mask's values must be in [0, 1] (or 0..255)")
+    if a.max() <= 0:
+        raise RegionError("this mask is all zero: it would silently mask nothing; draw the region first")
+    if a.shape != (size, size):
+        a = F.interpolate(torch.from_numpy(a)[None, None], size=(size, size), mode="area")[0, 0].numpy()
+    return a
+
+
+def region_masks(specs, size: int = 64) -> torch.Tensor:
+    """Validated masks (R, size, size) of ``specs``: at least one region, none all zero, no region lying
+    entirely inside another (two concepts in one place cannot be told apart). Partial overlaps are allowed:
+    a pixel in two regions may read both."""
+    specs = list(specs)
+    if not specs:
+        raise RegionError("no regions given: name at least one (e.g. 'left'), a box 'x0,y0,x1,y1' or a mask")
+    masks = torch.from_numpy(np.stack([region_mask(s, size) for s in specs]))
+    hard = masks >= 0.5
+    for i, m in enumerate(hard):
+        if not m.any():
+            raise RegionError(f"region {i} ({_describe(specs[i])}) covers less than half a pixel at {size}x{size}: "
+                              "make it larger")
+    for i in range(len(specs)):
+        for j in range(len(specs)):
+            if i != j and (hard[i] <= hard[j]).all():
+                raise RegionError(f"region {i} ({_describe(specs[i])}) lies entirely inside region {j} "
+                                  f"({_describe(specs[j])}): give each concept a place of its own")
+    return masks
+
+
+def _describe(spec) -> str:
+    return spec if isinstance(spec, str) else (str(tuple(spec)) if isinstance(spec, (tuple, list)) else "a mask")
+
+
+def masks_at(masks: torch.Tensor, side: int) -> torch.Tensor:
+    """Boolean (R, side * side) masks at a UNet resolution: area-averaged, a cell is in a region when at least
+    half of it is; a region too small for this grid keeps its best-covered cell (it never vanishes)."""
+    m = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")[:, 0].flatten(1)
+    hard = m >= 0.5
+    empty = ~hard.any(1)
+    hard[empty, m[empty].argmax(1)] = True
+    return hard
+
+
+@dataclass
+class Fix:
+    """An inference fix: which attention paths are confined to regions (see the module docstring)."""
+
+    cross: str = "regional"  # "none" | "tokens" | "regional"
+    self_attention: bool = True
+    bind_adapters: bool = True
+    eot: str = "keep"  # cross="tokens": who reads end-of-text and padding: "keep" (everyone) | "background"
+    resolutions: tuple[int, ...] | None = None  # UNet grid sides where masks act (None: all)
+    steps: tuple[float, float] = (0.0, 1.0)  # part of the denoising process where masks act
+
+    def __post_init__(self):
+        if self.cross not in CROSS_MODES:
+            raise ValueError(f"unknown cross mode {self.cross!r}; choose one of {', '.join(CROSS_MODES)}")
+        if self.eot not in EOT_POLICIES:
+            raise ValueError(f"unknown eot policy {self.eot!r}; choose one of {', '.join(EOT_POLICIES)}")
+        lo, hi = self.steps
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"steps must be fractions 0 <= start < end <= 1, got {self.steps}")
+
+    @property
+    def is_empty(self) -> bool:
+        return self.cross == "none" and not self.self_attention and not self.bind_adapters
+
+
+NO_FIX = Fix(cross="none", self_attention=False, bind_adapters=False)
+
+
+class RegionMasker:
+    """The ``masker`` part of ``attention.Processor``: the logit bias of every attention call.
+
+    masks: (R, H, W) region masks; spans: for cross="tokens", each region's token positions in the prompt;
+    chunk: for cross="regional", the token length T of each encoded prompt; guidance: the batch is
+    [unconditional, conditional] (token masks act on the conditional half only). ``progress`` (0..1) is
+    set before each UNet call (``masked``)."""
+
+    def __init__(self, masks: torch.Tensor, fix: Fix, *, spans=None, eot=None, chunk: int | None = None,
+                 guidance: bool = True):
+        self.masks, self.fix, self.spans, self.eot, self.chunk, self.guidance = masks, fix, spans, eot, chunk, guidance
+        self.progress = 0.0
+        self._cache: dict = {}
+
+    def active(self, side: int) -> bool:
+        lo, hi = self.fix.steps
+        return lo <= self.progress <= hi and (self.fix.resolutions is None or side in self.fix.resolutions)
+
+    def bias(self, layer: str, n_queries: int, n_keys: int, batch: int, is_cross: bool, like: torch.Tensor):
+        side = math.isqrt(n_queries)
+        if side * side != n_queries or not self.active(side):
+            return None
+        if (is_cross and self.fix.cross == "none") or (not is_cross and not self.fix.self_attention):
+            return None
+        key = (is_cross, side, n_keys, batch, like.dtype, like.device)
+        if key not in self._cache:
+            allowed = self._cross(side, n_keys) if is_cross else self._self(side)
+            b = torch.zeros(allowed.shape, dtype=like.dtype).masked_fill(~allowed, float("-inf"))[None, None]
+            if is_cross and self.fix.cross == "tokens" and self.guidance:  # the unconditional half is untouched
+                b = torch.cat([torch.zeros_like(b).expand(batch // 2, -1, -1, -1), b.expand(batch - batch // 2, -1, -1, -1)])
+            self._cache[key] = b.to(like.device)
+        return self._cache[key]
+
+    def _cross(self, side: int, n_keys: int) -> torch.Tensor:
+        m = masks_at(self.masks, side)  # (R, N)
+        inside = m.any(0)
+        allowed = torch.ones(side * side, n_keys, dtype=torch.bool)
+        if self.fix.cross == "tokens":
+            for r, span in enumerate(self.spans):
+                allowed[~m[r]] &= ~_onehot(span, n_keys)
+            if self.fix.eot == "background":
+                allowed[inside] &= ~_onehot(self.eot, n_keys)
+        else:  # regional: chunk 0 is the global prompt, chunk r + 1 region r's
+            if n_keys != self.chunk * (len(m) + 1):
+                raise ValueError(f"regional masking expects {len(m) + 1} prompts of {self.chunk} tokens, "
+                                 f"got {n_keys} keys")
+            allowed[:] = False
+            allowed[~inside, : self.chunk] = True
+            for r in range(len(m)):
+                allowed[m[r], (r + 1) * self.chunk : (r + 2) * self.chunk] = True
+        return allowed
+
+    def _self(self, side: int) -> torch.Tensor:
+        m = masks_at(self.masks, side).float()  # (R, N)
+        shared = (m.T @ m) > 0  # (N, N): i and j share a region
+        inside = m.sum(0) > 0
+        return shared | ~inside[:, None] | ~inside[None, :]
+
+
+def _onehot(positions, n: int) -> torch.Tensor:
+    v = torch.zeros(n, dtype=torch.bool)
+    v[[p for p in positions if p < n]] = True
+    return v
+
+
+@contextmanager
+def masked(pipe, masker: RegionMasker, bindings: dict[str, int] | None = None):
+    """Inside the block every attention layer of ``pipe.unet`` uses ``masker`` (composing with recording and
+    HyperNetworks), a UNet pre-hook tells it the denoising progress, and with ``bindings`` ({LoRA adapter name:
+    region index}) each LoRA's update is confined to its region. Everything is restored afterwards."""
+    unet = pipe.unet
+    total = pipe.scheduler.config.num_train_timesteps
+
+    def on_call(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        masker.progress = 1.0 - float(torch.as_tensor(t).flatten()[0]) / total
+
+    with ExitStack() as stack:
+        previous = with_parts(unet, masker=masker)
+        stack.callback(unet.set_attn_processor, previous)
+        handle = unet.register_forward_pre_hook(on_call, with_kwargs=True)
+        stack.callback(handle.remove)
+        for h in bind_lora(unet, masker, bindings or {}):
+            stack.callback(h.remove)
+        yield masker
+
+
+def bind_lora(unet, masker: RegionMasker, bindings: dict[str, int]) -> list:
+    """Forward hooks on peft's ``lora_B[name]`` that multiply adapter ``name``'s update by its region's mask
+    (pixels), or, in cross-attention's ``to_k``/``to_v`` with regional prompts, by its sub-prompt's tokens."""
+    if not bindings:
+        return []
+    names = {n for m in unet.modules() if hasattr(m, "lora_B") for n in m.lora_B}
+    missing = sorted(set(bindings) - names)
+    if missing:
+        raise ValueError(f"no LoRA adapter named {missing[0]!r} on this UNet (loaded: {sorted(names) or 'none'}); "
+                         "load it with load_adapters first")
+    handles = []
+    for path, module in unet.named_modules():
+        if not hasattr(module, "lora_B"):
+            continue
+        text_side = ".attn2." in f".{path}." and path.endswith(("to_k", "to_v"))
+        for name, r in bindings.items():
+            if name in module.lora_B:
+                handles.append(module.lora_B[name].register_forward_hook(_binder(masker, r, text_side)))
+    return handles
+
+
+def _binder(masker: RegionMasker, region: int, text_side: bool):
+    def hook(module, args, out):
+        if not masker.fix.bind_adapters:
+            return out
+        if text_side:  # (B, T', C): the tokens of region r's sub-prompt (regional prompts only)
+            if masker.fix.cross != "regional":
+                return out
+            keep = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+            keep[(region + 1) * masker.chunk : (region + 2) * masker.chunk] = 1
+            return out * keep[None, :, None]
+        if out.ndim == 4:  # conv 1x1 (proj_in/out): (B, C, H, W)
+            side = out.shape[-1]
+            return out * masks_at(masker.masks, side)[region].view(1, 1, side, side).to(out)
+        side = math.isqrt(out.shape[1])  # (B, N, C) pixels
+        return out * masks_at(masker.masks, side)[region].view(1, -1, 1).to(out)
+
+    return hook
+
+
+@dataclass
+class Region:
+    """One concept's place: ``where`` (a name, a box or a mask), its sub-prompt (cross="regional"), the
+    phrase naming it in the global prompt (cross="tokens"; default: the sub-prompt without its article)
+    and the LoRA adapter bound to it (bind_adapters)."""
+
+    where: object
+    prompt: str
+    phrase: str | None = None
+    adapter: str | None = None
+
+    @property
+    def words(self) -> str:
+        if self.phrase:
+            return self.phrase
+        first, _, rest = self.prompt.partition(" ")
+        return rest if first in ("a", "an", "the") and rest else self.prompt
+
+
+def prompt_embeds(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder outputs of ``prompts`` concatenated along the tokens: (1, len(prompts) * T, d)."""
+    from . import sd
+
+    ids = sd.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer)).to(pipe.device)
+    with torch.no_grad():
+        c = pipe.text_encoder(ids)[0]
+    return c.reshape(1, -1, c.shape[-1])
+
+
+def eot_positions(tokenizer, prompt: str) -> list[int]:
+    """Positions of end-of-text and padding in the tokenized ``prompt``."""
+    n = len(tokenizer(prompt).input_ids)
+    return list(range(n - 1, tokenizer.model_max_length))
+
+
+def make_masker(pipe, prompt: str, regions: list[Region], fix: Fix, guidance: bool = True) -> RegionMasker:
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    masks = region_masks([r.where for r in regions], size)
+    spans = eot = None
+    if fix.cross == "tokens":
+        expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+        spans = [token_indices(pipe.tokenizer, expanded, pipe.maybe_convert_prompt(r.words, pipe.tokenizer))
+                 for r in regions]
+        eot = eot_positions(pipe.tokenizer, expanded)
+    return RegionMasker(masks, fix, spans=spans, eot=eot, chunk=pipe.tokenizer.model_max_length, guidance=guidance)
+
+
+def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fix(), seed=0, steps: int = 25,
+                      guidance_scale: float = 5.0, store=None, **kwargs):
+    """Images of ``prompt`` with ``fix`` applied to ``regions`` (one per concept); ``seed``: an int or a
+    list (one image each). With ``NO_FIX`` this is ``generate(pipe, prompt, seed=...)``, bit for bit.
+    ``store``: an ``AttentionStore`` to record into (``record_attention``'s), composed with the masks."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if guidance_scale <= 1:
+        raise ValueError("regional_generate needs classifier-free guidance (guidance_scale > 1)")
+    masker = make_masker(pipe, prompt, regions, fix)
+    bindings = {r.adapter: i for i, r in enumerate(regions) if r.adapter} if fix.bind_adapters else {}
+    if fix.cross == "regional":
+        cond = prompt_embeds(pipe, [prompt] + [r.prompt for r in regions])
+        uncond = prompt_embeds(pipe, [""] * (len(regions) + 1))
+        call = dict(prompt_embeds=cond.expand(len(seeds), -1, -1), negative_prompt_embeds=uncond.expand(len(seeds), -1, -1))
+    else:
+        call = dict(prompt=[prompt] * len(seeds))
+    with ExitStack() as stack:
+        stack.enter_context(masked(pipe, masker, bindings))
+        if store is not None:
+            previous = with_parts(pipe.unet, store=store)
+            stack.callback(pipe.unet.set_attn_processor, previous)
+        out = pipe(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator_for(seeds),
+                   **call, **kwargs)
+    return out.images

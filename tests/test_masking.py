@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+from mcteach import generate
+from mcteach.attention import record_attention
+from mcteach.masking import (NO_FIX, Fix, Region, RegionError, RegionMasker, make_masker, masks_at, region_masks,
+                             regional_generate)
+
+PROMPT = "a cat on the left and a dog on the right"
+REGIONS = [Region("left", "a cat"), Region("right", "a dog")]
+
+
+def test_named_regions_boxes_and_masks_at_every_unet_resolution():
+    m = region_masks(["left", "0.5,0,1,1", (0.0, 0.0, 1.0, 0.25)], 64)
+    assert m.shape == (3, 64, 64)
+    for side in (16, 8, 4, 2):  # the tiny UNet's 16, 8, 4; SD 1.5 at 64 px latents: 64, 32, 16, 8
+        hard = masks_at(m, side).view(3, side, side)
+        assert hard[0, :, : side // 2].all() and not hard[0, :, side // 2 :].any()
+        assert torch.equal(hard[1], ~hard[0])
+        assert hard[2].any()  # a thin strip never vanishes, even at 2x2
+    thirds = masks_at(region_masks(["left-third", "middle-third", "right-third"], 64), 16)
+    assert thirds.sum(0).max() == 1 and thirds.sum() == 256
+
+
+@pytest.mark.parametrize("specs, match", [
+    ([], "no regions"),
+    (["middle"], "neither a name"),
+    (["0.5,0,1.5,1"], "out of range"),
+    (["0.6,0,0.4,1"], "out of range"),
+    ([np.zeros((8, 8))], "all zero"),
+    (["left", "left"], "entirely inside"),
+    (["left", "top-left"], "entirely inside"),
+])
+def test_bad_regions_are_clear_errors(specs, match):
+    with pytest.raises(RegionError, match=match):
+        region_masks(specs, 64)
+
+
+def test_fix_settings_are_checked():
+    with pytest.raises(ValueError, match="cross mode"):
+        Fix(cross="everything")
+    with pytest.raises(ValueError, match="steps"):
+        Fix(steps=(0.5, 0.2))
+
+
+def test_no_fix_is_bit_identical_to_the_default_processor(random_pipe):
+    plain = generate(random_pipe, [PROMPT] * 2, seed=[0, 1], steps=3)
+    fixed = regional_generate(random_pipe, PROMPT, REGIONS, fix=NO_FIX, seed=[0, 1], steps=3)
+    for a, b in zip(plain, fixed):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_masked_token_gets_zero_attention_outside_its_region(random_pipe):
+    fix = Fix(cross="tokens", self_attention=False, bind_adapters=False)
+    with record_attention(random_pipe) as store:
+        regional_generate(random_pipe, PROMPT, REGIONS, fix=fix, seed=0, steps=2)
+    cat, dog = 2, 8  # token positions ("<start> a cat on ...")
+    for name, m in store.layer_maps().items():  # (1, N, T), the conditional half, at each resolution
+        side = int(m.shape[1] ** 0.5)
+        maps = m[0].T.reshape(-1, side, side)
+        assert maps[cat, :, side // 2 :].abs().max() == 0 and maps[cat, :, : side // 2].sum() > 0, name
+        assert maps[dog, :, : side // 2].abs().max() == 0 and maps[dog, :, side // 2 :].sum() > 0, name
+        assert maps[1].min() > 0  # "a" is nobody's: read everywhere
+
+
+def test_regional_prompts_read_only_their_own_sub_prompt(random_pipe):
+    fix = Fix(cross="regional", self_attention=False, bind_adapters=False)
+    with record_attention(random_pipe) as store:
+        regional_generate(random_pipe, PROMPT, REGIONS, fix=fix, seed=0, steps=2)
+    for name, m in store.layer_maps().items():  # (1, N, 3T): global | left's | right's
+        side, t = int(m.shape[1] ** 0.5), m.shape[2] // 3
+        m = m[0].view(side, side, 3, t).sum(-1)  # mass per chunk
+        assert torch.allclose(m[:, : side // 2, 1], torch.ones(side, side // 2), atol=1e-5), name
+        assert torch.allclose(m[:, side // 2 :, 2], torch.ones(side, side - side // 2), atol=1e-5), name
+
+
+def test_self_attention_masking_removes_the_cross_region_mass(random_pipe):
+    fix = Fix(cross="none", self_attention=True, bind_adapters=False)
+    with record_attention(random_pipe, self_attention=True) as store:
+        regional_generate(random_pipe, PROMPT, REGIONS, fix=fix, seed=0, steps=2)
+    for m in store.layer_maps(cross=False).values():  # (1, N, N)
+        side = int(m.shape[1] ** 0.5)
+        left = torch.zeros(side, side, dtype=torch.bool)
+        left[:, : side // 2] = True
+        left = left.flatten()
+        assert m[0][left][:, ~left].abs().max() == 0 and m[0][~left][:, left].abs().max() == 0
+
+
+def test_masks_act_only_in_their_timestep_range(random_pipe):
+    masker = make_masker(random_pipe, PROMPT, REGIONS, Fix(steps=(0.0, 0.3)))
+    like = torch.zeros(1)
+    masker.progress = 0.1
+    assert masker.bias("x", 256, 96, 2, True, like) is not None
+    masker.progress = 0.5
+    assert masker.bias("x", 256, 96, 2, True, like) is None
+
+
+def test_a_phrase_missing_from_the_prompt_is_a_clear_error(random_pipe):
+    with pytest.raises(ValueError, match="not in the prompt"):
+        regional_generate(random_pipe, PROMPT, [Region("left", "a fox"), Region("right", "a dog")],
+                          fix=Fix(cross="tokens"), steps=1)
+
+
+def test_lora_binding_confines_the_update_to_its_region(random_pipe):
+    """A LoRA bound to the left half: each LoRA layer's output is the LoRA model's on the left, the base
+    model's on the right (what reaches the right half afterwards comes only through convolutions and
+    attention, which the other parts of the fix address)."""
+    import copy
+
+    from mcteach.masking import bind_lora
+    from mcteach.methods.lora import lora_config
+
+    pipe = copy.deepcopy(random_pipe)
+    pipe.unet.add_adapter(lora_config(4, 4, ["to_q", "to_out.0", "proj_in"]), adapter_name="a")
+    with torch.no_grad():
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    masker = make_masker(pipe, PROMPT, [Region("left", "a cat", adapter="a")], Fix(cross="none", self_attention=False))
+    block = pipe.unet.down_blocks[0].attentions[0]
+    x = torch.randn(2, block.proj_in.base_layer.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randn(2, 256, block.transformer_blocks[0].attn1.to_q.base_layer.in_features)
+    with torch.no_grad():
+        full = block.proj_in(x), block.transformer_blocks[0].attn1.to_q(tokens)
+        handles = bind_lora(pipe.unet, masker, {"a": 0})
+        bound = block.proj_in(x), block.transformer_blocks[0].attn1.to_q(tokens)
+        for h in handles:
+            h.remove()
+        pipe.disable_lora()
+        base = block.proj_in(x), block.transformer_blocks[0].attn1.to_q(tokens)
+    assert not torch.allclose(full[0], base[0])
+    torch.testing.assert_close(bound[0][..., :8], full[0][..., :8])
+    torch.testing.assert_close(bound[0][..., 8:], base[0][..., 8:])
+    left = torch.zeros(16, 16, dtype=torch.bool)
+    left[:, :8] = True
+    torch.testing.assert_close(bound[1][:, left.flatten()], full[1][:, left.flatten()])
+    torch.testing.assert_close(bound[1][:, ~left.flatten()], base[1][:, ~left.flatten()])
+    with pytest.raises(ValueError, match="no LoRA adapter named 'b'"):
+        bind_lora(pipe.unet, masker, {"b": 0})
