@@ -2,7 +2,15 @@
 
     python -m mcteach generate --prompt "a fox on the left" --seed 0 --out fox.png
     python -m mcteach train --method lora --concept data/concepts/koala --out runs/koala-lora
-    python -m mcteach generate --adapter runs/koala-lora --prompt "a sks bear on the left" --out koala.png
+    python -m mcteach generate --adapter runs/koala-lora --prompt "a bbm bear on the left" --out koala.png
+
+Two concepts in one image (notebooks 06-07): one adapter each, one region each, and the fix::
+
+    python -m mcteach generate --adapter runs/woman --adapter runs/man \
+        --prompt "a cpd woman on the left and a tkb man on the right" \
+        --region "left=a cpd woman" --region "right=a tkb man" --fix inference --out couple.png
+    python -m mcteach train --method lora --concept woman_with_red_hair_and_medium_skin \
+        --concept man_with_curly_hair_and_light_skin --fix training --out runs/couple   # joint, with the training fix
 """
 
 from __future__ import annotations
@@ -16,14 +24,20 @@ def _generate(a) -> None:
     from .pipeline import generate, load_pipeline
 
     pipe = load_pipeline(a.model, device=a.device)
+    metas = []
     if a.adapter:
-        from .methods import load_adapter
+        from .methods import load_adapters, phrases
 
-        meta = load_adapter(pipe, a.adapter)
-        if meta["phrase"] not in a.prompt:
-            print(f"note: this adapter's concept is written {meta['phrase']!r} in prompts", file=sys.stderr)
-    images = generate(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance,
-                      negative_prompt=a.negative_prompt, num_images=a.num_images)
+        metas = load_adapters(pipe, a.adapter)
+        for meta in metas:
+            for phrase in phrases(meta).values():
+                if phrase not in a.prompt:
+                    print(f"note: {meta['concept']} is written {phrase!r} in prompts", file=sys.stderr)
+    if a.region or a.fix != "none":
+        images = _regional(pipe, a, metas)
+    else:
+        images = generate(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance,
+                          negative_prompt=a.negative_prompt, num_images=a.num_images)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
@@ -32,15 +46,50 @@ def _generate(a) -> None:
         print(p)
 
 
+def parse_region(text: str, metas: list[dict]):
+    """"left=a cpd woman" or "0,0,0.5,1=a cpd woman" -> a masking.Region; the adapter whose phrase the sub-prompt
+    names is bound to it."""
+    from .masking import Region, parse_box, NAMED_REGIONS
+    from .methods import phrases
+
+    where, sep, prompt = text.partition("=")
+    if not sep or not prompt.strip():
+        raise ValueError(f"--region {text!r}: write PLACE=SUB-PROMPT, e.g. 'left=a cpd woman' (places: "
+                         f"{', '.join(NAMED_REGIONS)}, or a box x0,y0,x1,y1 in [0, 1])")
+    where = where.strip()
+    place = where if where in NAMED_REGIONS else parse_box(where)
+    found = [(p, m.get("adapter_name")) for m in metas for p in phrases(m).values() if p in prompt]
+    phrase, adapter = max(found, key=lambda x: len(x[0])) if found else (None, None)
+    return Region(place, prompt.strip(), phrase=phrase, adapter=adapter)
+
+
+def _regional(pipe, a, metas):
+    from .masking import INFERENCE_FIX, NO_FIX, regional_generate
+
+    if not a.region:
+        raise ValueError("--fix inference needs one --region per concept, e.g. --region 'left=a cpd woman'")
+    regions = [parse_region(r, metas) for r in a.region]
+    fix = INFERENCE_FIX if a.fix == "inference" else NO_FIX
+    seeds = [a.seed + i for i in range(a.num_images)]
+    return regional_generate(pipe, a.prompt, regions, fix=fix, seed=seeds, steps=a.steps, guidance_scale=a.guidance)
+
+
 def _train(a) -> None:
     import torch
 
     from .methods import train_concept
     from .pipeline import load_pipeline
 
+    from .methods import TRAINING_FIX, Regularizers
+
     pipe = load_pipeline(a.model, device="cpu", dtype=torch.float32)  # accelerate moves it to the GPU if any
-    r = train_concept(pipe, a.concept, a.method, out=a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                      seed=a.seed, checkpoint_every=a.checkpoint_every, resume=a.resume)
+    settings = {"identifier": a.identifier} if a.identifier else {}
+    concept = a.concept[0] if len(a.concept) == 1 else a.concept
+    reg = TRAINING_FIX if a.fix == "training" else Regularizers()
+    if a.fix == "training" and len(a.concept) == 1:  # one concept: no composites to paste
+        reg = Regularizers(masked_loss=True, attention_weight=TRAINING_FIX.attention_weight)
+    r = train_concept(pipe, concept, a.method, out=a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                      seed=a.seed, checkpoint_every=a.checkpoint_every, resume=a.resume, regularizers=reg, **settings)
     print(f"{r.method}: {len(r.losses)} steps, final loss {r.losses[-1]:.4f}, {r.seconds:.0f} s; files in {r.out}")
     model = f" --model {a.model}" if a.model else ""
     print(f'use it: python -m mcteach generate{model} --adapter {r.out} --prompt "a {r.phrase} on the left" '
@@ -60,10 +109,22 @@ def main(argv=None) -> int:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--device", default=None)
-    g.add_argument("--adapter", default=None, help="folder written by `train`: applies the learned concept")
+    g.add_argument("--adapter", action="append", default=[],
+                   help="folder written by `train`: applies the learned concept (repeat for several)")
+    g.add_argument("--region", action="append", default=[],
+                   help="PLACE=SUB-PROMPT, one per concept: a named region (left, right, top-left, middle-third, ...) "
+                        "or a box x0,y0,x1,y1 in [0, 1]; e.g. --region 'left=a cpd woman'")
+    g.add_argument("--fix", choices=["none", "inference"], default="none",
+                   help="inference: each region drawn by its own pass, adapter and sub-prompt (masking.INFERENCE_FIX)")
     t = sub.add_parser("train", help="teach the model a concept (Textual Inversion, HyperNetwork, DreamBooth, LoRA)")
     t.add_argument("--method", required=True, choices=["textual_inversion", "hypernetwork", "dreambooth", "lora"])
-    t.add_argument("--concept", required=True, help="folder of 4-8 images (or a shipped concept's name, e.g. koala)")
+    t.add_argument("--concept", required=True, action="append",
+                   help="folder of 4-8 images (or a shipped concept's name, e.g. koala); repeat to train several "
+                        "concepts jointly (dreambooth, lora)")
+    t.add_argument("--identifier", default=None, help="the rare word before the class word (default: made from "
+                                                      "the concept's name, so concepts differ)")
+    t.add_argument("--fix", choices=["none", "training"], default="none",
+                   help="training: masked loss + attention loss (+ Seg-Mix composites for several concepts)")
     t.add_argument("--out", required=True, help="folder for checkpoints, the saved adapter and adapter.json")
     t.add_argument("--steps", type=int, default=None, help="default: the method's")
     t.add_argument("--lr", type=float, default=None, help="default: the method's")

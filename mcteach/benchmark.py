@@ -41,7 +41,6 @@ import argparse
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,8 @@ import torch
 
 from . import world
 from .concepts import list_concepts, load_concept, make_concept_set
-from .evaluate import bootstrap_ci
-from .pipeline import generate, load_pipeline
+from .evaluate import GEN, ConceptSamples, bootstrap_ci, class_scores, concept_samples, concept_scores, judged  # noqa: F401
+from .pipeline import load_pipeline
 from .pretrain import atomic_save, write_text
 
 DEFAULT_WORK = Path("~/.cache/mcteach/bench").expanduser()
@@ -61,82 +60,6 @@ CONTROL_METHODS = ("textual_inversion", "hypernetwork")  # the frozen-UNet metho
 CEILING_CONCEPTS = ("koala", "croissant")  # the frozen-UNet ceiling (FreeContext) is measured on these
 # DreamBooth's prior preservation, three ways: class + world images (the default), class images only (the paper), none
 PRIORS = ({"world_prior": True}, {"world_prior": False}, {"prior_weight": 0.0})
-GEN = {"steps": 25, "guidance_scale": 5.0}
-
-
-def judged(pipe, judge, prompts: list[str], seeds: list[int], positions: list[str], batch: int = 32) -> list[str]:
-    """The judge's top label in ``positions[i]`` of the image for (prompts[i], seeds[i])."""
-    return judge.labels_of(_generate(pipe, prompts, seeds, batch), positions)
-
-
-def _generate(pipe, prompts: list[str], seeds: list[int], batch: int = 32) -> list:
-    """One image per (prompt, seed) with the benchmark's settings, ``batch`` at a time."""
-    images = []
-    for i in range(0, len(prompts), batch):
-        images += generate(pipe, prompts[i : i + batch], seed=seeds[i : i + batch], **GEN)
-    return images
-
-
-@dataclass
-class ConceptSamples:
-    """Images of a learned concept and the judge's verdicts: "a <phrase>" (whole frame) for each seed, then
-    "a <phrase> on the left" and "... on the right" (the asked half) for each seed."""
-
-    phrase: str
-    name: str  # the judge's label for the concept
-    centre: list  # PIL images
-    centre_labels: list[str]
-    placed: list  # left images, then right images
-    placed_positions: list[str]
-    placed_labels: list[str]
-
-    @property
-    def fidelity(self) -> float:
-        return float(np.mean([label == self.name for label in self.centre_labels]))
-
-    @property
-    def position(self) -> float:
-        return float(np.mean([label == self.name for label in self.placed_labels]))
-
-    def show(self, size: float = 1.5):
-        """One row per prompt (centre, left, right), one column per seed, each image titled with the
-        judge's label (✓ when it is the concept)."""
-        from .plot import show_images
-
-        mark = lambda label: ("✓ " if label == self.name else "✗ ") + label[:14]  # noqa: E731
-        titles = ([mark(x) for x in self.centre_labels]
-                  + [f"{p}: {mark(x)}" for p, x in zip(self.placed_positions, self.placed_labels)])
-        return show_images(self.centre + self.placed, titles=titles, ncols=len(self.centre), size=size,
-                           suptitle=f"'a {self.phrase}', '... on the left', '... on the right': fidelity "
-                                    f"{self.fidelity:.0%}, in the asked half {self.position:.0%}")
-
-
-def concept_samples(pipe, judge, phrase: str, name: str, seeds: int = 8) -> ConceptSamples:
-    """Generate and judge the fidelity and position prompts of one learned concept (seeds 0..seeds-1)."""
-    s = list(range(seeds))
-    prompts = [f"a {phrase}"] * seeds + [f"a {phrase} on the left"] * seeds + [f"a {phrase} on the right"] * seeds
-    positions = ["centre"] * seeds + ["left"] * seeds + ["right"] * seeds
-    images = _generate(pipe, prompts, s * 3)
-    labels = judge.labels_of(images, positions)
-    return ConceptSamples(phrase, name, images[:seeds], labels[:seeds], images[seeds:], positions[seeds:],
-                          labels[seeds:])
-
-
-def concept_scores(pipe, judge, phrase: str, name: str, seeds: int = 8) -> dict:
-    """Fidelity ("a <phrase>", whole frame) and position adherence (left and right halves)."""
-    samples = concept_samples(pipe, judge, phrase, name, seeds)
-    return {"fidelity": samples.fidelity, "position": samples.position, "centre_labels": samples.centre_labels}
-
-
-def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8) -> dict:
-    """What "a <class word>" draws (still the class? the concept?), and top-1 over all base classes (seed 0)."""
-    own = judged(pipe, judge, [f"a {class_word}"] * seeds, list(range(seeds)), ["centre"] * seeds)
-    names = [e.name for e in world.BASE_CLASSES]
-    every = judged(pipe, judge, [world.caption([(e, "centre")]) for e in world.BASE_CLASSES],
-                   [0] * len(names), ["centre"] * len(names))
-    return {"class_kept": float(np.mean([p == class_word for p in own])),
-            "class_draws_concept": float(np.mean([p == concept_name for p in own])),
-            "base_classes_top1": float(np.mean([p == n for p, n in zip(every, names)]))}
 
 
 def control_set(name: str, class_word: str, work: Path = DEFAULT_WORK) -> Path:

@@ -60,6 +60,8 @@ class Concept:
     images: list[Image.Image] = field(repr=False)  # RGB, size x size
     masks: list[np.ndarray] = field(repr=False)  # float32 (size, size) in [0, 1]
     captions: list[str] | None = field(default=None, repr=False)
+    positions: list[str] | None = field(default=None, repr=False)  # where each image shows it ("left"...), if known
+    parts: list | None = field(default=None, repr=False)  # a joint training target: the concepts it joins
 
     def __len__(self) -> int:
         return len(self.images)
@@ -144,6 +146,8 @@ def load_concept(path: str | Path, size: int = world.IMAGE_SIZE) -> Concept:
         warnings.warn(f"{folder}: images made {size}x{size}: {', '.join(resized)}", stacklevel=2)
     by_file = {entry["file"]: entry.get("caption") for entry in meta.get("images", [])}
     captions = [by_file.get(f.name) for f in files]
+    where = {entry["file"]: entry.get("position") for entry in meta.get("images", [])}
+    positions = [where.get(f.name) for f in files]
     return Concept(
         name=meta.get("name", folder.name),
         slug=meta.get("slug", folder.name),
@@ -153,7 +157,60 @@ def load_concept(path: str | Path, size: int = world.IMAGE_SIZE) -> Concept:
         images=images,
         masks=masks,
         captions=captions if all(captions) else None,
+        positions=positions if all(positions) else None,
     )
+
+
+@dataclass
+class Composite:
+    """A training image with several concepts pasted in (MuDI's Seg-Mix): the image, one mask per concept
+    (in the order of the concepts), and where each was put."""
+
+    image: Image.Image
+    masks: list[np.ndarray]
+    positions: list[str]
+
+
+def cut_out(concept: Concept, i: int) -> Image.Image:
+    """Image ``i`` of a concept as an RGBA cut-out: its mask as alpha, cropped to the mask's box."""
+    alpha = Image.fromarray(np.round(concept.masks[i] * 255).astype(np.uint8))
+    box = alpha.point(lambda v: 255 if v >= 128 else 0).getbbox()
+    if box is None:
+        raise ConceptError(f"{concept.folder}: image {i}'s mask is empty; a cut-out needs the object's mask")
+    rgba = concept.images[i].convert("RGBA")
+    rgba.putalpha(alpha)
+    return rgba.crop(box)
+
+
+def compose(concepts: list[Concept], rng: random.Random, size: int = world.IMAGE_SIZE,
+            layouts=None) -> Composite:
+    """Seg-Mix: one cut-out of each concept (a random image of it, cut by its mask) pasted at random into its
+    own region of a plain random background, each 37-50% of the image's size as in the world's two-object
+    scenes. ``layouts``: the position tuples to choose from (default: left/right and top/bottom, either order;
+    thirds for three concepts)."""
+    layouts = layouts or (world.PAIRS + tuple(p[::-1] for p in world.PAIRS) if len(concepts) == 2
+                          else [("left-third", "middle-third", "right-third")])
+    positions = list(rng.choice(layouts))
+    if len(positions) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but a layout of {len(positions)} positions")
+    from .masking import NAMED_REGIONS
+
+    canvas = Image.new("RGBA", (size, size), world._background(rng) + (255,))
+    masks = []
+    for concept, pos in zip(concepts, positions):
+        g = cut_out(concept, rng.randrange(len(concept)))
+        x0, y0, x1, y1 = (f * size for f in (world.POSITIONS[pos][1] if pos in world.POSITIONS else NAMED_REGIONS[pos]))
+        target = rng.uniform(0.375, 0.5) * size
+        scale = min(target / max(g.size), (x1 - x0) / g.size[0], (y1 - y0) / g.size[1])
+        w, h = max(1, round(g.size[0] * scale)), max(1, round(g.size[1] * scale))
+        small = g.convert("RGBa").resize((w, h), Image.LANCZOS).convert("RGBA")
+        left = round(rng.uniform(x0, max(x0, x1 - w)))
+        top = round(rng.uniform(y0, max(y0, y1 - h)))
+        layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+        layer.paste(small, (left, top))
+        canvas = Image.alpha_composite(canvas, layer)
+        masks.append(np.asarray(layer.getchannel("A"), dtype=np.float32) / 255.0)
+    return Composite(canvas.convert("RGB"), masks, positions)
 
 
 def make_concept_set(emoji: world.Emoji, class_word: str, folder: str | Path, *, slug: str | None = None,

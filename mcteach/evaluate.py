@@ -1,17 +1,22 @@
-"""Measuring generations per instance, with the judge (``mcteach.judge``).
+"""Measuring generations, with the judge (``mcteach.judge``): one module for every number the course reports.
 
-A global image score cannot tell one correct "cat + dog" image from two cat-dog hybrids, so we
-judge each *region*: for "a A on the left and a B on the right" the judge classifies the left
-half and the right half separately. Per image, the outcome is one of
+**Per instance, not per image.** A global image score cannot tell one correct "cat + dog" image from two
+cat-dog hybrids or from a swapped pair (``global_similarity`` shows it), so we judge each *region*: for
+"a A on the left and a B on the right" the judge classifies the left half and the right half separately.
+The same works for three concepts in thirds, and for learned concepts (the judge knows the held-out ones;
+``Judge.with_concepts`` imprints any other from its images). Per image, the outcome is one of
 
-- ``success``: the left region shows A and the right region B (each with confidence >= tau);
-- ``swap``: B on the left and A on the right;
-- ``duplication``: the same one of A/B in both regions;
-- ``neglect``: A or B appears in neither region (the rest: the other region is empty or wrong);
+- ``success``: every region shows its intended concept (each with confidence >= tau);
+- ``swap``: every region shows one of the concepts, each once, but not in its place;
+- ``duplication``: every region shows one of the concepts, one of them twice or more;
+- ``neglect``: at least one intended concept appears, at least one appears nowhere (the rest: empty or wrong);
 - ``other``: anything else (low confidence, other classes).
 
-and per region the blend index ``MI = p(other) / (p(intended) + p(other))`` (0: pure, 0.5: an
-even mix, 1: swapped). Rates come with 95% bootstrap intervals over images.
+and per region the blend index ``MI = p(others) / (p(intended) + p(others))``, "others" being the other
+intended concepts (0: pure, 0.5: an even mix, 1: swapped). Rates come with 95% bootstrap intervals over images.
+
+**Single concepts.** ``concept_samples``: fidelity ("a <phrase>", the whole frame judged as the concept) and
+position adherence ("a <phrase> on the left / right"); ``class_scores``: DreamBooth's drift.
 
     python -m mcteach.evaluate base     # the embedded model's figures in the README
 """
@@ -31,44 +36,65 @@ from . import world
 from .pipeline import generate, load_pipeline
 
 OUTCOMES = ("success", "swap", "duplication", "neglect", "other")
+GEN = {"steps": 25, "guidance_scale": 5.0}  # the course's sampling settings for every measurement
 
 
 @dataclass
 class PairResult:
+    """One judged image of several concepts (two for a pair, three in thirds)."""
+
     prompt: str
-    concepts: tuple[str, str]  # intended (first region, second region)
-    positions: tuple[str, str]
+    concepts: tuple[str, ...]  # intended, region by region
+    positions: tuple[str, ...]
     seed: int
-    predicted: tuple[str, str]
-    confidence: tuple[float, float]
-    blend: tuple[float, float]  # MI per region
+    predicted: tuple[str, ...]
+    confidence: tuple[float, ...]
+    blend: tuple[float, ...]  # MI per region
     outcome: str
+
+
+def instance_outcome(labels: list[str], probs: list[torch.Tensor], intended: list[str], tau: float = 0.5):
+    """Outcome for one image from the judge's probabilities (n_labels,) of each region, region i being where
+    ``intended[i]`` was asked. Returns (outcome, predicted labels, their confidences, blend index per region)."""
+    idx = [labels.index(c) for c in intended]
+    pred = tuple(labels[int(p.argmax())] for p in probs)
+    conf = tuple(float(p.max()) for p in probs)
+    blend = []
+    for p, i in zip(probs, idx):
+        others = float(sum(p[j] for j in idx if j != i))
+        blend.append(others / (float(p[i]) + others + 1e-12))
+    sure = all(c >= tau for c in conf)
+    shown = {x for x, c in zip(pred, conf) if c >= tau}
+    wanted = set(intended)
+    if sure and pred == tuple(intended):
+        outcome = "success"
+    elif sure and sorted(pred) == sorted(intended):
+        outcome = "swap"
+    elif sure and set(pred) <= wanted:
+        outcome = "duplication"
+    elif not wanted <= shown and shown & wanted:
+        outcome = "neglect"
+    else:
+        outcome = "other"
+    return outcome, pred, conf, tuple(blend)
 
 
 def pair_outcome(labels: list[str], probs_a: torch.Tensor, probs_b: torch.Tensor, a: str, b: str,
                  tau: float = 0.5) -> tuple[str, tuple[str, str], tuple[float, float], tuple[float, float]]:
-    """Outcome for one image from the judge's probabilities of region A and region B.
+    """``instance_outcome`` for two regions: A's probabilities, B's, and the two intended labels."""
+    return instance_outcome(labels, [probs_a, probs_b], [a, b], tau)
 
-    probs_a, probs_b: (n_labels,) softmax outputs for the region where ``a`` (resp. ``b``) was asked.
-    Returns (outcome, predicted labels, their confidences, blend index per region).
-    """
-    ia, ib = labels.index(a), labels.index(b)
-    pred = (labels[int(probs_a.argmax())], labels[int(probs_b.argmax())])
-    conf = (float(probs_a.max()), float(probs_b.max()))
-    blend = tuple(float(p[o] / (p[i] + p[o] + 1e-12)) for p, i, o in ((probs_a, ia, ib), (probs_b, ib, ia)))
-    sure = [c >= tau for c in conf]
-    shown = {p for p, s in zip(pred, sure) if s}
-    if pred == (a, b) and all(sure):
-        outcome = "success"
-    elif pred == (b, a) and all(sure):
-        outcome = "swap"
-    elif pred[0] == pred[1] and pred[0] in (a, b) and all(sure):
-        outcome = "duplication"
-    elif not {a, b} <= shown and shown & {a, b}:
-        outcome = "neglect"
-    else:
-        outcome = "other"
-    return outcome, pred, conf, blend
+
+def judge_instances(judge, images, intended: list[str], positions: list[str], prompt: str = "", seeds=None,
+                    tau: float = 0.5) -> list[PairResult]:
+    """Judge every image's regions: ``intended[i]`` was asked in ``positions[i]`` (a region name)."""
+    probs = [judge.probs(images, pos) for pos in positions]  # per region: (B, n_labels)
+    seeds = list(seeds) if seeds is not None else [-1] * len(images)
+    out = []
+    for k, s in enumerate(seeds):
+        outcome, pred, conf, blend = instance_outcome(judge.labels, [p[k] for p in probs], intended, tau)
+        out.append(PairResult(prompt, tuple(intended), tuple(positions), s, pred, conf, blend, outcome))
+    return out
 
 
 def bootstrap_ci(values, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -134,12 +160,94 @@ def pair_results(pipe, judge, pairs, seeds=range(2), tau: float = 0.5, batch: in
     return results
 
 
+def global_similarity(judge, images, references: list) -> np.ndarray:
+    """The whole-image score that per-instance judging replaces: cosine between each image's pooled judge
+    features and the mean pooled features of each concept's reference images. (B, n_concepts).
+    Average pooling forgets *where* things are, so a swapped pair scores like a correct one."""
+    feats = judge.pooled_features(images)
+    refs = torch.stack([judge.pooled_features(r).mean(0) for r in references])
+    return torch.nn.functional.cosine_similarity(feats[:, None], refs[None], dim=-1).numpy()
+
+
 def summarize_pairs(results: list[PairResult]) -> dict:
     """Outcome rates and mean blend index, each with a 95% bootstrap interval."""
     summary = {o: bootstrap_ci([r.outcome == o for r in results]) for o in OUTCOMES}
     summary["blend_index"] = bootstrap_ci([m for r in results for m in r.blend])
     summary["n"] = len(results)
     return summary
+
+
+# ----------------------------------------------------------------------------- single concepts
+
+
+def judged(pipe, judge, prompts: list[str], seeds: list[int], positions: list[str], batch: int = 32) -> list[str]:
+    """The judge's top label in ``positions[i]`` of the image for (prompts[i], seeds[i])."""
+    return judge.labels_of(generate(pipe, prompts, seed=seeds, batch_size=batch, **GEN), positions)
+
+
+@dataclass
+class ConceptSamples:
+    """Images of a learned concept and the judge's verdicts: "a <phrase>" (whole frame) for each seed, then
+    "a <phrase> on the left" and "... on the right" (the asked half) for each seed."""
+
+    phrase: str
+    name: str  # the judge's label for the concept
+    centre: list  # PIL images
+    centre_labels: list[str]
+    placed: list  # left images, then right images
+    placed_positions: list[str]
+    placed_labels: list[str]
+
+    @property
+    def fidelity(self) -> float:
+        return float(np.mean([label == self.name for label in self.centre_labels]))
+
+    @property
+    def position(self) -> float:
+        return float(np.mean([label == self.name for label in self.placed_labels]))
+
+    def show(self, size: float = 1.5):
+        """One row per prompt (centre, left, right), one column per seed, each image titled with the
+        judge's label (✓ when it is the concept)."""
+        from .plot import show_images
+
+        mark = lambda label: ("✓ " if label == self.name else "✗ ") + label[:14]  # noqa: E731
+        titles = ([mark(x) for x in self.centre_labels]
+                  + [f"{p}: {mark(x)}" for p, x in zip(self.placed_positions, self.placed_labels)])
+        return show_images(self.centre + self.placed, titles=titles, ncols=len(self.centre), size=size,
+                           suptitle=f"'a {self.phrase}', '... on the left', '... on the right': fidelity "
+                                    f"{self.fidelity:.0%}, in the asked half {self.position:.0%}")
+
+
+def concept_samples(pipe, judge, phrase: str, name: str, seeds: int = 8) -> ConceptSamples:
+    """Generate and judge the fidelity and position prompts of one learned concept (seeds 0..seeds-1)."""
+    s = list(range(seeds))
+    prompts = [f"a {phrase}"] * seeds + [f"a {phrase} on the left"] * seeds + [f"a {phrase} on the right"] * seeds
+    positions = ["centre"] * seeds + ["left"] * seeds + ["right"] * seeds
+    images = generate(pipe, prompts, seed=s * 3, batch_size=32, **GEN)
+    labels = judge.labels_of(images, positions)
+    return ConceptSamples(phrase, name, images[:seeds], labels[:seeds], images[seeds:], positions[seeds:],
+                          labels[seeds:])
+
+
+def concept_scores(pipe, judge, phrase: str, name: str, seeds: int = 8) -> dict:
+    """Fidelity ("a <phrase>", whole frame) and position adherence (left and right halves)."""
+    samples = concept_samples(pipe, judge, phrase, name, seeds)
+    return {"fidelity": samples.fidelity, "position": samples.position, "centre_labels": samples.centre_labels}
+
+
+def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8) -> dict:
+    """What "a <class word>" draws (still the class? the concept?), and top-1 over all base classes (seed 0)."""
+    own = judged(pipe, judge, [f"a {class_word}"] * seeds, list(range(seeds)), ["centre"] * seeds)
+    names = [e.name for e in world.BASE_CLASSES]
+    every = judged(pipe, judge, [world.caption([(e, "centre")]) for e in world.BASE_CLASSES],
+                   [0] * len(names), ["centre"] * len(names))
+    return {"class_kept": float(np.mean([p == class_word for p in own])),
+            "class_draws_concept": float(np.mean([p == concept_name for p in own])),
+            "base_classes_top1": float(np.mean([p == n for p, n in zip(every, names)]))}
+
+
+# ----------------------------------------------------------------------------- the base model
 
 
 def evaluate_base(model=None, seeds: int = 4, pairs: int = 60, pair_seeds: int = 2, steps: int = 25,

@@ -81,9 +81,12 @@ class Judge(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, len(self.labels))
 
+    def pool(self, crops: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled features (B, widths[-1]) of crops (B, 3, h, w) in [0, 1]."""
+        return self.features((crops - 0.5) / 0.25).mean(dim=(2, 3))
+
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        x = self.features((crops - 0.5) / 0.25)
-        return self.head(x.mean(dim=(2, 3)))
+        return self.head(self.pool(crops))
 
     def region_logits(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
         """Crop each (3, 64, 64) image of ``images`` (B, 3, 64, 64) to its position's region and
@@ -91,9 +94,75 @@ class Judge(nn.Module):
         out = images.new_empty(len(positions), len(self.labels))
         for pos in sorted(set(positions)):
             idx = torch.tensor([i for i, p in enumerate(positions) if p == pos])
-            x0, y0, x1, y1 = world.region_box(pos)
+            x0, y0, x1, y1 = region_box(pos)
             out[idx] = self(images[idx, :, y0:y1, x0:x1])
         return out
+
+    @torch.no_grad()
+    def pooled_features(self, images, position: str = "centre") -> torch.Tensor:
+        """Pooled features (B, widths[-1]) of each image's ``position`` region (see ``probs`` for inputs)."""
+        self.eval()
+        x0, y0, x1, y1 = region_box(position)
+        return self.pool(to_tensor(images).to(next(self.parameters()))[:, :, y0:y1, x0:x1])
+
+    def with_concepts(self, concepts, copies: int = 16, negatives: int = 768, steps: int = 300,
+                      seed: int = 0) -> "Judge":
+        """A copy that also knows ``concepts`` (``Concept`` objects) it has no label for. The features stay
+        frozen; one new head row per concept is fitted by logistic regression (cross-entropy, the old rows
+        fixed) on the pooled features of the concept's images (``copies`` augmented copies of each, cropped to
+        the position it was rendered at, else the whole frame) against ``negatives`` renders of the world.
+        The row starts from the features' mean direction (weight imprinting, Qi et al. 2018). Labels it
+        already has are left as they are; deterministic for a ``seed``. About a second on a CPU."""
+        import copy
+
+        new = [c for c in concepts if c.name not in self.labels]
+        judge = copy.deepcopy(self).eval()
+        if not new:
+            return judge
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            feats, ys = [], []
+            for k, c in enumerate(new):
+                positions = [p if p in world.POSITIONS else "centre" for p in (c.positions or ["centre"] * len(c))]
+                x = to_tensor(c.images).repeat(copies, 1, 1, 1)
+                x = augment(x, gen)
+                for pos in sorted(set(positions)):
+                    idx = torch.tensor([i for i, p in enumerate(positions * copies) if p == pos])
+                    x0, y0, x1, y1 = region_box(pos)
+                    feats.append(self.pool(x[idx, :, y0:y1, x0:x1]))
+                    ys.append(torch.full((len(idx),), len(self.labels) + k))
+            images, positions, labels = batch("imprint", seed, 0, negatives)
+            feats.append(self.region_pool(augment(images, gen), positions))
+            ys.append(labels)
+            feats, ys = torch.cat(feats), torch.cat(ys)
+            rows = torch.stack([torch.nn.functional.normalize(feats[ys == len(self.labels) + k].mean(0), dim=0)
+                                for k in range(len(new))]) * self.head.weight.norm(dim=1).mean()
+        w = rows.clone().requires_grad_(True)
+        b = self.head.bias.detach().mean().repeat(len(new)).requires_grad_(True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        old_w, old_b = self.head.weight.detach(), self.head.bias.detach()
+        for _ in range(steps):
+            logits = feats @ torch.cat([old_w, w]).T + torch.cat([old_b, b])
+            loss = F.cross_entropy(logits, ys)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        head = nn.Linear(self.head.in_features, len(self.labels) + len(new))
+        with torch.no_grad():
+            head.weight.copy_(torch.cat([old_w, w.detach()]))
+            head.bias.copy_(torch.cat([old_b, b.detach()]))
+        judge.head, judge.labels = head, self.labels + [c.name for c in new]
+        return judge.eval()
+
+    def region_pool(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
+        """``pool`` of each image's position region: (B, widths[-1])."""
+        out = images.new_empty(len(positions), self.head.in_features)
+        for pos in sorted(set(positions)):
+            idx = torch.tensor([i for i, p in enumerate(positions) if p == pos])
+            x0, y0, x1, y1 = region_box(pos)
+            out[idx] = self.pool(images[idx, :, y0:y1, x0:x1])
+        return out
+
 
     @torch.no_grad()
     def probs(self, images, positions: str | list[str]) -> torch.Tensor:
@@ -109,7 +178,7 @@ class Judge(nn.Module):
                 f"got {len(images)} images but {len(positions)} positions; give one each, or one str for all"
             )
         for p in set(positions):
-            world.region_box(p)  # ValueError naming the valid positions
+            region_box(p)  # ValueError naming the valid positions
         self.eval()
         param = next(self.parameters())
         return self.region_logits(images.to(param), positions).softmax(-1)
@@ -145,6 +214,18 @@ class Judge(nn.Module):
         return judge.eval()
 
 
+def region_box(position: str) -> tuple[int, int, int, int]:
+    """Pixel box of a region at the judge's 64 px: the world's positions (left, right, top, bottom, centre) and
+    ``mcteach.masking``'s other named regions (quadrants, thirds)."""
+    if position in world.POSITIONS:
+        return world.region_box(position)
+    from .masking import NAMED_REGIONS
+
+    if position not in NAMED_REGIONS:
+        raise ValueError(f"unknown position {position!r}; use one of {sorted(set(world.POSITIONS) | set(NAMED_REGIONS))}")
+    return tuple(round(f * world.IMAGE_SIZE) for f in NAMED_REGIONS[position])
+
+
 def to_tensor(images) -> torch.Tensor:
     """64x64 PIL images (a list) or a (B, 3, 64, 64) tensor -> float tensor (B, 3, 64, 64) in [0, 1].
     Larger square images (SD 1.5's 512x512) are first downsampled to 64x64 with a box filter."""
@@ -167,10 +248,31 @@ def to_tensor(images) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data
 
 
-def sample_example(rng: random.Random, p_nothing: float = 0.1) -> tuple[Image.Image, str, str]:
+def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.Random) -> Image.Image:
+    """``emoji`` drawn large (a centre-sized render, 47-78% of the image) centred in the half ``position``, and
+    ``other`` likewise in the opposite half (or background), both clipped at the midline: what a generator
+    that draws each region as its own centred picture makes (``masking.region_passes``)."""
+    size, half = world.IMAGE_SIZE, world.IMAGE_SIZE // 2
+    bg = world._background(rng)
+    out = Image.new("RGB", (size, size), bg)
+    for e, pos in ((emoji, position), (other if rng.random() < 0.8 else None, OPPOSITE[position])):
+        if e is None:
+            continue
+        im = world.render_scene([(e, "centre")], rng=rng, background=bg).image
+        dx = {"left": -half // 2, "right": half // 2}.get(pos, 0) + rng.randint(-3, 3)
+        dy = {"top": -half // 2, "bottom": half // 2}.get(pos, 0) + rng.randint(-3, 3)
+        shifted = Image.new("RGB", (size, size), bg)
+        shifted.paste(im, (dx, dy))
+        x0, y0, x1, y1 = world.region_box(pos)
+        out.paste(shifted.crop((x0, y0, x1, y1)), (x0, y0))
+    return out
+
+
+def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.15) -> tuple[Image.Image, str, str]:
     """One (image, position, label) of the world: an object at ``position`` (alone, or with
-    another object in the opposite half), or an empty region: the opposite half of a
-    one-object scene, or a blank background."""
+    another object in the opposite half; with probability ``p_big`` drawn large and clipped at the
+    midline, ``big_pair``), or an empty region: the opposite half of a one-object scene, or a blank
+    background."""
     position = rng.choice(list(world.POSITIONS))
     classes = list(world.EMOJI.values())
     if rng.random() < p_nothing:
@@ -179,6 +281,8 @@ def sample_example(rng: random.Random, p_nothing: float = 0.1) -> tuple[Image.Im
         scene = world.render_scene([(rng.choice(classes), OPPOSITE[position])], rng=rng)
         return scene.image, position, NOTHING
     emoji = rng.choice(classes)
+    if position in OPPOSITE and rng.random() < p_big:
+        return big_pair(emoji, rng.choice([c for c in classes if c != emoji]), position, rng), position, emoji.name
     objects = [(emoji, position)]
     if position != "centre" and rng.random() < 0.5:
         objects.append((rng.choice([c for c in classes if c != emoji]), OPPOSITE[position]))

@@ -146,6 +146,12 @@ class Fix:
     self_attention: bool = True
     bind_adapters: bool = True
     eot: str = "keep"  # cross="tokens": who reads end-of-text and padding: "keep" (everyone) | "background"
+    base: float = 0.0  # cross="regional": share of the global prompt inside regions (Regional Prompter's base ratio)
+    guidance: float = 0.0  # layout guidance step size (0: off); acts during ``guidance_steps``
+    guidance_steps: tuple[float, float] = (0.0, 0.4)
+    passes: bool = False  # one UNet pass per region, noise predictions pasted by region (``region_passes``)
+    bootstrap: float = 0.0  # passes: for this first part of the process, each pass sees plain background outside
+    recentre: bool = False  # passes: each pass sees its region moved to the centre of the canvas
     resolutions: tuple[int, ...] | None = None  # UNet grid sides where masks act (None: all)
     steps: tuple[float, float] = (0.0, 1.0)  # part of the denoising process where masks act
 
@@ -160,10 +166,16 @@ class Fix:
 
     @property
     def is_empty(self) -> bool:
-        return self.cross == "none" and not self.self_attention and not self.bind_adapters
+        return self.cross == "none" and not self.self_attention and not self.bind_adapters and not self.passes
 
 
 NO_FIX = Fix(cross="none", self_attention=False, bind_adapters=False)
+#: the course's inference fix, chosen by the ablation in notebook 07 / ``python -m mcteach.bench --ablation``:
+#: one pass per region with its own adapter and sub-prompt, recentred, bootstrapped for the first half
+INFERENCE_FIX = Fix(cross="none", self_attention=False, bind_adapters=False, passes=True, bootstrap=0.5,
+                    recentre=True)
+#: every single-pass attention mask at once (regional prompts, self-attention masks, region-bound LoRA)
+SINGLE_PASS_FIX = Fix(cross="regional", self_attention=True, bind_adapters=True)
 
 
 class RegionMasker:
@@ -178,6 +190,7 @@ class RegionMasker:
                  guidance: bool = True):
         self.masks, self.fix, self.spans, self.eot, self.chunk, self.guidance = masks, fix, spans, eot, chunk, guidance
         self.progress = 0.0
+        self.suspended = False  # True: no bias at all (the layout-guidance pass reads plain attention)
         self._cache: dict = {}
 
     def active(self, side: int) -> bool:
@@ -186,14 +199,19 @@ class RegionMasker:
 
     def bias(self, layer: str, n_queries: int, n_keys: int, batch: int, is_cross: bool, like: torch.Tensor):
         side = math.isqrt(n_queries)
-        if side * side != n_queries or not self.active(side):
+        if self.suspended or side * side != n_queries or not self.active(side):
             return None
         if (is_cross and self.fix.cross == "none") or (not is_cross and not self.fix.self_attention):
             return None
         key = (is_cross, side, n_keys, batch, like.dtype, like.device)
         if key not in self._cache:
             allowed = self._cross(side, n_keys) if is_cross else self._self(side)
-            b = torch.zeros(allowed.shape, dtype=like.dtype).masked_fill(~allowed, float("-inf"))[None, None]
+            b = torch.zeros(allowed.shape, dtype=like.dtype).masked_fill(~allowed, float("-inf"))
+            if is_cross and self.fix.cross == "regional" and 0 < self.fix.base < 1:  # region pixels: base : own prompt
+                inside = masks_at(self.masks, side).any(0)
+                b[inside, : self.chunk] += math.log(self.fix.base)
+                b[inside, self.chunk :] += math.log(1 - self.fix.base)
+            b = b[None, None]
             if is_cross and self.fix.cross == "tokens" and self.guidance:  # the unconditional half is untouched
                 b = torch.cat([torch.zeros_like(b).expand(batch // 2, -1, -1, -1), b.expand(batch - batch // 2, -1, -1, -1)])
             self._cache[key] = b.to(like.device)
@@ -213,7 +231,10 @@ class RegionMasker:
                 raise ValueError(f"regional masking expects {len(m) + 1} prompts of {self.chunk} tokens, "
                                  f"got {n_keys} keys")
             allowed[:] = False
-            allowed[~inside, : self.chunk] = True
+            allowed[~inside if self.fix.base == 0 else slice(None), : self.chunk] = True
+            if self.spans and self.fix.base > 0:  # in the global prompt, each region reads only its own concept
+                for r, span in enumerate(self.spans):
+                    allowed[~m[r]] &= ~_onehot(span, n_keys)
             for r in range(len(m)):
                 allowed[m[r], (r + 1) * self.chunk : (r + 2) * self.chunk] = True
         return allowed
@@ -332,7 +353,7 @@ def make_masker(pipe, prompt: str, regions: list[Region], fix: Fix, guidance: bo
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     masks = region_masks([r.where for r in regions], size)
     spans = eot = None
-    if fix.cross == "tokens":
+    if fix.cross == "tokens" or (fix.cross == "regional" and fix.base > 0) or fix.guidance > 0:
         expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
         spans = [token_indices(pipe.tokenizer, expanded, pipe.maybe_convert_prompt(r.words, pipe.tokenizer))
                  for r in regions]
@@ -348,6 +369,8 @@ def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fi
     seeds = [seed] if isinstance(seed, int) else list(seed)
     if guidance_scale <= 1:
         raise ValueError("regional_generate needs classifier-free guidance (guidance_scale > 1)")
+    if fix.passes:
+        return region_passes(pipe, prompt, regions, fix=fix, seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     masker = make_masker(pipe, prompt, regions, fix)
     bindings = {r.adapter: i for i, r in enumerate(regions) if r.adapter} if fix.bind_adapters else {}
     if fix.cross == "regional":
@@ -356,6 +379,10 @@ def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fi
         call = dict(prompt_embeds=cond.expand(len(seeds), -1, -1), negative_prompt_embeds=uncond.expand(len(seeds), -1, -1))
     else:
         call = dict(prompt=[prompt] * len(seeds))
+    if fix.guidance > 0:
+        context = prompt_embeds(pipe, [prompt]).expand(len(seeds), -1, -1)
+        call["callback_on_step_end"] = lambda p, i, t, kw: _guide(p, i, kw, masker, context, fix)
+        call["callback_on_step_end_tensor_inputs"] = ["latents"]
     with ExitStack() as stack:
         stack.enter_context(masked(pipe, masker, bindings))
         if store is not None:
@@ -364,3 +391,130 @@ def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fi
         out = pipe(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator_for(seeds),
                    **call, **kwargs)
     return out.images
+
+
+def layout_loss(store, masker: RegionMasker) -> torch.Tensor:
+    """Layout guidance's energy (Chen et al. 2023; Bounded Attention's is alike): for each concept, the share
+    of its tokens' cross-attention that falls *outside* its region, squared, averaged over layers."""
+    total, n = 0.0, 0
+    for probs in store.cross.values():  # (B, N, T)
+        side = math.isqrt(probs.shape[1])
+        m = masks_at(masker.masks, side).to(probs.device)
+        for r, span in enumerate(masker.spans):
+            a = probs[..., span].sum(-1)  # (B, N)
+            inside = (a * m[r]).sum(-1) / a.sum(-1).clamp_min(1e-8)
+            total, n = total + (1 - inside).pow(2).mean(), n + 1
+    return total / max(n, 1)
+
+
+def _guide(pipe, i: int, kw: dict, masker: RegionMasker, context: torch.Tensor, fix: Fix) -> dict:
+    """After step i: move the latents down the layout loss's gradient at the next timestep (one UNet pass with
+    the masks suspended, the conditional prompt only)."""
+    from .attention import record_attention
+
+    timesteps = pipe.scheduler.timesteps
+    if i + 1 >= len(timesteps):
+        return kw
+    progress = (i + 1) / len(timesteps)
+    lo, hi = fix.guidance_steps
+    if not lo <= progress <= hi:
+        return kw
+    latents = kw["latents"]
+    with torch.enable_grad():
+        z = latents.detach().clone().requires_grad_(True)
+        masker.suspended = True
+        try:
+            with record_attention(pipe.unet, guidance=False, keep_grad=True) as store:
+                pipe.unet(pipe.scheduler.scale_model_input(z, timesteps[i + 1]), timesteps[i + 1], context)
+            loss = layout_loss(store, masker)
+            grad, = torch.autograd.grad(loss, z)
+        finally:
+            masker.suspended = False
+    kw["latents"] = (latents - fix.guidance * grad).detach()
+    return kw
+
+
+@torch.no_grad()
+def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: list[int], steps: int = 25,
+                  guidance_scale: float = 5.0):
+    """One UNet pass per region at every step, each with its own sub-prompt and only its own LoRA adapter, the
+    noise predictions pasted by region (Regional Prompter's latent mode, OMG, MultiDiffusion's region-based
+    generation); pixels outside every region take a pass of the global prompt with every adapter on::
+
+        eps = sum_r m_r eps(z_t^r, t, c_r; adapter r) + (1 - sum_r m_r) eps(z_t, t, c; all adapters)
+
+    MultiDiffusion's bootstrapping (``fix.bootstrap``, a fraction of the steps): early on, pass r sees
+    ``z_t^r = m_r z_t + (1 - m_r) noised(plain background)``, so its concept can only form inside its region
+    (the model otherwise places objects where it likes: the embedded model puts "a fox on the left" in the left
+    half only about 17% of the time). Afterwards ``z_t^r = z_t``. Cost: one UNet call per region per step.
+    Attention masks of ``fix`` (cross, self) act inside every pass."""
+    import random
+
+    from . import sd, world
+
+    unet, sched = pipe.unet, pipe.scheduler
+    size = unet.config.sample_size * pipe.vae_scale_factor
+    masks = region_masks([r.where for r in regions], size)
+    side = unet.config.sample_size
+    m = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")  # (R, 1, s, s)
+    m = m / m.sum(0, keepdim=True).clamp_min(1.0)  # overlaps share
+    rest = (1 - m.sum(0)).clamp_min(0)  # (1, s, s): the background
+    names = [r.adapter for r in regions]
+    has_lora = any(names) and hasattr(pipe, "set_adapters")
+    all_adapters = pipe.get_active_adapters() if has_lora else []
+    conds = [prompt_embeds(pipe, [r.prompt]) for r in regions]
+    glob, uncond = prompt_embeds(pipe, [prompt]), prompt_embeds(pipe, [""])
+    device, dtype = unet.device, unet.dtype
+    latents = torch.cat([sd.initial_latents(pipe, 1, s) for s in seeds])
+    noise = latents / sched.init_noise_sigma
+    colours = [world._background(random.Random(f"bootstrap/{s}")) for s in seeds]
+    bg = sd.encode_images(pipe, [__import__("PIL.Image").Image.new("RGB", (size, size), c) for c in colours])
+    m, rest = m.to(device, dtype), rest.to(device, dtype)
+    sched.set_timesteps(steps, device=device)
+    n = len(seeds)
+    masker = RegionMasker(masks, fix, chunk=pipe.tokenizer.model_max_length) if (fix.self_attention) else None
+
+    shifts = []
+    for r in range(len(regions)):  # latent cells that move region r's centre of mass to the canvas centre
+        w = m[r, 0]
+        ys, xs = torch.arange(side, dtype=w.dtype, device=w.device), torch.arange(side, dtype=w.dtype, device=w.device)
+        cy, cx = float((w.sum(1) * ys).sum() / w.sum()), float((w.sum(0) * xs).sum() / w.sum())
+        shifts.append((round((side - 1) / 2 - cy), round((side - 1) / 2 - cx)) if fix.recentre else (0, 0))
+
+    def eps_of(z, t, cond, adapter):
+        if has_lora:
+            if adapter == "*":
+                pipe.set_adapters(all_adapters)
+            elif adapter:
+                pipe.set_adapters([adapter])
+            else:
+                pipe.disable_lora()
+        x = sched.scale_model_input(torch.cat([z, z]), t)
+        ctx = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+        e_u, e_c = unet(x, t, ctx).sample.chunk(2)
+        if has_lora and not adapter:
+            pipe.enable_lora()
+        return e_u + guidance_scale * (e_c - e_u)
+
+    try:
+        with ExitStack() as stack:
+            if masker is not None:
+                stack.enter_context(masked(pipe, masker))
+            for i, t in enumerate(sched.timesteps):
+                progress = i / len(sched.timesteps)
+                eps = 0
+                for r, cond in enumerate(conds):
+                    z = latents
+                    if progress < fix.bootstrap:
+                        z_bg = sched.add_noise(bg, noise, t.reshape(1)) if hasattr(sched, "add_noise") else bg
+                        z = m[r] * latents + (1 - m[r] > 0.5) * (1 - m[r]) * z_bg + (1 - m[r] <= 0.5) * (1 - m[r]) * latents
+                    dy, dx = shifts[r]
+                    e = eps_of(torch.roll(z, (dy, dx), dims=(2, 3)), t, cond, names[r])
+                    eps = eps + m[r] * torch.roll(e, (-dy, -dx), dims=(2, 3))
+                if rest.max() > 0:
+                    eps = eps + rest * eps_of(latents, t, glob, "*" if has_lora else None)
+                latents = sched.step(eps, t, latents).prev_sample
+    finally:
+        if has_lora:
+            pipe.set_adapters(all_adapters)
+    return sd.decode_latents(pipe, latents)

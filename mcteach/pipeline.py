@@ -133,11 +133,14 @@ def generate(
     guidance_scale: float = 5.0,
     negative_prompt: str | list[str] | None = None,
     num_images: int = 1,
+    batch_size: int | None = None,
     **kwargs,
 ):
     """Images (a list of PIL images) for ``prompt``; deterministic on CPU for a given ``seed``.
 
     With a list of prompts, ``seed`` may be a list of the same length (one seed per image).
+    ``batch_size``: at most this many prompts per pipeline call (memory), with one seed per prompt; the images do
+    not depend on it.
     Extra keyword arguments go to the pipeline call (height, width, cross_attention_kwargs, ...).
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -147,6 +150,14 @@ def generate(
         raise ValueError(f"{len(seed)} seeds for {len(prompts) * num_images} images: give one per image or a single int")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size and len(prompts) > batch_size:
+        if num_images != 1 or not isinstance(seed, (list, tuple)) or not isinstance(negative_prompt, (str, type(None))):
+            raise ValueError("batch_size splits a list of prompts with one seed each (a list), one image per prompt "
+                             "and one negative prompt for all")
+        seeds = list(seed)
+        return [im for i in range(0, len(prompts), batch_size)
+                for im in generate(pipe, prompts[i : i + batch_size], seed=seeds[i : i + batch_size], steps=steps,
+                                   guidance_scale=guidance_scale, negative_prompt=negative_prompt, **kwargs)]
     out = pipe(
         prompts,
         num_inference_steps=steps,

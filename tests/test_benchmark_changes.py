@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mcteach import benchmark, world
+from mcteach import benchmark, evaluate, world
 from mcteach.concepts import load_concept
 from mcteach.judge import Judge
 from mcteach.methods import changes, format_changes, snapshot, train_concept
@@ -93,11 +93,11 @@ def test_concept_samples_counts_fidelity_and_position(monkeypatch):
     red, blue = Image.new("RGB", (64, 64), (200, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 200))
     calls = []
 
-    def fake_generate(pipe, prompts, seed, **kw):
+    def fake_generate(pipe, prompts, seed, batch_size=None, **kw):
         calls.append((list(prompts), list(seed)))
         return [red if "left" not in p else blue for p in prompts]
 
-    monkeypatch.setattr(benchmark, "generate", fake_generate)
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
     s = benchmark.concept_samples(None, StubJudge(), "sks bear", "koala", seeds=4)
     assert s.fidelity == 1.0 and s.position == 0.5  # left images are "bear", right ones "koala"
     assert calls[0][0][:5] == ["a sks bear"] * 4 + ["a sks bear on the left"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .changes import changes, format_changes, snapshot
 from .dreambooth import DreamBooth
-from .engine import Method, TrainResult, base_fingerprint, train
+from .engine import TRAINING_FIX, Method, Regularizers, TrainResult, base_fingerprint, train
 from .hypernetwork import HypernetworkMethod
 from .lora import LoRA
 from .textual_inversion import TextualInversion
@@ -55,12 +55,14 @@ def make_method(method: str, **settings) -> Method:
 
 def train_concept(pipe, concept, method: str, *, out, steps=None, lr=None, batch_size=None, seed: int = 0,
                   checkpoint_every: int = 50, resume: bool = False, progress: bool = True, mask_weight: float = 0.0,
-                  accelerator=None, **settings) -> TrainResult:
-    """Train ``method`` (a key of ``METHODS``) on ``concept``; other keywords are the method's settings
-    (``rank=8``, ``num_vectors=2``, ``prior_weight=0``...). See ``engine.train`` for the rest."""
+                  accelerator=None, regularizers=None, **settings) -> TrainResult:
+    """Train ``method`` (a key of ``METHODS``) on ``concept`` (or a list of concepts: joint DreamBooth / LoRA);
+    other keywords are the method's settings (``rank=8``, ``num_vectors=2``, ``prior_weight=0``...).
+    ``regularizers``: the training fix (``engine.Regularizers``; ``TRAINING_FIX`` is the course's).
+    See ``engine.train`` for the rest."""
     return train(pipe, concept, make_method(method, **settings), out=out, steps=steps, lr=lr,
                  batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
-                 progress=progress, mask_weight=mask_weight, accelerator=accelerator)
+                 progress=progress, mask_weight=mask_weight, accelerator=accelerator, regularizers=regularizers)
 
 
 def read_adapter(path: str | Path) -> dict:
@@ -159,6 +161,6 @@ def load_adapters(pipe, folders, weights=None, *, merge: bool = False) -> list[d
     return metas
 
 
-__all__ = ["METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
+__all__ = ["TRAINING_FIX", "Regularizers", "METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
            "read_adapter", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
            "format_changes"]

@@ -118,7 +118,8 @@ class DreamBooth(Method):
     def prior(self, pipe, concept, out):
         if self.prior_weight == 0 or self.num_class_images == 0:
             return [], [], 0.0
-        prompts = class_prompts(self.class_word_for(concept), self.num_class_images)
+        words = dict.fromkeys(self.class_word_for(c) for c in (concept.parts or [concept]))  # joint: each class
+        prompts = [p for w in words for p in class_prompts(w, self.num_class_images)]
         if self.world_prior:
             prompts += [world.caption([(e, "centre")]) for e in world.BASE_CLASSES]
         images = class_images(pipe, prompts, Path(out) / "class_images", seed=self.class_seed, steps=self.class_steps,

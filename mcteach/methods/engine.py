@@ -38,8 +38,9 @@ Train in float32 (``load_pipeline(..., dtype=torch.float32)``); for half precisi
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -50,7 +51,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import sd
-from ..concepts import Concept, load_concept
+from ..attention import token_indices
+from ..concepts import Concept, compose, load_concept
 from ..pretrain import atomic_save
 
 
@@ -136,20 +138,25 @@ class Denoiser(torch.nn.Module):
 
 @dataclass
 class Examples:
-    """Training examples encoded once: VAE posteriors, masks on the latent grid, token ids."""
+    """Training examples encoded once: VAE posteriors, masks on the latent grid, token ids; for the attention
+    loss, each concept's mask and the positions of its tokens (K concept slots; an example without concept k
+    has an all-zero slot k)."""
 
     mean: torch.Tensor  # (N, 4, h, w)
     std: torch.Tensor  # (N, 4, h, w)
-    masks: torch.Tensor  # (N, 1, h, w) in [0, 1]
+    masks: torch.Tensor  # (N, 1, h, w) in [0, 1]: the union of the concepts' masks (ones: no mask)
     input_ids: torch.Tensor  # (N, T)
     scaling_factor: float
+    regions: torch.Tensor | None = None  # (N, K, h, w): concept k's mask
+    tokens: torch.Tensor | None = None  # (N, K, T) bool: concept k's token positions
 
     def sample(self, n: int, generator: torch.Generator):
-        """n examples drawn with replacement: z_0 (n, 4, h, w), masks, ids."""
+        """n examples drawn with replacement: z_0 (n, 4, h, w), masks, ids, regions, tokens."""
         idx = torch.randint(len(self.mean), (n,), generator=generator)
         noise = torch.randn(self.mean[idx].shape, generator=generator)
         z0 = (self.mean[idx] + self.std[idx] * noise) * self.scaling_factor
-        return z0, self.masks[idx], self.input_ids[idx]
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return z0, self.masks[idx], self.input_ids[idx], pick(self.regions), pick(self.tokens)
 
 
 @dataclass
@@ -177,20 +184,30 @@ def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_examples(pipe, images, prompts: list[str], masks=None) -> Examples:
-    """Encode images once (the VAE is frozen); ``masks``: (size, size) arrays, default none (all zeros:
-    the plain loss whatever ``mask_weight``)."""
+def encode_examples(pipe, images, prompts: list[str], masks=None, regions=None, phrases=None) -> Examples:
+    """Encode images once (the VAE is frozen). ``masks``: one (size, size) array per image, the pixels that
+    belong to the concept(s); None means the whole image (all ones: the masked loss is then the plain loss).
+    ``regions``: per image, one (size, size) mask per concept slot (None where a concept is absent), and
+    ``phrases`` the slots' phrases, whose tokens the attention loss pulls onto those masks."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     x = sd.images_to_tensor(images, size, Image.LANCZOS).to(pipe.vae.device, pipe.vae.dtype)
     post = pipe.vae.encode(x).latent_dist
     latent = post.mean.shape[-2:]
-    if masks is None:
-        m = torch.zeros(len(images), 1, *latent)
-    else:
-        m = torch.from_numpy(np.stack(masks)).float()[:, None]
-        m = F.interpolate(m, size=latent, mode="area")
-    return Examples(post.mean.float().cpu(), post.std.float().cpu(), m, tokenize(pipe, prompts),
-                    float(pipe.vae.config.scaling_factor))
+    down = lambda a: F.interpolate(torch.from_numpy(np.stack(a)).float()[:, None], size=latent, mode="area")  # noqa: E731
+    m = torch.ones(len(images), 1, *latent) if masks is None else down(masks)
+    ids = tokenize(pipe, prompts)
+    regs = toks = None
+    if regions is not None:
+        blank = np.zeros((size, size), np.float32)
+        regs = torch.stack([down([blank if r is None else r for r in per])[:, 0] for per in regions])
+        toks = torch.zeros(len(images), len(phrases), ids.shape[1], dtype=torch.bool)
+        for i, (prompt, per) in enumerate(zip(prompts, regions)):
+            for k, (phrase, r) in enumerate(zip(phrases, per)):
+                if r is not None:
+                    toks[i, k, token_indices(pipe.tokenizer, pipe.maybe_convert_prompt(prompt, pipe.tokenizer),
+                                             pipe.maybe_convert_prompt(phrase, pipe.tokenizer))] = True
+    return Examples(post.mean.float().cpu(), post.std.float().cpu(), m, ids, float(pipe.vae.config.scaling_factor),
+                    regs, toks)
 
 
 def training_captions(concept: Concept, phrase: str) -> list[str]:
@@ -205,21 +222,60 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 
 
 def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_weight: float,
-              generator: torch.Generator, batch_size: int, mask_weight: float, device) -> torch.Tensor:
-    """The loss of one step (see the module docstring); instances first, then class images."""
+              generator: torch.Generator, batch_size: int, mask_weight: float, device, *, masked_loss: bool = False,
+              attention_weight: float = 0.0, unet=None) -> torch.Tensor:
+    """The loss of one step (see the module docstring); instances first, then class images (whose loss is
+    never masked or weighted)."""
     parts = [data.sample(batch_size, generator)]
     if prior is not None:
         parts.append(prior.sample(batch_size, generator))
-    z0, masks, ids = (torch.cat(x) for x in zip(*parts))
+    z0, masks, ids = (torch.cat([p[i] for p in parts]) for i in range(3))
     eps = torch.randn(z0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
     z_t = scheduler.add_noise(z0, eps, t)
-    pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
-    per_example = ((1 + mask_weight * masks.to(device)) * (pred - eps.to(device)).pow(2)).mean(dim=(1, 2, 3))
+    store = None
+    if attention_weight > 0:
+        from ..attention import record_attention
+
+        with record_attention(unet, guidance=False, keep_grad=True) as store:
+            pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
+    else:
+        pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
+    err = (pred - eps.to(device)).pow(2)
+    w = (masks / masks.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)) if masked_loss else 1 + mask_weight * masks
+    w[batch_size:] = 1.0
+    per_example = (w.to(device) * err).mean(dim=(1, 2, 3))
     loss = per_example[:batch_size].mean()
     if prior is not None:
         loss = loss + prior_weight * per_example[batch_size:].mean()
+    if store is not None:
+        _, _, _, regions, tokens = parts[0]
+        loss = loss + attention_weight * attention_loss(store, regions.to(device), tokens.to(device))
     return loss
+
+
+def attention_loss(store, regions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Break-A-Scene's cross-attention loss: for each concept slot k present in an example, the mean map of
+    its tokens, normalised by its maximum, should be its mask: MSE at the masks' grid (16x16 here, as in
+    the paper), averaged over every cross-attention layer (lower resolutions are upsampled).
+
+    regions: (B, K, h, w) masks; tokens: (B, K, T) bool. Instance examples only (the first B of the batch)."""
+    b, k, h, w = regions.shape
+    present = tokens.any(-1)  # (B, K)
+    if not present.any():
+        return regions.new_zeros(())
+    total = 0.0
+    layers = store.cross
+    for probs in layers.values():  # (B_all, N, T) of the one call of this step
+        probs = probs[:b]
+        side = math.isqrt(probs.shape[1])
+        sel = tokens.float() / tokens.sum(-1, keepdim=True).clamp_min(1)  # (B, K, T) averaging weights
+        maps = torch.einsum("bnt,bkt->bkn", probs.float(), sel).reshape(b, k, side, side)
+        if side != h:
+            maps = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+        maps = maps / maps.flatten(2).amax(-1).clamp_min(1e-8)[..., None, None]
+        total = total + ((maps - regions).pow(2).mean(dim=(2, 3)) * present).sum() / present.sum()
+    return total / len(layers)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -267,22 +323,96 @@ def load_checkpoint(path: Path, method: Method, model, optimizer, seed: int) -> 
     return state["step"], state["losses"]
 
 
-def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Path, steps: int | None = None,
+JOINT_METHODS = ("dreambooth", "lora")
+
+
+def joint_concept(concepts: list[Concept]) -> Concept:
+    """Several concepts as one training target (joint DreamBooth / LoRA): all their images; ``parts`` keeps them."""
+    c = Concept(name=" and ".join(x.name for x in concepts), slug="_and_".join(x.slug for x in concepts),
+                class_word=None, category=None, folder=concepts[0].folder,
+                images=[im for x in concepts for im in x.images], masks=[m for x in concepts for m in x.masks],
+                parts=list(concepts))
+    return c
+
+
+@dataclass
+class Regularizers:
+    """The training fix (notebook 07), each part optional:
+
+    masked_loss: only the concepts' pixels count in the diffusion loss (``w = m / mean(m)``; Break-A-Scene,
+        Mix-of-Show); images without a mask count whole;
+    attention_weight: Break-A-Scene's cross-attention loss (``attention_loss``), weight ~1e-2;
+    composites: with several concepts, this many Seg-Mix images (MuDI: the concepts cut out by their masks
+        and pasted into random regions of one image, captioned "a <A> on the left and a <B> on the right")
+        are added to the training set, drawn once from the seed.
+    """
+
+    masked_loss: bool = False
+    attention_weight: float = 0.0
+    composites: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.masked_loss or self.attention_weight > 0 or self.composites > 0
+
+
+TRAINING_FIX = Regularizers(masked_loss=True, attention_weight=1e-2, composites=24)
+
+
+def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regularizers, seed: int) -> Examples:
+    """The examples of ``concepts`` (their images, captions with each name replaced by its phrase), plus
+    ``reg.composites`` Seg-Mix images when there are several concepts."""
+    import random
+
+    from .. import world
+
+    images, captions, masks, regions = [], [], [], []
+    for k, (c, phrase) in enumerate(zip(concepts, phrases)):
+        images += c.images
+        captions += training_captions(c, phrase)
+        masks += c.masks
+        regions += [[m if j == k else None for j in range(len(concepts))] for m in c.masks]
+    if reg.composites and len(concepts) > 1:
+        rng = random.Random(f"seg-mix/{seed}")
+        for _ in range(reg.composites):
+            comp = compose(concepts, rng, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+            images.append(comp.image)
+            captions.append(world.caption(list(zip(phrases, comp.positions))))
+            masks.append(np.maximum.reduce(comp.masks))
+            regions.append(list(comp.masks))
+    return encode_examples(pipe, images, captions, masks, regions, phrases)
+
+
+def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: str | Path, steps: int | None = None,
           lr: float | None = None, batch_size: int | None = None, seed: int = 0, checkpoint_every: int = 50,
-          resume: bool = False, progress: bool = True, mask_weight: float = 0.0, accelerator=None) -> TrainResult:
+          resume: bool = False, progress: bool = True, mask_weight: float = 0.0, accelerator=None,
+          regularizers: Regularizers | None = None) -> TrainResult:
     """Teach ``pipe`` a concept with ``method``, in place; write checkpoints, the method's files and
     ``adapter.json`` under ``out``. ``steps``/``lr``/``batch_size`` default to the method's.
 
-    concept: a ``Concept`` or a folder/slug for ``load_concept`` (images are used at the pipeline's size).
+    concept: a ``Concept`` or a folder/slug for ``load_concept`` (images are used at the pipeline's size), or a
+        list of them: joint training (DreamBooth and LoRA), each concept with its own phrase.
+    regularizers: the training fix (``Regularizers``: masked loss, attention loss, Seg-Mix composites).
     resume: continue from ``out/checkpoints/last.pt`` if there is one (same method, settings and seed).
     The pipeline must be a fresh base model: Textual Inversion refuses a token it already has.
     """
     from accelerate import Accelerator
 
     accelerator = accelerator or Accelerator()
+    reg = regularizers or Regularizers()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if not isinstance(concept, Concept):
-        concept = load_concept(concept, size)
+    parts = [concept] if not isinstance(concept, (list, tuple)) else list(concept)
+    if not parts:
+        raise ValueError("no concept given: pass a concept folder (or several, for joint training)")
+    parts = [c if isinstance(c, Concept) else load_concept(c, size) for c in parts]
+    if len(parts) > 1 and method.name not in JOINT_METHODS:
+        raise ValueError(f"{method.name} trains one concept at a time (train each, then load_adapters); joint "
+                         f"training is for {' and '.join(JOINT_METHODS)}")
+    phrases = [method.phrase(c) for c in parts]
+    if len(set(phrases)) < len(phrases):
+        raise ValueError(f"two concepts would answer to the same phrase {phrases}: give them different class words "
+                         "or identifiers")
+    concept = parts[0] if len(parts) == 1 else joint_concept(parts)
     steps = method.steps if steps is None else steps
     lr = method.lr if lr is None else lr
     batch_size = method.batch_size if batch_size is None else batch_size
@@ -305,8 +435,8 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
     with torch.random.fork_rng(devices=[]):  # new weights (LoRA's A, the hypernetwork) depend on seed only
         torch.manual_seed(seed)
         extra = method.setup(pipe, concept)
-    phrase = method.phrase(concept)
-    data = encode_examples(pipe, concept.images, training_captions(concept, phrase), concept.masks)
+    phrase = phrases[0]
+    data = training_set(pipe, parts, phrases, reg, seed)
     prior = encode_examples(pipe, class_images, class_prompts) if class_images else None
 
     model = Denoiser(pipe.unet, pipe.text_encoder, extra)
@@ -327,7 +457,8 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
             group["lr"] = lr_at(step, steps, lr, method.lr_schedule)
         with accelerator.autocast():
             loss = step_loss(model, pipe.scheduler, data, prior, prior_weight, g, batch_size, mask_weight,
-                             accelerator.device)
+                             accelerator.device, masked_loss=reg.masked_loss, attention_weight=reg.attention_weight,
+                             unet=pipe.unet)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
@@ -348,9 +479,12 @@ def train(pipe, concept: Concept | str | Path, method: Method, *, out: str | Pat
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         meta = {"method": method.name, "concept": concept.slug, "name": concept.name,
-                "class_word": method.class_word_for(concept), "phrase": phrase, "settings": method.settings(),
+                "class_word": method.class_word_for(parts[0]), "phrase": phrase, "settings": method.settings(),
                 "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-                             "mask_weight": mask_weight}, "base": base}
+                             "mask_weight": mask_weight, "regularizers": asdict(reg)}, "base": base}
+        if len(parts) > 1:
+            meta |= {"phrases": {c.slug: p for c, p in zip(parts, phrases)},
+                     "names": {c.slug: c.name for c in parts}}
         meta |= method.save(pipe, out, concept, steps)
         (out / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return TrainResult(method.name, phrase, losses, out, meta, time.time() - started)

@@ -1,0 +1,393 @@
+"""The mixing benchmark: every method x every fix x each concept pair, judged per instance (notebook 08).
+
+For each method (Textual Inversion, HyperNetwork, DreamBooth, LoRA), each fix and each pair of held-out
+concepts (``PAIRS``: the couple, two animals, two women, and a dissimilar control pair) it trains what it needs
+with the shipped defaults (cached under ``--work``), generates "a <A> on the left and a <B> on the right"
+for ``--seeds`` seeds and judges each half (``mcteach.evaluate``): success, swap, duplication, neglect, blend
+index, each with a 95% bootstrap interval; beside them each concept's fidelity alone on the same pipeline
+(the fix on), and the seconds spent training and per image.
+
+The fixes:
+- ``none``: the concepts trained one by one and loaded together (``load_adapters``); DreamBooth, which cannot
+  combine two models, is trained jointly on both sets (the DreamBooth paper's way);
+- ``inference``: the same weights, sampled with ``masking.INFERENCE_FIX`` (``regional_generate``);
+- ``training``: LoRA and DreamBooth trained jointly with ``methods.TRAINING_FIX`` (Seg-Mix composites, masked
+  loss, attention loss); Textual Inversion and the HyperNetwork, which learn one concept at a time, with the
+  masked and attention losses;
+- ``both``: the training fix's weights sampled with the inference fix.
+
+    python -m mcteach.bench --out data/bench_mixing.json                # everything (hours on 2 cores), resumable
+    python -m mcteach.bench --quick --json                              # LoRA on the couple, 8 seeds, ~10 min
+    python -m mcteach.bench --out data/bench_mixing.json --markdown     # the README's tables
+
+``--save-images DIR`` writes every judged image (``<method>-<fix>-<pair>-<seed>.png``) so anyone can re-judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .concepts import load_concept
+from .evaluate import GEN, bootstrap_ci, judge_instances, summarize_pairs
+from .pretrain import atomic_save, write_text
+
+DEFAULT_WORK = Path("~/.cache/mcteach/mixbench").expanduser()
+BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_mixing.json"
+PAIRS = {
+    "couple": ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"),
+    "animals": ("koala", "hamster"),
+    "same_class": ("woman_with_red_hair_and_medium_skin", "woman_with_curly_hair_and_dark_skin"),
+    "control": ("croissant", "trumpet"),
+}
+TRIPLE = ("woman_with_red_hair_and_medium_skin", "koala", "man_with_curly_hair_and_light_skin")
+METHOD_ORDER = ("textual_inversion", "hypernetwork", "dreambooth", "lora")
+FIXES = ("none", "inference", "training", "both")
+LAYOUT = ("left", "right")
+THIRDS = ("left-third", "middle-third", "right-third")
+
+
+def _key(row: dict) -> tuple:
+    return row["method"], row["fix"], row["pair"]
+
+
+class Bench:
+    """Runs the jobs; keeps trained adapters under ``work`` and finished rows in ``out`` (resumable)."""
+
+    def __init__(self, work: Path = DEFAULT_WORK, seeds: int = 16, fidelity_seeds: int = 8, model=None,
+                 save_images: Path | None = None, progress=print):
+        from .judge import Judge
+
+        self.work, self.seeds, self.fidelity_seeds, self.model = Path(work), seeds, fidelity_seeds, model
+        self.save_images, self.log = save_images, progress
+        self.judge = Judge.load()
+
+    # --------------------------------------------------------------- training (cached)
+    def trained(self, method: str, slugs: tuple[str, ...], regularized: bool) -> tuple[list[Path], float]:
+        """Adapter folders for ``slugs`` and the seconds their training took (read back when cached)."""
+        from .methods import TRAINING_FIX, Regularizers, train_concept
+        from .methods.engine import JOINT_METHODS
+        from .pipeline import load_pipeline
+
+        joint = method == "dreambooth" or (regularized and method in JOINT_METHODS)
+        reg = TRAINING_FIX if regularized else Regularizers()
+        if regularized and not joint:  # one concept at a time: no composites
+            reg = Regularizers(masked_loss=True, attention_weight=TRAINING_FIX.attention_weight)
+        groups = [slugs] if joint else [(s,) for s in slugs]
+        folders, seconds = [], 0.0
+        for group in groups:
+            folder = self.work / method / ("fix" if regularized else "plain") / "+".join(group)
+            info = folder / "bench_train.json"
+            if not info.is_file():
+                self.log(f"  training {method} on {' + '.join(group)}{' (training fix)' if regularized else ''}")
+                pipe = load_pipeline(self.model, device="cpu", dtype=torch.float32)
+                r = train_concept(pipe, list(group) if len(group) > 1 else group[0], method, out=folder,
+                                  regularizers=reg, progress=False)
+                atomic_save(json.dumps({"seconds": r.seconds, "threads": torch.get_num_threads()}), info, write_text)
+            folders.append(folder)
+            seconds += json.loads(info.read_text())["seconds"]
+        return folders, seconds
+
+    # --------------------------------------------------------------- one row
+    def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
+        from .masking import INFERENCE_FIX, NO_FIX, Region, regional_generate
+        from .methods import load_adapters, phrases
+        from .pipeline import load_pipeline
+
+        folders, train_s = self.trained(method, slugs, fix in ("training", "both"))
+        pipe = load_pipeline(self.model)
+        metas = load_adapters(pipe, folders)
+        said = {k: v for m in metas for k, v in phrases(m).items()}
+        adapter_of = {s: m.get("adapter_name") for m in metas for s in phrases(m)}
+        concepts = [load_concept(s) for s in slugs]
+        judge = self.judge.with_concepts(concepts)
+        masks = INFERENCE_FIX if fix in ("inference", "both") else NO_FIX
+        positions = THIRDS if len(slugs) == 3 else LAYOUT
+        prompt = _prompt([said[s] for s in slugs], positions)
+        regions = [Region(p, f"a {said[s]}", phrase=said[s], adapter=adapter_of[s]) for s, p in zip(slugs, positions)]
+        seeds = list(range(self.seeds))
+        t0 = time.time()
+        images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **GEN)
+        image_s = (time.time() - t0) / len(seeds)
+        results = judge_instances(judge, images, [c.name for c in concepts], list(positions), prompt, seeds)
+        if self.save_images:
+            self._save(images, f"{method}-{fix}-{pair}")
+        # each concept alone on the same pipeline, the fix on: "a <phrase>", its region the whole image
+        fid = []
+        for s, c in zip(slugs, concepts):
+            alone = [Region((0.0, 0.0, 1.0, 1.0), f"a {said[s]}", phrase=said[s], adapter=adapter_of[s])]
+            ims = regional_generate(pipe, f"a {said[s]}", alone, fix=masks, seed=list(range(self.fidelity_seeds)), **GEN)
+            fid += [x == c.name for x in judge.labels_of(ims, "centre")]
+        s = summarize_pairs(results)
+        return {"method": method, "fix": fix, "pair": pair, "concepts": list(slugs), "prompt": prompt,
+                **{k: list(s[k]) for k in ("success", "swap", "duplication", "neglect", "other")},
+                "blend": list(s["blend_index"]), "fidelity": list(bootstrap_ci(fid)), "train_s": round(train_s, 1),
+                "image_s": round(image_s, 3), "n": len(results), "threads": torch.get_num_threads(),
+                "outcomes": [r.outcome for r in results], "predicted": [list(r.predicted) for r in results]}
+
+    def base_row(self, pair: str, slugs: tuple[str, str]) -> dict:
+        """The base model's reference: the two concepts' class words ("a woman ... and a man ..."), no fix."""
+        from .pipeline import generate, load_pipeline
+        from .world import EMOJI
+
+        words = [load_concept(s).class_word for s in slugs]
+        prompt = _prompt(words, LAYOUT)
+        seeds = list(range(self.seeds))
+        images = generate(load_pipeline(self.model), [prompt] * len(seeds), seed=seeds, batch_size=32, **GEN)
+        names = [EMOJI[w].name if w in EMOJI else w for w in words]
+        if len(set(names)) < 2:  # two of one class: success means the class in both halves
+            hits = [list(r.predicted) == names for r in judge_instances(self.judge, images, names[:1] * 2, list(LAYOUT))]
+            s = {"success": bootstrap_ci(hits)}
+            rest = {k: [float("nan")] * 3 for k in ("swap", "duplication", "neglect", "other", "blend")}
+        else:
+            s = summarize_pairs(judge_instances(self.judge, images, names, list(LAYOUT), prompt, seeds))
+            rest = {k: list(s[k]) for k in ("swap", "duplication", "neglect", "other")} | {"blend": list(s["blend_index"])}
+        return {"method": "base model", "fix": "none", "pair": pair, "concepts": words, "prompt": prompt,
+                "success": list(s["success"]), **rest, "fidelity": [float("nan")] * 3, "train_s": 0.0,
+                "image_s": float("nan"), "n": len(seeds)}
+
+    def _save(self, images, stem: str) -> None:
+        self.save_images.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(self.save_images / f"{stem}-{i:02d}.png")
+
+
+def ablation_fixes() -> dict:
+    """The inference fixes notebook 07 compares, by the module docstring's letters (a)-(d)."""
+    from .masking import INFERENCE_FIX, NO_FIX, Fix
+
+    return {
+        "none": NO_FIX,
+        "(a) tokens, end-of-text kept": Fix("tokens", False, False),
+        "(a) tokens, end-of-text for the background": Fix("tokens", False, False, eot="background"),
+        "(b) regional prompts": Fix("regional", False, False),
+        "(b) regional prompts, base 0.5": Fix("regional", False, False, base=0.5),
+        "(b+c) regional + self-attention": Fix("regional", True, False),
+        "(d) regional + region-bound LoRA": Fix("regional", False, True),
+        "(b+c+d) every single-pass mask": Fix("regional", True, True),
+        "(d) one pass per region": Fix("none", False, False, passes=True),
+        "(d) passes, bootstrapped": Fix("none", False, False, passes=True, bootstrap=0.5),
+        "(d) passes, bootstrapped, recentred (the fix)": INFERENCE_FIX,
+    }
+
+
+def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[dict]:
+    """Every fix of ``ablation_fixes`` on one pair's separately trained adapters: rows as in ``Bench.row``."""
+    from .masking import Region, regional_generate
+    from .methods import load_adapters, phrases
+    from .pipeline import load_pipeline
+
+    slugs = PAIRS[pair]
+    folders, train_s = bench.trained(method, slugs, False)
+    pipe = load_pipeline(bench.model)
+    metas = load_adapters(pipe, folders)
+    said = {k: v for m in metas for k, v in phrases(m).items()}
+    adapter_of = {s: m.get("adapter_name") for m in metas for s in phrases(m)}
+    concepts = [load_concept(s) for s in slugs]
+    judge = bench.judge.with_concepts(concepts)
+    prompt = _prompt([said[s] for s in slugs], LAYOUT)
+    seeds = list(range(bench.seeds))
+    rows = []
+    for name, fix in ablation_fixes().items():
+        centred = fix.passes and fix.recentre  # recentred passes draw "a <phrase>"; the others need the place
+        regions = [Region(p, f"a {said[s]}{'' if centred else _where(p)}", phrase=said[s], adapter=adapter_of[s])
+                   for s, p in zip(slugs, LAYOUT)]
+        t0 = time.time()
+        images = regional_generate(pipe, prompt, regions, fix=fix, seed=seeds, **GEN)
+        image_s = (time.time() - t0) / len(seeds)
+        s = summarize_pairs(judge_instances(judge, images, [c.name for c in concepts], list(LAYOUT), prompt, seeds))
+        if bench.save_images:
+            bench._save(images, f"ablation-{method}-{pair}-{len(rows):02d}")
+        rows.append({"fix": name, "method": method, "pair": pair, "n": len(seeds), "image_s": round(image_s, 3),
+                     **{k: list(s[k]) for k in ("success", "swap", "duplication", "neglect", "other")},
+                     "blend": list(s["blend_index"])})
+        bench.log(f"  {name}: success {s['success'][0]:.2f}")
+    return rows
+
+
+@torch.no_grad()
+def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
+    """Seconds per UNet call (batch 2, as with guidance) with the default processors, and with the single-pass
+    masks (token masks + self-attention masks, and regional prompts: a context three times as long), on left/
+    right halves; the ratios are what the masks cost. Measured alternately in one run, best of ``repeats``."""
+    from .attention import with_parts
+    from .masking import Fix, RegionMasker, region_masks
+
+    side, dim = unet.config.sample_size, unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, unet.config.in_channels, side, side, generator=g).to(unet.device, unet.dtype)
+    ctx = torch.randn(2, tokens, dim, generator=g).to(unet.device, unet.dtype)
+    ctx3 = torch.randn(2, 3 * tokens, dim, generator=g).to(unet.device, unet.dtype)
+    masks = region_masks(["left", "right"], side * 4)
+    setups = {
+        "default": (None, ctx),
+        "tokens + self-attention masks": (RegionMasker(masks, Fix("tokens", True, False), spans=[[2, 3], [8, 9]],
+                                                       eot=list(range(12, tokens)), chunk=tokens), ctx),
+        "regional prompts + self-attention masks": (RegionMasker(masks, Fix("regional", True, False), chunk=tokens),
+                                                    ctx3),
+    }
+    best = {k: float("inf") for k in setups}
+    for _ in range(repeats):
+        for name, (masker, c) in setups.items():
+            previous = with_parts(unet, masker=masker) if masker else None
+            t0 = time.perf_counter()
+            unet(z, 500, c)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            if previous:
+                unet.set_attn_processor(previous)
+    return {"seconds": best, "ratio": {k: best[k] / best["default"] for k in best}, "latent": side,
+            "threads": torch.get_num_threads()}
+
+
+def _where(position: str) -> str:
+    from . import world
+
+    return " " + world.POSITIONS[position][0] if position in world.POSITIONS else ""
+
+
+def _prompt(phrases: list[str], positions) -> str:
+    """"a <A> on the left and a <B> on the right" (three concepts: "a <A> and a <B> and a <C>")."""
+    return " and ".join(f"a {p}{_where(pos)}" for p, pos in zip(phrases, positions))
+
+
+def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
+        out: Path | None = None, triple: bool = True, base: bool = True, save_images=None, model=None) -> dict:
+    """Every (method, fix, pair) row not yet in ``out``; the report is rewritten after each row."""
+    report = json.loads(Path(out).read_text()) if out and Path(out).is_file() else {"rows": []}
+    done = {_key(r) for r in report["rows"]}
+    bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr))
+    jobs = [(m, f, p, PAIRS[p]) for m in methods for p in pairs for f in fixes]
+    if triple:
+        jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference")]
+    if base:
+        jobs = [("base model", "none", p, PAIRS[p]) for p in pairs] + jobs
+    for method, fix, pair, slugs in jobs:
+        if (method, fix, pair) in done:
+            continue
+        print(f"{method} / {fix} / {pair}", file=sys.stderr, flush=True)
+        row = bench.base_row(pair, slugs) if method == "base model" else bench.row(method, fix, pair, slugs)
+        report["rows"].append(row)
+        report |= {"seeds": seeds, "generation": GEN, "model": str(model or "embedded")}
+        if out:
+            atomic_save(json.dumps(report, indent=1) + "\n", Path(out), write_text)
+    return report
+
+
+def _cell(v) -> str:
+    m, lo, hi = v
+    return "–" if m != m else f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def markdown(report: dict) -> str:
+    """The README's tables: one row per (pair, method, fix), in the course's order; the ablation and the
+    timing when the report has them."""
+    parts = [main_table(report)] if report.get("rows") else []
+    if report.get("ablation"):
+        parts.append(ablation_table(report["ablation"]))
+    if report.get("timing"):
+        parts.append(timing_table(report["timing"]))
+    return "\n\n".join(parts)
+
+
+def main_table(report: dict) -> str:
+    order = {m: i for i, m in enumerate(("base model",) + METHOD_ORDER)}
+    rows = sorted(report["rows"], key=lambda r: (list(PAIRS).index(r["pair"]) if r["pair"] in PAIRS else 99,
+                                                  order.get(r["method"], 99), FIXES.index(r["fix"])))
+    out = ["| pair | method | fix | success | swap | neglect | duplication | blend | fidelity alone | train s | s / image |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['pair']} | {r['method']} | {r['fix']} | {_cell(r['success'])} | {_cell(r['swap'])} | "
+                   f"{_cell(r['neglect'])} | {_cell(r['duplication'])} | {_cell(r['blend'])} | "
+                   f"{_cell(r['fidelity'])} | {r['train_s']:.0f} | "
+                   f"{'–' if r['image_s'] != r['image_s'] else format(r['image_s'], '.2f')} |")
+    return "\n".join(out)
+
+
+def timing_report(sd15: bool = True) -> dict:
+    """``processor_timing`` on the embedded UNet (16x16 latents) and on SD 1.5's UNet built from config with
+    random weights at 64x64 latents (512 px images)."""
+    from . import tiny, world
+    from .pipeline import load_pipeline
+
+    out = {"tiny": processor_timing(load_pipeline().unet)}
+    if sd15:
+        tok = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+        unet = tiny.build_components(tok, architecture="sd15")[2].eval()
+        unet.register_to_config(sample_size=64)
+        out["sd15"] = processor_timing(unet, tokens=77, repeats=3)
+    return out
+
+
+def ablation_table(rows: list[dict]) -> str:
+    out = ["| inference fix (LoRA, the couple) | success | swap | neglect | duplication | blend | s / image |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['fix']} | {_cell(r['success'])} | {_cell(r['swap'])} | {_cell(r['neglect'])} | "
+                   f"{_cell(r['duplication'])} | {_cell(r['blend'])} | {r['image_s']:.2f} |")
+    return "\n".join(out)
+
+
+def timing_table(timing: dict) -> str:
+    out = ["| UNet | latents | default processor | tokens + self-attention masks | regional prompts + self-attention masks |",
+           "|---|---|---|---|---|"]
+    for name, t in timing.items():
+        r = t["ratio"]
+        out.append(f"| {'embedded tiny' if name == 'tiny' else 'SD 1.5 size (random weights)'} | {t['latent']}x{t['latent']} | "
+                   f"{t['seconds']['default'] * 1000:.0f} ms (1.00x) | {r['tokens + self-attention masks']:.2f}x | "
+                   f"{r['regional prompts + self-attention masks']:.2f}x |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mcteach.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=METHOD_ORDER)
+    p.add_argument("--fixes", nargs="+", default=list(FIXES), choices=FIXES)
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="LoRA on the couple, fixes none and inference, 8 seeds")
+    p.add_argument("--no-triple", action="store_true", help="skip three concepts in one image")
+    p.add_argument("--out", type=Path, default=None, help="the JSON report (rows already there are kept)")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="trained adapters (a cache)")
+    p.add_argument("--save-images", type=Path, default=None, help="write every judged image here")
+    p.add_argument("--model", default=None, help="base pipeline (default: the embedded tiny model)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--ablation", action="store_true", help="also compare every inference fix on LoRA and the couple")
+    p.add_argument("--timing", action="store_true", help="also time the single-pass masks (tiny and SD 1.5-size UNet)")
+    p.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
+    p.add_argument("--markdown", action="store_true", help="print the README table (of --out if it exists)")
+    a = p.parse_args(argv)
+    if a.markdown and a.out and a.out.is_file() and not a.quick:
+        print(markdown(json.loads(a.out.read_text())))
+        return 0
+    if a.quick:
+        a.methods, a.fixes, a.pairs, a.seeds, a.no_triple = ["lora"], ["none", "inference"], ["couple"], 8, True
+    if a.only_extras:
+        report = json.loads(a.out.read_text()) if a.out and a.out.is_file() else {"rows": []}
+    else:
+        report = run(a.methods, a.fixes, a.pairs, a.seeds, a.work, a.out, triple=not a.no_triple, base=not a.quick,
+                     save_images=a.save_images, model=a.model)
+    if a.ablation:
+        bench = Bench(a.work, a.seeds, model=a.model, save_images=a.save_images,
+                      progress=lambda m: print(m, file=sys.stderr))
+        report["ablation"] = ablation(bench)
+    if a.timing:
+        report["timing"] = timing_report()
+    if a.out and (a.ablation or a.timing):
+        atomic_save(json.dumps(report, indent=1) + "\n", a.out, write_text)
+    if a.json:
+        keys = ("method", "fix", "pair", "success", "swap", "neglect", "duplication", "blend", "fidelity", "train_s",
+                "image_s", "n")
+        print(json.dumps({"rows": [{k: r[k] for k in keys} for r in report["rows"]]}))
+    if a.markdown:
+        print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The per-instance metric on hand-built images (renders of the held-out concepts, so the judge is sure)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mcteach import world
+from mcteach.concepts import load_concept
+from mcteach.evaluate import global_similarity, instance_outcome, judge_instances, summarize_pairs
+from mcteach.judge import Judge
+
+A, B = "woman with red hair and medium skin", "man with curly hair and light skin"
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge.load()
+
+
+def scene(left: str | None, right: str | None, seed: int) -> Image.Image:
+    objects = [(world.EMOJI[n], p) for n, p in ((left, "left"), (right, "right")) if n]
+    return world.render_scene(objects, seed=seed).image
+
+
+def blend(seed: int) -> Image.Image:
+    """A hybrid: the left half of A's render and the right half of B's, each centred: one face, two people."""
+    a = world.render_scene([(world.EMOJI[A], "centre")], seed=seed, background=(200, 220, 200)).image
+    b = world.render_scene([(world.EMOJI[B], "centre")], seed=seed, background=(200, 220, 200)).image
+    out = np.asarray(a).copy()
+    out[:, 32:] = np.asarray(b)[:, 32:]
+    return Image.fromarray(out)
+
+
+def test_hand_built_images_get_the_expected_outcomes(judge):
+    cases = {"success": [scene(A, B, s) for s in range(4)], "swap": [scene(B, A, s) for s in range(4)],
+             "duplication": [scene(A, A, s) for s in range(4)], "neglect": [scene(A, None, s) for s in range(4)]}
+    for expected, images in cases.items():
+        results = judge_instances(judge, images, [A, B], ["left", "right"])
+        assert [r.outcome for r in results] == [expected] * 4, expected
+    swap = judge_instances(judge, cases["swap"], [A, B], ["left", "right"])
+    assert all(min(r.blend) > 0.9 for r in swap)  # blend index 1: the other concept where this one was asked
+    ok = judge_instances(judge, cases["success"], [A, B], ["left", "right"])
+    assert all(max(r.blend) < 0.1 for r in ok)
+    s = summarize_pairs(ok + swap)
+    assert s["success"][0] == 0.5 and s["swap"][0] == 0.5 and s["n"] == 8
+    assert s["success"][1] < 0.5 < s["success"][2]  # a real interval around the mean
+
+
+def test_a_split_face_is_not_two_people(judge):
+    """One centred face whose halves come from two people: the halves hold half a face each."""
+    results = judge_instances(judge, [blend(s) for s in range(4)], [A, B], ["left", "right"])
+    assert sum(r.outcome == "success" for r in results) <= 1
+
+
+def test_three_regions_and_their_outcomes():
+    labels = ["a", "b", "c", "nothing"]
+    p = lambda i: torch.eye(4)[i]  # noqa: E731  certain of label i
+    assert instance_outcome(labels, [p(0), p(1), p(2)], ["a", "b", "c"])[0] == "success"
+    assert instance_outcome(labels, [p(1), p(0), p(2)], ["a", "b", "c"])[0] == "swap"
+    assert instance_outcome(labels, [p(0), p(0), p(2)], ["a", "b", "c"])[0] == "duplication"
+    assert instance_outcome(labels, [p(0), p(3), p(2)], ["a", "b", "c"])[0] == "neglect"
+    assert instance_outcome(labels, [p(3), p(3), p(3)], ["a", "b", "c"])[0] == "other"
+    unsure = torch.tensor([0.4, 0.3, 0.3, 0.0])
+    assert instance_outcome(labels, [unsure, p(1), p(2)], ["a", "b", "c"])[0] == "neglect"
+
+
+def test_a_whole_image_score_cannot_see_a_swap(judge):
+    """Cosine of pooled features: a swapped pair scores like a correct one; the per-region judge does not."""
+    refs = [load_concept("woman_with_red_hair_and_medium_skin").images, load_concept("man_with_curly_hair_and_light_skin").images]
+    correct = [scene(A, B, s) for s in range(8)]
+    swapped = [Image.fromarray(np.asarray(im)[:, ::-1].copy()) for im in correct]  # the same pixels, mirrored
+    sc, ss = global_similarity(judge, correct, refs), global_similarity(judge, swapped, refs)
+    assert np.abs(sc - ss).max() < 0.05  # the same score, to a few hundredths
+    outcomes = [r.outcome for r in judge_instances(judge, swapped, [A, B], ["left", "right"])]
+    assert outcomes.count("swap") >= 7
+
+
+def test_a_new_concept_is_learned_from_its_images(judge):
+    """Drop the koala from the judge, then teach it back from its six images: renders are recognised and base
+    classes are not taken for it."""
+    k = judge.labels.index("koala")
+    keep = [i for i in range(len(judge.labels)) if i != k]
+    blind = copy.deepcopy(judge)
+    blind.labels = [judge.labels[i] for i in keep]
+    blind.head = torch.nn.Linear(judge.head.in_features, len(keep))
+    blind.head.weight.data, blind.head.bias.data = judge.head.weight.data[keep], judge.head.bias.data[keep]
+    taught = blind.with_concepts([load_concept("koala")])
+    assert taught.labels[-1] == "koala" and blind.labels == judge.labels[:k] + judge.labels[k + 1:]
+    koalas = [world.render_scene([(world.EMOJI["koala"], p)], seed=100 + i).image
+              for i, p in enumerate(["left", "right", "centre"] * 3)]
+    assert taught.labels_of(koalas, ["left", "right", "centre"] * 3).count("koala") >= 8
+    others = [world.render_scene([(e, "centre")], seed=5).image for e in world.BASE_CLASSES]
+    assert taught.labels_of(others, "centre").count("koala") <= 1
+    assert judge.with_concepts([load_concept("koala")]).labels == judge.labels  # known: unchanged

@@ -1,0 +1,135 @@
+"""Several concepts: joint training with the training fix, and load_adapters' rules (tiny random pipeline)."""
+
+import copy
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from mcteach.attention import AttentionStore
+from mcteach.concepts import compose, load_concept
+from mcteach.methods import TRAINING_FIX, Regularizers, engine, load_adapters, phrases, train_concept
+from mcteach.methods.engine import attention_loss, default_identifier
+
+COUPLE = ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"]
+FAST_DB = dict(num_class_images=1, class_steps=2, world_prior=False)
+
+
+def quick(pipe, concept, method, out, steps=3, **kw):
+    return train_concept(copy.deepcopy(pipe), concept, method, out=out, steps=steps, batch_size=1, lr=1e-2,
+                         progress=False, **kw)
+
+
+def test_default_identifiers_differ_between_concepts():
+    ids = {default_identifier(s) for s in COUPLE + ["koala", "hamster", "woman_with_curly_hair_and_dark_skin"]}
+    assert len(ids) == 5 and all(len(i) == 3 and i.isalpha() for i in ids)
+
+
+def test_seg_mix_pastes_each_concept_into_its_own_region():
+    a, b = (load_concept(s) for s in COUPLE)
+    comp = compose([a, b], random.Random(0))
+    assert comp.image.size == (64, 64) and len(comp.masks) == 2
+    for mask, pos in zip(comp.masks, comp.positions):
+        ys, xs = np.nonzero(mask > 0.5)
+        half = {"left": xs.max() < 32, "right": xs.min() >= 32, "top": ys.max() < 32, "bottom": ys.min() >= 32}
+        assert half[pos] and mask.sum() > 100
+
+
+def test_joint_lora_with_the_training_fix_resumes_to_the_same_weights(random_pipe, tmp_path, monkeypatch):
+    full = quick(random_pipe, COUPLE, "lora", tmp_path / "full", steps=4, checkpoint_every=2, regularizers=TRAINING_FIX)
+    meta = json.loads((tmp_path / "full" / "adapter.json").read_text())
+    assert set(meta["phrases"]) == set(COUPLE) and len(set(meta["phrases"].values())) == 2
+    assert meta["training"]["regularizers"]["composites"] == TRAINING_FIX.composites
+    monkeypatch.setattr(engine, "lr_at", lambda step, *a: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else a[1])
+    with pytest.raises(KeyboardInterrupt):
+        quick(random_pipe, COUPLE, "lora", tmp_path / "run", steps=4, checkpoint_every=2, regularizers=TRAINING_FIX)
+    monkeypatch.undo()
+    resumed = quick(random_pipe, COUPLE, "lora", tmp_path / "run", steps=4, checkpoint_every=2,
+                    regularizers=TRAINING_FIX, resume=True)
+    assert resumed.losses == full.losses
+    a = (tmp_path / "full" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert a == (tmp_path / "run" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_joint_dreambooth_has_a_class_prior_for_each_concept(random_pipe, tmp_path):
+    r = quick(random_pipe, ["woman_with_red_hair_and_medium_skin", "koala"], "dreambooth", tmp_path, steps=1, **FAST_DB)
+    prompts = sorted(p.name for p in (tmp_path / "class_images").glob("*.png"))
+    assert len(prompts) == 2  # one class image of "a woman", one of "a bear"
+    assert set(phrases(r.meta).values()) == {f"{default_identifier('woman_with_red_hair_and_medium_skin')} woman",
+                                              f"{default_identifier('koala')} bear"}
+
+
+def test_joint_training_is_refused_for_one_concept_methods(random_pipe, tmp_path):
+    with pytest.raises(ValueError, match="one concept at a time"):
+        quick(random_pipe, COUPLE, "textual_inversion", tmp_path)
+
+
+def test_masked_loss_counts_only_the_concepts_pixels():
+    zero = lambda z_t, t, ids: torch.zeros_like(z_t)  # noqa: E731  predicts no noise: the loss is eps^2
+    n = 2
+    masks = torch.zeros(n, 1, 16, 16)
+    masks[..., :8] = 1  # the concept is in the left half
+    ex = engine.Examples(torch.zeros(n, 4, 16, 16), torch.zeros(n, 4, 16, 16), masks, torch.zeros(n, 8, dtype=torch.long), 1.0)
+
+    def loss(masked):
+        return engine.step_loss(zero, DDIMScheduler(), ex, None, 0.0, engine.step_generator(0, 0), n, 0.0, "cpu",
+                                masked_loss=masked)
+
+    g = engine.step_generator(0, 0)  # replay step_loss's draws: which examples, the VAE sample, then eps
+    torch.randint(n, (n,), generator=g)
+    torch.randn(n, 4, 16, 16, generator=g)  # the VAE sample
+    eps = torch.randn(n, 4, 16, 16, generator=g)
+    torch.testing.assert_close(loss(True), eps[..., :8].pow(2).mean() * 1.0)  # left half only, mean over it
+    torch.testing.assert_close(loss(False), eps.pow(2).mean())
+
+
+def test_attention_loss_is_zero_when_each_token_map_is_its_mask():
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, :, :8], masks[0, 1, :, 8:] = 1, 1
+    tokens = torch.zeros(1, 2, 4, dtype=torch.bool)
+    tokens[0, 0, 1], tokens[0, 1, 2] = True, True
+    probs = torch.zeros(1, 256, 4)
+    probs[0, :, 0] = 1.0
+    probs[0, masks[0, 0].flatten() > 0, 1] = 0.5  # token 1 where concept 0 is, token 2 where concept 1 is
+    probs[0, masks[0, 1].flatten() > 0, 2] = 0.5
+    store = AttentionStore(guidance=False, keep_grad=True)
+    store.add("layer", probs[:, None], is_cross=True)
+    assert attention_loss(store, masks, tokens) == 0
+    wrong = AttentionStore(guidance=False, keep_grad=True)
+    wrong.add("layer", probs[:, None][..., [0, 2, 1, 3]], is_cross=True)  # the two maps swapped
+    assert attention_loss(wrong, masks, tokens) > 0.4
+
+
+def test_the_attention_loss_reaches_the_weights(random_pipe, tmp_path):
+    reg = Regularizers(attention_weight=1.0)
+    r = quick(random_pipe, "koala", "lora", tmp_path / "a", steps=2, regularizers=reg)
+    plain = quick(random_pipe, "koala", "lora", tmp_path / "b", steps=2)
+    assert r.losses[0] > plain.losses[0]  # the same draws, plus the attention term
+
+
+def test_load_adapters_rules(random_pipe, tmp_path):
+    a = quick(random_pipe, COUPLE[0], "lora", tmp_path / "a", steps=1)
+    b = quick(random_pipe, COUPLE[1], "lora", tmp_path / "b", steps=1)
+    pipe = copy.deepcopy(random_pipe)
+    metas = load_adapters(pipe, [a.out, b.out], weights=[1.0, 0.5])
+    assert [m["concept"] for m in metas] == COUPLE
+    assert set(pipe.get_active_adapters()) == {m["adapter_name"] for m in metas}
+    same = quick(random_pipe, COUPLE[0], "lora", tmp_path / "same", steps=1, identifier=a.phrase.split()[0],
+                 adapter_name="other")
+    with pytest.raises(ValueError, match="both answer to"):
+        load_adapters(copy.deepcopy(random_pipe), [a.out, same.out])
+    ti = quick(random_pipe, "koala", "textual_inversion", tmp_path / "ti", steps=1)
+    with pytest.raises(ValueError, match="different methods"):
+        load_adapters(copy.deepcopy(random_pipe), [a.out, ti.out])
+    db1 = quick(random_pipe, "koala", "dreambooth", tmp_path / "db1", steps=1, **FAST_DB)
+    db2 = quick(random_pipe, "hamster", "dreambooth", tmp_path / "db2", steps=1, **FAST_DB)
+    with pytest.raises(ValueError, match="train the concepts jointly"):
+        load_adapters(copy.deepcopy(random_pipe), [db1.out, db2.out])
+    other = copy.deepcopy(random_pipe)
+    with torch.no_grad():
+        other.unet.conv_in.weight.add_(0.1)  # another base model of the same architecture
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapters(other, [a.out])
