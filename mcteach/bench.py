@@ -35,7 +35,7 @@ import torch
 
 from .concepts import load_concept
 from .evaluate import GEN, bootstrap_ci, judge_instances, summarize_pairs
-from .pretrain import atomic_save, write_text
+from .files import atomic_save, write_text
 
 DEFAULT_WORK = Path("~/.cache/mcteach/mixbench").expanduser()
 BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_mixing.json"
@@ -270,7 +270,14 @@ def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, 
         if (method, fix, pair) in done:
             continue
         print(f"{method} / {fix} / {pair}", file=sys.stderr, flush=True)
-        row = bench.base_row(pair, slugs) if method == "base model" else bench.row(method, fix, pair, slugs)
+        try:
+            row = bench.base_row(pair, slugs) if method == "base model" else bench.row(method, fix, pair, slugs)
+        except ValueError as err:  # e.g. two HyperNetworks that both answer to "woman": the reason is the result
+            nan = [float("nan")] * 3
+            row = {"method": method, "fix": fix, "pair": pair, "concepts": list(slugs), "error": str(err),
+                   **{k: nan for k in ("success", "swap", "duplication", "neglect", "other", "blend", "fidelity")},
+                   "train_s": float("nan"), "image_s": float("nan"), "n": 0}
+            print(f"  not measurable: {err}", file=sys.stderr)
         report["rows"].append(row)
         report |= {"seeds": seeds, "generation": GEN, "model": str(model or "embedded")}
         if out:
@@ -360,8 +367,18 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true", help="also compare every inference fix on LoRA and the couple")
     p.add_argument("--timing", action="store_true", help="also time the single-pass masks (tiny and SD 1.5-size UNet)")
     p.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
+    p.add_argument("--merge", nargs="+", type=Path, default=None,
+                   help="merge these reports (e.g. two processes run with different --methods) into --out")
     p.add_argument("--markdown", action="store_true", help="print the README table (of --out if it exists)")
     a = p.parse_args(argv)
+    if a.merge:
+        reports = [json.loads(f.read_text()) for f in a.merge]
+        rows = {_key(r): r for rep in reports for r in rep["rows"]}  # a row in several reports: the last one
+        merged = reports[0] | {"rows": list(rows.values())}
+        for rep in reports[1:]:
+            merged |= {k: v for k, v in rep.items() if k != "rows"}
+        atomic_save(json.dumps(merged, indent=1) + "\n", a.out, write_text)
+        return 0
     if a.markdown and a.out and a.out.is_file() and not a.quick:
         print(markdown(json.loads(a.out.read_text())))
         return 0

@@ -50,7 +50,7 @@ from . import world
 from .concepts import list_concepts, load_concept, make_concept_set
 from .evaluate import GEN, ConceptSamples, bootstrap_ci, class_scores, concept_samples, concept_scores, judged  # noqa: F401
 from .pipeline import load_pipeline
-from .pretrain import atomic_save, write_text
+from .files import atomic_save, write_text
 
 DEFAULT_WORK = Path("~/.cache/mcteach/bench").expanduser()
 BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.json"  # the README's figures

@@ -160,6 +160,18 @@ def pair_results(pipe, judge, pairs, seeds=range(2), tau: float = 0.5, batch: in
     return results
 
 
+def summary_table(summaries: dict[str, dict]) -> str:
+    """A text table of ``summarize_pairs`` results, one row per name: the outcome rates and the blend index
+    with their 95% intervals."""
+    keys = OUTCOMES + ("blend_index",)
+    width = max(len(k) for k in summaries) + 2
+    lines = [" " * width + "".join(f"{k.replace('_index', ''):>19}" for k in keys) + "     n"]
+    for name, s in summaries.items():
+        cells = "".join(f"{s[k][0]:>7.2f} [{s[k][1]:.2f},{s[k][2]:.2f}]" for k in keys)
+        lines.append(f"{name:<{width}}{cells}  {s['n']:>4}")
+    return "\n".join(lines)
+
+
 def global_similarity(judge, images, references: list) -> np.ndarray:
     """The whole-image score that per-instance judging replaces: cosine between each image's pooled judge
     features and the mean pooled features of each concept's reference images. (B, n_concepts).

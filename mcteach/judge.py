@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import world
-from .pretrain import atomic_save, write_text
+from .files import atomic_save, write_text
 
 JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge.safetensors"
 NOTHING = "nothing"

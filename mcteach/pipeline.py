@@ -27,15 +27,23 @@ class ModelNotAvailable(OSError):
 
 @contextmanager
 def quiet_loading():
-    """Hide diffusers'/transformers' per-file loading progress bars (restored afterwards)."""
+    """Hide diffusers'/transformers' per-file loading progress bars and their loading notices (an optional
+    torchvision backend, a LoRA file without text-encoder keys); errors still show. Restored afterwards."""
+    import warnings
+
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
     dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
     finally:
+        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
         if was[0]:
             dlog.enable_progress_bar()
         if was[1]:
@@ -84,7 +92,8 @@ def load_pipeline(
     local_files_only: only use the local hub cache (default: the ``HF_HUB_OFFLINE`` setting).
     Raises ``ModelNotAvailable`` with what to do when the model cannot be found or downloaded.
     """
-    from diffusers import StableDiffusionPipeline
+    with quiet_loading():  # importing the pipeline imports transformers' image processors, which talk
+        from diffusers import StableDiffusionPipeline
 
     device = pick_device(device)
     if dtype is None:

@@ -112,3 +112,35 @@ def show_losses(losses, ax=None, smooth: int = 25, title: str | None = None, lab
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+def show_outcomes(images, results, ncols: int = 8, size: float = 1.6, suptitle: str | None = None):
+    """Generated images titled with the judge's per-region verdict (``evaluate.PairResult``s, same order):
+    what each region was judged, and the outcome (✓ success, ⇄ swap, ×2 duplication, ∅ neglect, ? other)."""
+    marks = {"success": "✓", "swap": "⇄", "duplication": "×2", "neglect": "∅", "other": "?"}
+    titles = [f"{marks[r.outcome]} " + " | ".join(p.split(" with ")[0][:9] for p in r.predicted) for r in results]
+    return show_images(images, titles=titles, ncols=ncols, size=size, suptitle=suptitle)
+
+
+def show_token_grid(image, maps, tokens: list[str], ncols: int = 8, size: float = 1.4, suptitle: str | None = None):
+    """One overlay per token, all on ONE colour scale (0 .. the largest value of any map), with a colour bar:
+    a token whose map is faint really gets little attention. maps: (T, h, w) with T >= len(tokens)."""
+    import matplotlib.pyplot as plt
+
+    maps = torch.as_tensor(np.asarray(maps[: len(tokens)], dtype=np.float32))
+    a = to_array(image)
+    up = torch.nn.functional.interpolate(maps[:, None], size=a.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+    vmax = float(up.max())
+    nrows = -(-len(tokens) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 0.6, size * nrows + (0.35 if suptitle else 0.1)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < len(tokens):
+            ax.imshow(a)
+            im = ax.imshow(up[i].numpy(), cmap="jet", alpha=0.55, vmin=0.0, vmax=vmax)
+            ax.set_title(tokens[i], fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="attention (one scale)")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return fig

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import sd, tiny, world
+from .files import atomic_save, write_text  # noqa: F401  (re-exported: older code imports them from here)
 
 DEFAULT_WORK = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach")) / "pretrain"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
@@ -46,21 +47,6 @@ SAMPLE_PROMPTS = [
     "a frog on the left and a lion on the right",
     "a banana at the top and a guitar at the bottom",
 ]
-
-
-def atomic_save(obj, path: Path, save=None) -> None:
-    """``save(obj, tmp)`` (default ``torch.save``) to a temporary file, then rename: a crash never leaves a
-    half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    (save or torch.save)(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text(text: str, path: Path) -> None:
-    """``atomic_save``'s ``save`` for text files (JSON reports)."""
-    Path(path).write_text(text, encoding="utf-8")
 
 
 def scene_batch(step: int, batch_size: int, seed: int, classes=None):

@@ -26,12 +26,10 @@ def scene(left: str | None, right: str | None, seed: int) -> Image.Image:
 
 
 def blend(seed: int) -> Image.Image:
-    """A hybrid: the left half of A's render and the right half of B's, each centred: one face, two people."""
-    a = world.render_scene([(world.EMOJI[A], "centre")], seed=seed, background=(200, 220, 200)).image
-    b = world.render_scene([(world.EMOJI[B], "centre")], seed=seed, background=(200, 220, 200)).image
-    out = np.asarray(a).copy()
-    out[:, 32:] = np.asarray(b)[:, 32:]
-    return Image.fromarray(out)
+    """Hybrids: in each half, A and B drawn at the same place and mixed 50/50, pixel by pixel."""
+    a = world.render_scene([(world.EMOJI[A], "left"), (world.EMOJI[B], "right")], seed=seed, background=(200, 220, 200))
+    b = world.render_scene([(world.EMOJI[B], "left"), (world.EMOJI[A], "right")], seed=seed, background=(200, 220, 200))
+    return Image.blend(a.image, b.image, 0.5)
 
 
 def test_hand_built_images_get_the_expected_outcomes(judge):
@@ -49,10 +47,10 @@ def test_hand_built_images_get_the_expected_outcomes(judge):
     assert s["success"][1] < 0.5 < s["success"][2]  # a real interval around the mean
 
 
-def test_a_split_face_is_not_two_people(judge):
-    """One centred face whose halves come from two people: the halves hold half a face each."""
-    results = judge_instances(judge, [blend(s) for s in range(4)], [A, B], ["left", "right"])
-    assert sum(r.outcome == "success" for r in results) <= 1
+def test_hybrids_have_a_high_blend_index(judge):
+    results = judge_instances(judge, [blend(s) for s in range(8)], [A, B], ["left", "right"])
+    assert np.mean([r.blend for r in results]) > 0.25  # pure images: < 0.1 (above)
+    assert sum(r.outcome == "success" for r in results) <= 3
 
 
 def test_three_regions_and_their_outcomes():
@@ -71,9 +69,10 @@ def test_a_whole_image_score_cannot_see_a_swap(judge):
     """Cosine of pooled features: a swapped pair scores like a correct one; the per-region judge does not."""
     refs = [load_concept("woman_with_red_hair_and_medium_skin").images, load_concept("man_with_curly_hair_and_light_skin").images]
     correct = [scene(A, B, s) for s in range(8)]
-    swapped = [Image.fromarray(np.asarray(im)[:, ::-1].copy()) for im in correct]  # the same pixels, mirrored
+    swapped = [Image.fromarray(np.roll(np.asarray(im), 32, axis=1)) for im in correct]  # the halves exchanged
     sc, ss = global_similarity(judge, correct, refs), global_similarity(judge, swapped, refs)
-    assert np.abs(sc - ss).max() < 0.05  # the same score, to a few hundredths
+    gap = np.abs(sc.mean(0) - ss.mean(0))
+    assert gap.max() < 0.05 and (gap < sc.std(0)).all()  # the same score, within the seed-to-seed spread
     outcomes = [r.outcome for r in judge_instances(judge, swapped, [A, B], ["left", "right"])]
     assert outcomes.count("swap") >= 7
 

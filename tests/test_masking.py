@@ -138,3 +138,82 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
     torch.testing.assert_close(bound[1][:, ~left.flatten()], base[1][:, ~left.flatten()])
     with pytest.raises(ValueError, match="no LoRA adapter named 'b'"):
         bind_lora(pipe.unet, masker, {"b": 0})
+
+
+@pytest.mark.slow
+def test_masks_on_an_sd15_size_unet():
+    """SD 1.5's UNet from config (random weights), 32x32 latents: an inactive masker changes nothing, bit for bit;
+    the masks act at every resolution (32, 16, 8, 4) and cost little."""
+    from mcteach import tiny, world
+    from mcteach.attention import with_parts
+    from mcteach.bench import processor_timing
+
+    tok = tiny.build_tokenizer(world.vocabulary_words())
+    unet = tiny.build_components(tok, architecture="sd15")[2].eval()
+    unet.register_to_config(sample_size=32)
+    g = torch.Generator().manual_seed(0)
+    z, ctx = torch.randn(2, 4, 32, 32, generator=g), torch.randn(2, 77, 768, generator=g)
+    masks = region_masks(["left", "right"], 128)
+    with torch.no_grad():
+        ref = unet(z, 500, ctx).sample
+        masker = RegionMasker(masks, Fix("tokens", True, False), spans=[[2], [8]], eot=list(range(12, 77)), chunk=77)
+        masker.progress = 2.0  # outside its steps: inactive
+        previous = with_parts(unet, masker=masker)
+        same = unet(z, 500, ctx).sample
+        masker.progress = 0.5
+        seen = set()
+        original = masker.bias
+        masker.bias = lambda *a: seen.add(int(a[1] ** 0.5)) or original(*a)
+        masked = unet(z, 500, ctx).sample
+        unet.set_attn_processor(previous)
+    assert torch.equal(ref, same) and not torch.allclose(ref, masked)
+    assert seen == {32, 16, 8, 4}  # SD 1.5's attention resolutions at 32x32 latents, the mid block's included
+    t = processor_timing(unet, tokens=77, repeats=2)
+    assert t["ratio"]["tokens + self-attention masks"] < 1.5
+
+
+def test_masks_compose_with_a_hypernetwork_and_textual_inversion(random_pipe):
+    import copy
+
+    from mcteach.methods.hypernetwork import Hypernetwork, HypernetworkProcessor, attach, context_dims
+    from mcteach.methods.textual_inversion import add_placeholder
+
+    pipe = copy.deepcopy(random_pipe)
+    hn = Hypernetwork(context_dims(pipe))
+    for p in hn.parameters():
+        p.data.normal_(0, 0.1)
+    attach(pipe, hn)
+    add_placeholder(pipe.tokenizer, pipe.text_encoder, ["<cat>"], "cat")
+    prompt = "a <cat> on the left and a dog on the right"
+    regions = [Region("left", "a <cat>"), Region("right", "a dog")]
+    plain = generate(pipe, prompt, seed=0, steps=2)[0]
+    same = regional_generate(pipe, prompt, regions, fix=NO_FIX, seed=0, steps=2)[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(same))  # the hypernetwork still rewrites, nothing else
+    for fix in (Fix("tokens", True, False), Fix("regional", True, False), Fix("none", False, False, passes=True,
+                                                                              bootstrap=0.5, recentre=True)):
+        out = regional_generate(pipe, prompt, regions, fix=fix, seed=0, steps=2)[0]
+        assert not np.array_equal(np.asarray(plain), np.asarray(out)), fix
+    assert all(isinstance(p, HypernetworkProcessor) for n, p in pipe.unet.attn_processors.items() if "attn2" in n)
+
+
+def test_region_passes_with_one_full_region_are_a_plain_generation(random_pipe):
+    """One region covering the image: the passes reduce to the pipeline's own loop (up to float rounding)."""
+    plain = generate(random_pipe, "a cat", seed=3, steps=3)[0]
+    fix = Fix("none", False, False, passes=True, bootstrap=0.5, recentre=True)
+    one = regional_generate(random_pipe, "a cat", [Region((0, 0, 1, 1), "a cat")], fix=fix, seed=3, steps=3)[0]
+    assert np.abs(np.asarray(plain, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
+
+
+def test_command_line_regions():
+    from mcteach.__main__ import parse_region
+
+    metas = [{"concept": "w", "phrase": "cpd woman", "adapter_name": "w"}, {"concept": "m", "phrase": "tkb man",
+                                                                             "adapter_name": "m"}]
+    r = parse_region("left=a cpd woman", metas)
+    assert (r.where, r.prompt, r.phrase, r.adapter) == ("left", "a cpd woman", "cpd woman", "w")
+    r = parse_region("0.5,0,1,1=a tkb man", metas)
+    assert r.where == (0.5, 0.0, 1.0, 1.0) and r.adapter == "m"
+    with pytest.raises(ValueError, match="PLACE=SUB-PROMPT"):
+        parse_region("left", metas)
+    with pytest.raises(RegionError, match="neither a name"):
+        parse_region("middle=a cat", metas)

@@ -41,6 +41,8 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
 }
 ADAPTER_FILE = "adapter.json"
+#: small trained adapters shipped for the notebooks (training them all would exceed a notebook's 5 minutes)
+ADAPTERS_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "adapters"
 
 
 def make_method(method: str, **settings) -> Method:
@@ -63,6 +65,81 @@ def train_concept(pipe, concept, method: str, *, out, steps=None, lr=None, batch
     return train(pipe, concept, make_method(method, **settings), out=out, steps=steps, lr=lr,
                  batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume,
                  progress=progress, mask_weight=mask_weight, accelerator=accelerator, regularizers=regularizers)
+
+
+def shipped_adapter(method: str, concepts, *, retrain: bool = False, fix: bool = False, model=None,
+                    out: str | Path = "runs") -> Path:
+    """The folder of ``method`` trained on ``concepts`` (a slug, or several: joint) with the shipped defaults
+    (``fix=True``: with the training fix): ``data/adapters/<method>[-fix]/<slug>[+<slug>]`` when it is shipped
+    and ``retrain`` is False, else trained now into ``out`` (the same command the bench runs)."""
+    import torch
+
+    from ..pipeline import load_pipeline
+    from .engine import JOINT_METHODS
+
+    slugs = [concepts] if isinstance(concepts, str) else list(concepts)
+    name = "+".join(slugs)
+    kind = f"{method}-fix" if fix else method
+    shipped = ADAPTERS_DIR / kind / name
+    if shipped.is_dir() and not retrain and model is None:
+        return shipped
+    folder = Path(out) / kind / name
+    if not (folder / ADAPTER_FILE).is_file() or retrain:
+        reg = None
+        if fix:
+            reg = TRAINING_FIX if len(slugs) > 1 and method in JOINT_METHODS else Regularizers(
+                masked_loss=True, attention_weight=TRAINING_FIX.attention_weight)
+        pipe = load_pipeline(model, dtype=torch.float32)
+        train_concept(pipe, slugs[0] if len(slugs) == 1 else slugs, method, out=folder, regularizers=reg)
+    return folder
+
+
+#: the files ``Method.load`` reads, per method (the others are copies in other tools' formats)
+LOADED_FILES = {"lora": ["diffusers"], "textual_inversion": ["diffusers"], "hypernetwork": ["a1111"],
+                "dreambooth": ["unet", "text_encoder"]}
+
+
+def export_adapter(folder: str | Path, dest: str | Path) -> Path:
+    """Copy what ``load_adapter`` needs from a training folder to ``dest``, weights in float16 (how the course
+    ships adapters in ``data/adapters``): adapter.json and the loaded files, no checkpoints or other formats."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    folder, dest = Path(folder), Path(dest)
+    meta = read_adapter(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    for key in LOADED_FILES[meta["method"]]:
+        if key not in meta["files"]:
+            continue
+        src, out = folder / meta["files"][key], dest / meta["files"][key]
+        if src.is_dir():
+            shutil.copytree(src, out, dirs_exist_ok=True)
+        elif src.suffix == ".safetensors":
+            with safe_open(str(src), "pt") as f:
+                info = f.metadata()
+            half = {k: v.half() if v.is_floating_point() else v for k, v in load_file(src).items()}
+            save_file(half, out, metadata=info)
+        else:
+            state = torch.load(src, weights_only=True)
+            torch.save(_half(state), out)
+    meta["files"] = {k: v for k, v in meta["files"].items() if k in LOADED_FILES[meta["method"]]}
+    (dest / ADAPTER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return dest
+
+
+def _half(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.half() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _half(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_half(v) for v in obj)
+    return obj
 
 
 def read_adapter(path: str | Path) -> dict:
@@ -162,5 +239,5 @@ def load_adapters(pipe, folders, weights=None, *, merge: bool = False) -> list[d
 
 
 __all__ = ["TRAINING_FIX", "Regularizers", "METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
-           "read_adapter", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
+           "read_adapter", "shipped_adapter", "export_adapter", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
            "format_changes"]

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .. import sd
 from ..attention import token_indices
 from ..concepts import Concept, compose, load_concept
-from ..pretrain import atomic_save
+from ..files import atomic_save
 
 
 IDENTIFIER_LETTERS = "bcdfghjklmnpqrstvwxz"  # consonants only: no English word, several tokens in any tokenizer

@@ -153,4 +153,7 @@ class LoRA(Method):
 
     @staticmethod
     def load(pipe, folder, meta):
-        pipe.load_lora_weights(str(Path(folder)), weight_name=DIFFUSERS_FILE, adapter_name=meta["adapter_name"])
+        from ..pipeline import quiet_loading
+
+        with quiet_loading():
+            pipe.load_lora_weights(str(Path(folder)), weight_name=DIFFUSERS_FILE, adapter_name=meta["adapter_name"])

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from mcteach import bench
+
+KEYS = {"method", "fix", "pair", "success", "swap", "neglect", "duplication", "blend", "fidelity", "train_s", "image_s", "n"}
+
+
+def fake_row(method, fix, pair, slugs):
+    v = [0.5, 0.25, 0.75]
+    return {"method": method, "fix": fix, "pair": pair, "concepts": list(slugs), "prompt": "p", "success": v,
+            "swap": v, "duplication": v, "neglect": v, "other": v, "blend": v, "fidelity": v, "train_s": 60.0,
+            "image_s": 0.5, "n": 8}
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    class Stub:
+        def __init__(self, *a, **k):
+            self.calls = []
+
+        def row(self, *args):
+            return fake_row(*args)
+
+        def base_row(self, pair, slugs):
+            return fake_row("base model", "none", pair, slugs)
+
+    monkeypatch.setattr(bench, "Bench", Stub)
+
+
+def test_quick_json_has_the_documented_schema(stub, capsys):
+    assert bench.main(["--quick", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["fix"], r["pair"]) for r in report["rows"]] == [("lora", "none", "couple"),
+                                                                            ("lora", "inference", "couple")]
+    for r in report["rows"]:
+        assert set(r) == KEYS and r["fix"] in bench.FIXES
+        assert all(len(r[k]) == 3 for k in ("success", "swap", "neglect", "duplication", "blend", "fidelity"))
+
+
+def test_runs_resume_and_merge(stub, tmp_path):
+    out = tmp_path / "a.json"
+    bench.run(methods=["lora"], fixes=["none"], pairs=["couple"], out=out, triple=False, base=False)
+    bench.run(methods=["lora"], fixes=["none", "both"], pairs=["couple"], out=out, triple=False, base=False)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["fix"]) for r in rows] == ["none", "both"]  # the first row was kept, not run again
+    other = tmp_path / "b.json"
+    bench.run(methods=["dreambooth"], fixes=["none"], pairs=["couple"], out=other, triple=False, base=True)
+    merged = tmp_path / "m.json"
+    assert bench.main(["--merge", str(out), str(other), "--out", str(merged)]) == 0
+    text = bench.markdown(json.loads(merged.read_text()))
+    assert text.count("| couple |") == 4 and "| couple | base model | none |" in text.splitlines()[2]
