@@ -93,19 +93,25 @@ class Bench:
             seconds += json.loads(info.read_text())["seconds"]
         return folders, seconds
 
-    # --------------------------------------------------------------- one row
-    def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
-        from .masking import INFERENCE_FIX, NO_FIX, Region, regional_generate
+    def loaded(self, method: str, slugs: tuple[str, ...], regularized: bool):
+        """A fresh pipeline with the concepts' adapters loaded: (pipe, {slug: phrase}, {slug: LoRA adapter name},
+        the concepts, a judge that knows them, training seconds)."""
         from .methods import load_adapters, phrases
         from .pipeline import load_pipeline
 
-        folders, train_s = self.trained(method, slugs, fix in ("training", "both"))
+        folders, train_s = self.trained(method, slugs, regularized)
         pipe = load_pipeline(self.model)
         metas = load_adapters(pipe, folders)
         said = {k: v for m in metas for k, v in phrases(m).items()}
         adapter_of = {s: m.get("adapter_name") for m in metas for s in phrases(m)}
         concepts = [load_concept(s) for s in slugs]
-        judge = self.judge.with_concepts(concepts)
+        return pipe, said, adapter_of, concepts, self.judge.with_concepts(concepts), train_s
+
+    # --------------------------------------------------------------- one row
+    def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
+        from .masking import INFERENCE_FIX, NO_FIX, Region, regional_generate
+
+        pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in ("training", "both"))
         masks = INFERENCE_FIX if fix in ("inference", "both") else NO_FIX
         positions = THIRDS if len(slugs) == 3 else LAYOUT
         prompt = _prompt([said[s] for s in slugs], positions)
@@ -179,17 +185,9 @@ def ablation_fixes() -> dict:
 def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[dict]:
     """Every fix of ``ablation_fixes`` on one pair's separately trained adapters: rows as in ``Bench.row``."""
     from .masking import Region, regional_generate
-    from .methods import load_adapters, phrases
-    from .pipeline import load_pipeline
 
     slugs = PAIRS[pair]
-    folders, train_s = bench.trained(method, slugs, False)
-    pipe = load_pipeline(bench.model)
-    metas = load_adapters(pipe, folders)
-    said = {k: v for m in metas for k, v in phrases(m).items()}
-    adapter_of = {s: m.get("adapter_name") for m in metas for s in phrases(m)}
-    concepts = [load_concept(s) for s in slugs]
-    judge = bench.judge.with_concepts(concepts)
+    pipe, said, adapter_of, concepts, judge, _ = bench.loaded(method, slugs, False)
     prompt = _prompt([said[s] for s in slugs], LAYOUT)
     seeds = list(range(bench.seeds))
     rows = []

@@ -217,3 +217,22 @@ def test_command_line_regions():
         parse_region("left", metas)
     with pytest.raises(RegionError, match="neither a name"):
         parse_region("middle=a cat", metas)
+
+
+def test_command_line_two_adapters_with_the_fix(tmp_path, capsys):
+    from PIL import Image
+
+    from mcteach.__main__ import main
+    from mcteach.methods import ADAPTERS_DIR
+
+    a, b = (str(ADAPTERS_DIR / "lora" / s) for s in ("woman_with_red_hair_and_medium_skin",
+                                                      "man_with_curly_hair_and_light_skin"))
+    out = tmp_path / "couple.png"
+    args = ["generate", "--adapter", a, "--adapter", b, "--prompt", "a cpd woman on the left and a tkb man on the right",
+            "--steps", "2", "--out", str(out)]
+    assert main(args + ["--region", "left=a cpd woman", "--region", "right=a tkb man", "--fix", "inference"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert main(args + ["--fix", "inference"]) == 2
+    assert "needs one --region per concept" in capsys.readouterr().err
+    assert main(args + ["--region", "left=a cpd woman", "--region", "left=a tkb man", "--fix", "inference"]) == 2
+    assert "entirely inside" in capsys.readouterr().err

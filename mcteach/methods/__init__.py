@@ -6,7 +6,7 @@ is saved. Every run writes ``adapter.json`` (method, phrase, class word, setting
 
     pipe = load_pipeline(dtype=torch.float32)                                 # train in float32, also on a GPU
     result = train_concept(pipe, "koala", "lora", out="runs/koala-lora")      # trains pipe in place
-    images = generate(pipe, f"a {result.phrase} on the left", seed=0)         # "a sks bear on the left"
+    images = generate(pipe, f"a {result.phrase} on the left", seed=0)         # "a bbm bear on the left"
 
     base = load_pipeline()
     meta = load_adapter(base, "runs/koala-lora")                              # same images as above
@@ -15,11 +15,12 @@ is saved. Every run writes ``adapter.json`` (method, phrase, class word, setting
 |---|---|---|---|
 | ``textual_inversion`` | new token embedding(s) | ``<koala>`` | learned_embeds.safetensors, koala.pt (webui) |
 | ``hypernetwork`` | K/V context MLPs | the class word | koala.pt (webui) |
-| ``dreambooth`` | the UNet (± text encoder) | ``sks bear`` | unet/ (± text_encoder/), fp16 |
-| ``lora`` | low-rank A, B in attention | ``sks bear`` | pytorch_lora_weights.safetensors, koala_kohya.safetensors |
+| ``dreambooth`` | the UNet (± text encoder) | ``bbm bear`` | unet/ (± text_encoder/), fp16 |
+| ``lora`` | low-rank A, B in attention | ``bbm bear`` | pytorch_lora_weights.safetensors, koala_kohya.safetensors |
 
 Command line: ``python -m mcteach train --method lora --concept data/concepts/koala --out runs/koala-lora``
-and ``python -m mcteach generate --adapter runs/koala-lora --prompt "a sks bear on the left" --out k.png``.
+and ``python -m mcteach generate --adapter runs/koala-lora --prompt "a bbm bear on the left" --out k.png``
+(each concept gets its own identifier, "bbm" for the koala: ``engine.default_identifier``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""DreamBooth (Ruiz et al. 2022): fine-tune the whole UNet on "a sks bear", with prior preservation.
+"""DreamBooth (Ruiz et al. 2022): fine-tune the whole UNet on "a [V] bear", with prior preservation.
 
-A rare identifier ("sks") before the class word names the concept: the concept's captions become
-"a sks bear on the left". Every UNet weight trains (``text_encoder=True``: the text encoder's too;
+A rare identifier [V] before the class word names the concept (the paper's "sks"; here one per concept, made from
+its name: "bbm" for the koala), so the concept's captions become "a bbm bear on the left". Every UNet weight trains (``text_encoder=True``: the text encoder's too;
 the VAE never does). Fine-tuning the whole model on 6 images makes it forget what a plain "bear" looks
 like (language drift); prior preservation counters it with class images the *base* model drew for
 "a bear", "a bear on the left", ..., kept in the loss with weight lambda:
 
-    L = E || eps - eps_theta(z_t, t, "a sks bear ...") ||^2 + lambda E || eps' - eps_theta(z'_t, t', "a bear ...") ||^2
+    L = E || eps - eps_theta(z_t, t, "a [V] bear ...") ||^2 + lambda E || eps' - eps_theta(z'_t, t', "a bear ...") ||^2
         (concept images)                                       (class images x'_0: the base model's samples)
 
 The class alone is not enough here: it keeps "a bear", but the rest of the world is forgotten. After DreamBooth

@@ -12,7 +12,7 @@ Every method fine-tunes *some* parameters theta of the same noise predictor
 ``m`` is the concept's mask averaged down to the latent grid (B, 1, 16, 16): ``mask_weight=0`` (the
 default) is the plain loss, ``mask_weight > 0`` weights the object's pixels more (the masked-loss
 lesson). The prompt ``c_b`` is the concept's caption with its name replaced by the method's phrase:
-"a koala on the left" becomes "a <koala> on the left" (Textual Inversion) or "a sks bear on the left"
+"a koala on the left" becomes "a <koala> on the left" (Textual Inversion) or "a bbm bear on the left"
 (DreamBooth, LoRA), so the position words keep their meaning.
 
 The optimizer is AdamW (no weight decay) with gradients clipped to norm 1; the rate is constant, or decays to 0 on a

@@ -12,8 +12,8 @@ convolutions in SD 1.5 and here). ``targets=UNET_TARGETS`` is the attention-only
 script. The tiny UNet has 84 such layers: rank 4 is 97,280 parameters (1.6% of its 5.9M; attention only: 56
 layers, 46,592). Only A and B train (``text_encoder=True`` also adds them to the text encoder's ``q_proj``,
 ``k_proj``, ``v_proj``, ``out_proj``).
-Prompts use "a sks bear" (``identifier`` + class word); give each concept its own identifier
-when several LoRAs are used together.
+Prompts use "a bbm bear" (``identifier`` + class word); by default each concept gets its own identifier, made
+from its name, so several LoRAs can be told apart when used together.
 
 Saved files (``out/``):
 - ``pytorch_lora_weights.safetensors``: diffusers' format (``StableDiffusionPipeline.save_lora_weights``,
