@@ -174,7 +174,7 @@ def test_a_run_writes_adapter_json_and_freezes_everything(random_pipe, tmp_path)
     pipe = fresh(random_pipe)
     r = quick(pipe, "lora", tmp_path, steps=3, rank=2)
     meta = json.loads((tmp_path / "adapter.json").read_text())
-    assert meta["method"] == "lora" and meta["phrase"] == r.phrase == "sks bear" and meta["class_word"] == "bear"
+    assert meta["method"] == "lora" and meta["phrase"] == r.phrase == "bbm bear" and meta["class_word"] == "bear"
     assert meta["settings"]["rank"] == 2 and meta["training"]["steps"] == 3 and meta["concept"] == "koala"
     assert meta == r.meta and set(meta["files"]) == {"diffusers", "kohya"} and len(r.losses) == 3 and r.seconds > 0
     assert not any(p.requires_grad for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters())
@@ -214,7 +214,7 @@ def test_folders_without_images_or_class_word_are_refused(random_pipe, tmp_path)
         quick(fresh(random_pipe), "dreambooth", tmp_path / "out", concept=photos)
     with pytest.warns(UserWarning, match=resized):
         r = quick(fresh(random_pipe), "lora", tmp_path / "out", concept=photos, class_word="bear", steps=1)
-    assert r.phrase == "sks bear" and r.meta["name"] == "photos"
+    assert r.phrase == "qjx bear" and r.meta["name"] == "photos"
 
 
 def test_half_precision_pipelines_are_refused(random_pipe, tmp_path):
@@ -485,7 +485,7 @@ def test_dreambooth_trains_the_unet_and_optionally_the_text_encoder(random_pipe,
     pipe = fresh(random_pipe)
     before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
     r = quick(pipe, "dreambooth", tmp_path, text_encoder=text_encoder)
-    assert r.phrase == "sks bear"
+    assert r.phrase == "bbm bear"
     assert_same(state(pipe.vae), before["vae"])
     changed = {k for k, v in state(pipe.unet).items() if not torch.equal(v, before["unet"][k])}
     assert len(changed) > len(before["unet"]) // 2
@@ -552,13 +552,13 @@ def test_cli_trains_and_generates_with_the_adapter(model_dir, tmp_path, capsys):
     args = ["train", "--method", "lora", "--concept", "koala", "--out", str(out), "--steps", "2",
             "--model", str(model_dir)]
     assert main(args) == 0
-    assert "sks bear" in capsys.readouterr().out and (out / "adapter.json").is_file()
+    assert "bbm bear" in capsys.readouterr().out and (out / "adapter.json").is_file()
     image = tmp_path / "k.png"
-    assert main(["generate", "--model", str(model_dir), "--adapter", str(out), "--prompt", "a sks bear",
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(out), "--prompt", "a bbm bear",
                  "--steps", "2", "--out", str(image), "--device", "cpu"]) == 0
     pipe = load_pipeline(model_dir, device="cpu")
     load_adapter(pipe, out)
-    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(generate(pipe, "a sks bear", steps=2)[0]))
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(generate(pipe, "a bbm bear", steps=2)[0]))
 
 
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):

@@ -30,28 +30,8 @@ safetensors: the other parts come from the base model, so with plain diffusers
 ones rounded to fp16.
 
 Defaults: 800 steps of 2 concept + 2 prior images at lr 3e-4, decayed to 0 on a cosine (``lr_schedule``), the text
-encoder trained too, 10 class images and the world's 60, prior weight 1 (the base model trained at 4e-4). The rate
-and steps were chosen at a constant rate, with the class prior only, on three concepts of the 4900-step base model
-(fidelity over seeds 0-7, one CPU thread; ``python -m mcteach.benchmark --methods dreambooth --set ...`` reruns any
-cell):
-
-| UNet only | + text encoder |
-|---|---|
-| 1e-3 x 600: koala 0.88, hamster 0.12, bearded person 0.62 (over-saturated samples) | 5e-4 x 400: koala 0.88, hamster 0.75, bearded person 0.50 |
-| 7e-4 x 400: koala 0.75, hamster 0.00 | 5e-4 x 300: koala 0.75, hamster 0.38, bearded person 0.38 |
-| 5e-4 x 800: koala 0.25 ("a sks bear" still drew bears) | **3e-4 x 600: koala 1.00, hamster 0.50, bearded person 1.00** |
-
-Then, with the world prior, the constant rate left the hamster at 0.62 (a washed-out orange face, judged an electric
-light bulb or an older man in 3 of 8 seeds; 4e-4: 0.62 too). 800 steps brought it to 1.00, but the bearded person
-fell from 0.88 to 0.62 (judged a woman): at a constant rate the weights still wander at the end, so the result
-depends on where training stops. Decaying the rate to 0 on a cosine gave 1.00 on both, at 600 steps as at 800; over
-all ten concepts, 600 decayed steps left the peach and the raccoon at 0.75 (the decay halves the mean rate), 800
-brought both to 1.00. The class and world images are drawn ``class_batch`` at a time: the same images, to within
-one grey level, as one by one, and faster (16 images on 2 threads: 4.0 s in batches of 8, 6.6 s one by one).
-
-Training the text encoder lets "sks bear" move away from "bear" without pushing the UNet hard; a high rate
-instead burns the samples' colours, which the judge (trained on clean renders) no longer recognises.
-For SD 1.5, use the usual 5e-6 (``lr=5e-6``).
+encoder trained too, 10 class images and the world's 60, prior weight 1. How they were chosen, with the measurements: the
+README's "How the methods' defaults were chosen". For SD 1.5, use the usual 5e-6 (``lr=5e-6``).
 """
 
 from __future__ import annotations

@@ -23,13 +23,8 @@ Saved file (``out/<slug>.pt``): the webui's layout, plain tensors, ints and stri
     {128: [state_dict_k, state_dict_v],         # keys "linear.0.weight", "linear.0.bias", "linear.2.weight", ...
      "layer_structure": [1, 2, 1], "activation_func": "relu", "name": "koala", "step": 500, ...}
 
-Defaults (500 steps of 2 images, lr 1e-3, relu) train in about 70 s on 2 CPU cores. Like Textual Inversion
-it steers a frozen UNet: it learns a class the UNet draws (tiger images from "cat": fidelity 1.00 over seeds
-0-7) but rarely a held-out concept the UNet has never drawn, and more training did not help (croissant: 1000
-steps 0.00, lr 3e-3 0.00; bearded person: 1000 steps 0.50, as at 500; layer structure [1, 4, 1] at 3e-3: croissant
-0.62 after 1500 steps, 0.50 after 3000, koala 0.00 after 3000). Free per-layer context offsets, the most a frozen-UNet method
-can do (``mcteach.methods.ceiling``), reach 0.88 on the croissant and 0.50 on the koala. ``python -m mcteach.benchmark``
-measures all three; the README has the tables.
+Defaults: 500 steps of 2 images, lr 1e-3, relu. How they were chosen, with the measurements: the
+README's "How the methods' defaults were chosen".
 """
 
 from __future__ import annotations

@@ -28,13 +28,8 @@ Saved files (``out/``):
 Loading a text-encoder LoRA with diffusers goes through transformers' peft integration, which (transformers 5)
 needs peft >= 0.22; UNet-only LoRAs (the default) load with any supported peft.
 
-Defaults: rank 4, alpha 4, 800 steps of 2 images at lr 2e-3, kohya's layer set. Measured (4900-step base
-model, fidelity over seeds 0-7, one CPU thread): on the koala, with attention-only targets, 400 steps at 1e-3 gave
-0.38, 400 at 2e-3 0.62, 800 at 2e-3 1.00 in 51 s. Over all ten held-out concepts, attention only fell short on the
-trumpet (0.38: the right colours and outline, but mushy, judged a cow or a pig) and the raccoon (0.75), and more of
-the same did not help (trumpet: 1200 steps 0.25, rank 8 0.00, lr 1e-3 x 1600 0.25, the text encoder too 0.12,
-masked loss 0.38). Adding the feed-forward and proj layers did: trumpet 1.00, every concept >= 0.88, in about 60 s.
-``python -m mcteach.benchmark --methods lora`` measures every concept; the README has the table. For SD 1.5 the usual rate is 1e-4.
+Defaults: rank 4, alpha 4, 800 steps of 2 images at lr 2e-3, kohya's layer set. How they were chosen, with the measurements: the
+README's "How the methods' defaults were chosen". For SD 1.5 the usual rate is 1e-4.
 """
 
 from __future__ import annotations

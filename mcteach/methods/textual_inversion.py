@@ -18,16 +18,8 @@ Saved files (``out/``):
 - ``<slug>.pt``: AUTOMATIC1111's layout ``{"string_to_param": {"*": (num_vectors, d)}, "name", "step"}``
   (``pipe.load_textual_inversion("out/koala.pt")`` reads it too; in the webui the file name is the word).
 
-Defaults: 500 steps of 2 images. The learning rate is 1e-3: the embedding rows of the tiny model have length
-~0.23 (median) and Adam moves each coordinate by about ``lr`` per step, so at 5e-3 the learned vector ended
-5x longer than the median word (|v| = 1.23 against a 99th percentile of 0.43; koala, seed 0, 4900-step base
-model) and dominated the prompt; notebook 02 shows this failure.
-
-What it can learn is bounded by what the frozen UNet can draw. With these defaults it learns a class the tiny
-UNet was trained on (tiger images from "cat": fidelity 1.00 over seeds 0-7) but not the held-out concepts,
-which the UNet has never drawn (croissant: 0.00; more capacity or rate did not help: 4 vectors 0.00, lr 3e-3
-for 800 steps 0.00, 8 vectors for 1500 steps at 3e-3 0.00), though free context offsets with the UNet just as
-frozen reach 0.88 there (``mcteach.methods.ceiling``): one vector through the text encoder is the narrower limit. ``python -m mcteach.benchmark`` measures both; the README has the table.
+Defaults: 500 steps of 2 images at lr 1e-3. How they were chosen, with the measurements: the
+README's "How the methods' defaults were chosen".
 """
 
 from __future__ import annotations
