@@ -219,7 +219,8 @@ def load_adapters(pipe, folders, weights=None, *, merge: bool = False) -> list[d
         for slug, phrase in phrases(m).items():
             if phrase in seen:
                 raise ValueError(f"{f} and {seen[phrase]} both answer to {phrase!r}: no prompt or mask can tell them "
-                                 "apart; retrain one with its own identifier (--identifier)")
+                                 "apart; retrain one with its own identifier (--identifier; a HyperNetwork answers to "
+                                 "its class word, so give it another method)")
             seen[phrase] = f
     names = [m.get("adapter_name") for m in metas]
     if method == "lora" and len(set(names)) < len(names):

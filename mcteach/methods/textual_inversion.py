@@ -117,7 +117,10 @@ class TextualInversion(Method):
 
     @staticmethod
     def load(pipe, folder, meta):
-        pipe.load_textual_inversion(str(Path(folder) / EMBEDS_FILE))
+        from ..pipeline import quiet_loading
+
+        with quiet_loading():
+            pipe.load_textual_inversion(str(Path(folder) / EMBEDS_FILE))
 
 
 def _word_ids(tokenizer, n: int) -> torch.Tensor:
