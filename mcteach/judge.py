@@ -91,12 +91,7 @@ class Judge(nn.Module):
     def region_logits(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
         """Crop each (3, 64, 64) image of ``images`` (B, 3, 64, 64) to its position's region and
         classify it; one forward pass per position. Returns logits (B, n_labels)."""
-        out = images.new_empty(len(positions), len(self.labels))
-        for pos in sorted(set(positions)):
-            idx = torch.tensor([i for i, p in enumerate(positions) if p == pos])
-            x0, y0, x1, y1 = region_box(pos)
-            out[idx] = self(images[idx, :, y0:y1, x0:x1])
-        return out
+        return self._by_region(self, images, positions, len(self.labels))
 
     @torch.no_grad()
     def pooled_features(self, images, position: str = "centre") -> torch.Tensor:
@@ -124,13 +119,9 @@ class Judge(nn.Module):
             feats, ys = [], []
             for k, c in enumerate(new):
                 positions = [p if p in world.POSITIONS else "centre" for p in (c.positions or ["centre"] * len(c))]
-                x = to_tensor(c.images).repeat(copies, 1, 1, 1)
-                x = augment(x, gen)
-                for pos in sorted(set(positions)):
-                    idx = torch.tensor([i for i, p in enumerate(positions * copies) if p == pos])
-                    x0, y0, x1, y1 = region_box(pos)
-                    feats.append(self.pool(x[idx, :, y0:y1, x0:x1]))
-                    ys.append(torch.full((len(idx),), len(self.labels) + k))
+                x = augment(to_tensor(c.images).repeat(copies, 1, 1, 1), gen)
+                feats.append(self.region_pool(x, positions * copies))
+                ys.append(torch.full((len(x),), len(self.labels) + k))
             images, positions, labels = batch("imprint", seed, 0, negatives)
             feats.append(self.region_pool(augment(images, gen), positions))
             ys.append(labels)
@@ -156,11 +147,16 @@ class Judge(nn.Module):
 
     def region_pool(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
         """``pool`` of each image's position region: (B, widths[-1])."""
-        out = images.new_empty(len(positions), self.head.in_features)
+        return self._by_region(self.pool, images, positions, self.head.in_features)
+
+    @staticmethod
+    def _by_region(fn, images: torch.Tensor, positions: list[str], width: int) -> torch.Tensor:
+        """``fn`` (B', 3, h, w) -> (B', width) on each image's region crop, one call per position."""
+        out = images.new_empty(len(positions), width)
         for pos in sorted(set(positions)):
             idx = torch.tensor([i for i, p in enumerate(positions) if p == pos])
             x0, y0, x1, y1 = region_box(pos)
-            out[idx] = self.pool(images[idx, :, y0:y1, x0:x1])
+            out[idx] = fn(images[idx, :, y0:y1, x0:x1])
         return out
 
 

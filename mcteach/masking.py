@@ -192,6 +192,13 @@ class RegionMasker:
         self.progress = 0.0
         self.suspended = False  # True: no bias at all (the layout-guidance pass reads plain attention)
         self._cache: dict = {}
+        self._hard: dict[int, torch.Tensor] = {}
+
+    def hard(self, side: int) -> torch.Tensor:
+        """``masks_at(masks, side)``, computed once per resolution (LoRA hooks ask at every layer call)."""
+        if side not in self._hard:
+            self._hard[side] = masks_at(self.masks, side)
+        return self._hard[side]
 
     def active(self, side: int) -> bool:
         lo, hi = self.fix.steps
@@ -208,7 +215,7 @@ class RegionMasker:
             allowed = self._cross(side, n_keys) if is_cross else self._self(side)
             b = torch.zeros(allowed.shape, dtype=like.dtype).masked_fill(~allowed, float("-inf"))
             if is_cross and self.fix.cross == "regional" and 0 < self.fix.base < 1:  # region pixels: base : own prompt
-                inside = masks_at(self.masks, side).any(0)
+                inside = self.hard(side).any(0)
                 b[inside, : self.chunk] += math.log(self.fix.base)
                 b[inside, self.chunk :] += math.log(1 - self.fix.base)
             b = b[None, None]
@@ -218,7 +225,7 @@ class RegionMasker:
         return self._cache[key]
 
     def _cross(self, side: int, n_keys: int) -> torch.Tensor:
-        m = masks_at(self.masks, side)  # (R, N)
+        m = self.hard(side)  # (R, N)
         inside = m.any(0)
         allowed = torch.ones(side * side, n_keys, dtype=torch.bool)
         if self.fix.cross == "tokens":
@@ -240,7 +247,7 @@ class RegionMasker:
         return allowed
 
     def _self(self, side: int) -> torch.Tensor:
-        m = masks_at(self.masks, side).float()  # (R, N)
+        m = self.hard(side).float()  # (R, N)
         shared = (m.T @ m) > 0  # (N, N): i and j share a region
         inside = m.sum(0) > 0
         return shared | ~inside[:, None] | ~inside[None, :]
@@ -307,9 +314,9 @@ def _binder(masker: RegionMasker, region: int, text_side: bool):
             return out * keep[None, :, None]
         if out.ndim == 4:  # conv 1x1 (proj_in/out): (B, C, H, W)
             side = out.shape[-1]
-            return out * masks_at(masker.masks, side)[region].view(1, 1, side, side).to(out)
+            return out * masker.hard(side)[region].view(1, 1, side, side).to(out)
         side = math.isqrt(out.shape[1])  # (B, N, C) pixels
-        return out * masks_at(masker.masks, side)[region].view(1, -1, 1).to(out)
+        return out * masker.hard(side)[region].view(1, -1, 1).to(out)
 
     return hook
 
@@ -399,7 +406,7 @@ def layout_loss(store, masker: RegionMasker) -> torch.Tensor:
     total, n = 0.0, 0
     for probs in store.cross.values():  # (B, N, T)
         side = math.isqrt(probs.shape[1])
-        m = masks_at(masker.masks, side).to(probs.device)
+        m = masker.hard(side).to(probs.device)
         for r, span in enumerate(masker.spans):
             a = probs[..., span].sum(-1)  # (B, N)
             inside = (a * m[r]).sum(-1) / a.sum(-1).clamp_min(1e-8)
@@ -450,6 +457,8 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
     Attention masks of ``fix`` (cross, self) act inside every pass."""
     import random
 
+    from PIL import Image
+
     from . import sd, world
 
     unet, sched = pipe.unet, pipe.scheduler
@@ -468,7 +477,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
     latents = torch.cat([sd.initial_latents(pipe, 1, s) for s in seeds])
     noise = latents / sched.init_noise_sigma
     colours = [world._background(random.Random(f"bootstrap/{s}")) for s in seeds]
-    bg = sd.encode_images(pipe, [__import__("PIL.Image").Image.new("RGB", (size, size), c) for c in colours])
+    bg = sd.encode_images(pipe, [Image.new("RGB", (size, size), c) for c in colours])
     m, rest = m.to(device, dtype), rest.to(device, dtype)
     sched.set_timesteps(steps, device=device)
     n = len(seeds)
@@ -505,9 +514,9 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
                 eps = 0
                 for r, cond in enumerate(conds):
                     z = latents
-                    if progress < fix.bootstrap:
-                        z_bg = sched.add_noise(bg, noise, t.reshape(1)) if hasattr(sched, "add_noise") else bg
-                        z = m[r] * latents + (1 - m[r] > 0.5) * (1 - m[r]) * z_bg + (1 - m[r] <= 0.5) * (1 - m[r]) * latents
+                    if progress < fix.bootstrap:  # outside the region (mostly): noised plain background
+                        z_bg = sched.add_noise(bg, noise, t.reshape(1))
+                        z = m[r] * latents + (1 - m[r]) * torch.where(1 - m[r] > 0.5, z_bg, latents)
                     dy, dx = shifts[r]
                     e = eps_of(torch.roll(z, (dy, dx), dims=(2, 3)), t, cond, names[r])
                     eps = eps + m[r] * torch.roll(e, (-dy, -dx), dims=(2, 3))
