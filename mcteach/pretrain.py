@@ -2,6 +2,10 @@
 
     python -m mcteach.pretrain train            # tokenizer -> VAE -> UNet + text encoder (resumable)
     python -m mcteach.pretrain export           # EMA weights -> data/tiny-sd (fp16 safetensors)
+    python -m mcteach.pretrain status           # where a run stands: steps, losses, the VAE's error
+
+The recipe (the world, the VAE architecture, where the UNet starts from) is fixed on the first
+``train`` of a work folder and checked on every resume, so a resumed run cannot silently change it.
 
 Stages, as in Stable Diffusion:
 1. tokenizer: byte-level BPE with one token per caption word (``tiny.build_tokenizer``);
@@ -50,7 +54,8 @@ SAMPLE_PROMPTS = [
 
 
 def scene_batch(step: int, batch_size: int, seed: int, classes=None):
-    """Batch number ``step`` of the world: images in [-1, 1] (B,3,64,64), masks (B,64,64), captions."""
+    """Batch number ``step`` of the world (``classes``, default the base classes): images in [-1, 1]
+    (B,3,64,64), masks (B,64,64), captions."""
     scenes = [world.random_scene(seed * 10**9 + step * batch_size + i, classes) for i in range(batch_size)]
     images = np.stack([np.asarray(s.image, dtype=np.float32) / 127.5 - 1.0 for s in scenes])
     masks = np.stack([s.masks.max(axis=0) for s in scenes])
@@ -70,38 +75,68 @@ def _lr(step: int, base: float, warmup: int, total: int | None = None) -> float:
     return base * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
 
 
-def train_tokenizer(work: Path):
+def train_tokenizer(work: Path, classes=None):
     path = work / "tokenizer"
     if not (path / "tokenizer.json").exists():
-        tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES)).save_pretrained(path)
+        tiny.build_tokenizer(world.vocabulary_words(classes or world.BASE_CLASSES)).save_pretrained(path)
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(path)
 
 
+def autocast(device: str, enabled: bool = True):
+    """bfloat16 autocast: ~3x faster VAE steps on CPUs with AMX/AVX512-BF16 (measured), and on GPUs."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def concept_images(root: Path | None = None) -> torch.Tensor:
+    """The shipped concept images (held-out renders, never in training) as (N, 3, 64, 64) in [-1, 1]."""
+    from PIL import Image
+
+    root = root or Path(__file__).resolve().parent.parent / "data" / "concepts"
+    files = sorted(f for f in root.glob("*/*.png") if not f.stem.endswith("_mask"))
+    arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def reconstruction_error(vae, images: torch.Tensor) -> float:
+    """Mean absolute error, in 0-255 units, of decode(encode(images).mean) (images in [-1, 1])."""
+    p = next(vae.parameters())
+    x = images.to(p.device, p.dtype)
+    rec = torch.cat([vae.decode(vae.encode(b).latent_dist.mean).sample for b in x.split(32)]).clamp(-1, 1)
+    return float((rec - x).abs().mean() * 127.5)
+
+
 def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_weight: float,
-              ckpt_every: int, seed: int):
-    vae, *_ = tiny.build_components(tokenizer, seed=seed)
+              ckpt_every: int, seed: int, classes=None, architecture: str = "tiny", device: str = "cpu",
+              bf16: bool = False, eval_every: int = 250):
+    vae, *_ = tiny.build_components(tokenizer, seed=seed, architecture=architecture)
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    ckpt, start = work / "vae.pt", 0
+    ckpt, start, log = work / "vae.pt", 0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start = state["step"]
+        start, log = state["step"], state.get("log", [])
     if start >= steps:
         return vae
     latent_dims = 4 * 16 * 16
+    held_out = concept_images()
     bar = tqdm(range(start, steps), desc="VAE", initial=start, total=steps, mininterval=10)
+    t0, running = time.time(), []
     for step in bar:
-        x, alpha, _ = scene_batch(step, batch_size, seed + 1)
+        x, alpha, _ = scene_batch(step, batch_size, seed + 1, classes)
         g = torch.Generator().manual_seed(seed * 7919 + step)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
+        x, alpha = x.to(device), alpha.to(device)
+        with autocast(device, bf16):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+            rec = vae.decode(z).sample.float()
         weight = 1.0 + 3.0 * alpha[:, None]  # objects matter more than the plain background
         rec_loss = (weight * (rec - x).abs()).mean() + F.mse_loss(rec, x)
-        kl = post.kl().mean() / latent_dims
+        kl = post.kl().float().mean() / latent_dims
         loss = rec_loss + kl_weight * kl
         for group in opt.param_groups:
             group["lr"] = _lr(step, lr, 50, steps)
@@ -109,16 +144,25 @@ def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        running.append(rec_loss.item())
         bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}", refresh=False)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            vae.eval()
+            log.append({"step": step + 1, "rec": float(np.mean(running[-eval_every:])),
+                        "held_out_mae": reconstruction_error(vae, held_out), "time": time.time() - t0})
+            vae.train()
+            print(f"VAE {log[-1]}", flush=True)
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log}, ckpt)
     return vae
 
 
 @torch.no_grad()
-def set_scaling_factor(vae, seed: int) -> float:
+def set_scaling_factor(vae, seed: int, classes=None) -> float:
     """Set ``vae.config.scaling_factor`` = 1 / std of latents over 512 world images (SD's recipe)."""
-    zs = torch.cat([vae.encode(scene_batch(10_000 + i, 64, seed)[0]).latent_dist.mean for i in range(8)])
+    p = next(vae.parameters())
+    zs = torch.cat([vae.encode(scene_batch(10_000 + i, 64, seed, classes)[0].to(p.device)).latent_dist.mean
+                    for i in range(8)])
     factor = float(1.0 / zs.std())
     vae.register_to_config(scaling_factor=factor)
     return factor
@@ -131,43 +175,80 @@ def _ema_update(ema, model, decay: float):
 
 
 def encode_prompts(tokenizer, text_encoder, captions):
-    return text_encoder(sd.tokenize(tokenizer, captions))[0]
+    return text_encoder(sd.tokenize(tokenizer, captions).to(text_encoder.device))[0]
+
+
+def init_from_pipeline(path, tokenizer, text_encoder, unet) -> int:
+    """Start the UNet and text encoder from an exported pipeline (e.g. the shipped ``data/tiny-sd``).
+
+    The UNet is copied whole; the text encoder too, except its token embeddings, which are matched
+    by token string (the vocabularies differ between worlds): rows of tokens the old model knew
+    keep their embedding, new words keep their fresh initialisation. Returns how many rows were kept.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(path, subfolder="unet").float().state_dict())
+    old_te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").float()
+    old_vocab = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer").get_vocab()
+    state = old_te.state_dict()
+    key = next(k for k in state if k.endswith("embeddings.token_embedding.weight"))
+    old_rows = state.pop(key)
+    missing, unexpected = text_encoder.load_state_dict(state, strict=False)
+    if unexpected or missing != [key]:
+        raise ValueError(f"{path} has another text encoder architecture: missing {missing}, unexpected {unexpected}")
+    rows, kept = text_encoder.get_input_embeddings().weight, 0
+    with torch.no_grad():
+        for token, i in tokenizer.get_vocab().items():
+            if token in old_vocab:
+                rows[i] = old_rows[old_vocab[token]]
+                kept += 1
+    return kept
 
 
 def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: float, ckpt_every: int,
-               sample_every: int, seed: int, p_uncond: float = 0.1, snr_gamma: float = 5.0):
+               sample_every: int, seed: int, p_uncond: float = 0.1, snr_gamma: float = 5.0,
+               classes=None, init: Path | None = None, warmup: int = 200, device: str = "cpu",
+               bf16: bool = False, vae_bf16: bool = False):
     _, text_encoder, unet, scheduler = tiny.build_components(tokenizer, seed=seed)
-    vae.requires_grad_(False).eval()
+    if init is not None:
+        init_from_pipeline(init, tokenizer, text_encoder, unet)
+    unet.to(device), text_encoder.to(device)
+    vae.requires_grad_(False).eval().to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ckpt, start, log = work / "unet.pt", 0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"]), ema_te.load_state_dict(state["ema_text_encoder"])
         opt.load_state_dict(state["opt"])
         start, log = state["step"], state.get("log", [])
     abar = scheduler.alphas_cumprod
     snr = abar / (1 - abar)
-    loss_weight = torch.clamp(snr, max=snr_gamma) / snr  # min-SNR weighting for epsilon targets
+    loss_weight = (torch.clamp(snr, max=snr_gamma) / snr).to(device)  # min-SNR weighting for epsilon targets
     bar = tqdm(range(start, steps), desc="UNet", initial=start, total=steps, mininterval=10)
     t0, running = time.time(), []
     for step in bar:
-        x, _, captions = scene_batch(step, batch_size, seed + 2)
+        x, _, captions = scene_batch(step, batch_size, seed + 2, classes)
         g = torch.Generator().manual_seed(seed * 104729 + step)
         drop = torch.rand(batch_size, generator=g) < p_uncond
         captions = ["" if d else c for c, d in zip(captions, drop)]
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * vae.config.scaling_factor
-        noise = torch.randn(z0.shape, generator=g)
+        with torch.no_grad(), autocast(device, vae_bf16):
+            post = vae.encode(x.to(device)).latent_dist
+            eps = torch.randn(post.mean.shape, generator=g).to(device)
+            z0 = ((post.mean + post.std * eps) * vae.config.scaling_factor).float()
+        noise = torch.randn(z0.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
-        zt = scheduler.add_noise(z0, noise, t)
-        pred = unet(zt, t, encode_prompts(tokenizer, text_encoder, captions)).sample
+        zt = scheduler.add_noise(z0, noise, t.to(device))
+        t = t.to(device)
+        with autocast(device, bf16):
+            pred = unet(zt, t, encode_prompts(tokenizer, text_encoder, captions)).sample.float()
         loss = (loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, lr, 200)
+            group["lr"] = _lr(step, lr, warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,8 +266,24 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
         if (step + 1) % sample_every == 0:
             pipe = assemble(tokenizer, vae, ema_te, ema_unet)
             pipe.set_progress_bar_config(disable=True)
-            save_sample_grid(pipe, work / "samples" / f"step{step + 1:06d}.png")
+            save_sample_grid(pipe, work / "samples" / f"step{step + 1:06d}.png", sample_prompts(classes))
     return ema_unet, ema_te
+
+
+def sample_prompts(classes=None) -> list[str]:
+    """The sample grid's prompts; for another world, 8 of its own prompts of the same shapes."""
+    if classes is None or classes is world.CLASSIC_CLASSES:
+        return SAMPLE_PROMPTS
+    import random
+
+    rng, prompts = random.Random(0), []
+    for layout in ("centre", "left", ("left", "right"), ("top", "bottom")) * 2:
+        if isinstance(layout, str):
+            prompts.append(world.caption([(rng.choice(classes), layout)]))
+        else:
+            a, b = rng.sample(classes, 2)
+            prompts.append(world.caption([(a, layout[0]), (b, layout[1])]))
+    return prompts
 
 
 def assemble(tokenizer, vae, text_encoder, unet):
@@ -216,7 +313,10 @@ def save_sample_grid(pipe, path: Path, prompts=SAMPLE_PROMPTS, seed: int = 0):
 def load_stages(work: Path, seed: int = 0):
     """Tokenizer, VAE (with scaling factor) and EMA UNet/text encoder from the latest checkpoints."""
     tokenizer = train_tokenizer(work)
+    recipe = json.loads((work / "recipe.json").read_text()) if (work / "recipe.json").exists() else {}
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, seed=seed)
+    if recipe.get("vae_architecture", "tiny") != "tiny":
+        vae = tiny.build_components(tokenizer, seed=seed, architecture=recipe["vae_architecture"])[0]
     vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True)["model"])
     vae.register_to_config(scaling_factor=json.loads((work / "vae_scaling.json").read_text())["scaling_factor"])
     state = torch.load(work / "unet.pt", weights_only=True)
@@ -253,38 +353,99 @@ bottom. Its images are derived from Noto Color Emoji (images Apache-2.0, font OF
 """
 
 
+RECIPE_KEYS = ("world", "vae_architecture", "init", "seed")
+
+
+def bf16_is_fast(device: str) -> bool:
+    """bfloat16 pays on GPUs and on CPUs with AMX (the VAE's convolutions: 3x per step, measured);
+    the tiny UNet gains nothing from it on a CPU, so it stays float32 there."""
+    if device.startswith("cuda"):
+        return True
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "amx_bf16" in flags
+
+
+def check_recipe(work: Path, recipe: dict) -> dict:
+    """Write ``recipe`` on a work folder's first run; on later runs, refuse a different one. Where the
+    UNet starts from (``init``) may still change until the UNet stage has begun."""
+    path = work / "recipe.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if not (work / "unet.pt").exists() and saved.get("init") != recipe["init"]:
+            saved["init"] = recipe["init"]
+            atomic_save(json.dumps(saved, indent=1) + "\n", path, write_text)
+        diff = {k: (saved.get(k), recipe[k]) for k in RECIPE_KEYS if saved.get(k) != recipe[k]}
+        if diff:
+            raise SystemExit(
+                f"{work} holds a run with another recipe {diff} (saved, asked). Resume it with the saved "
+                f"options, or start a new run with --work <another folder>."
+            )
+        return saved
+    atomic_save(json.dumps(recipe, indent=1) + "\n", path, write_text)
+    return recipe
+
+
+def status(work: Path) -> dict:
+    """Where the run in ``work`` stands: its recipe, the VAE and UNet steps, the last losses."""
+    out = {"work": str(work)}
+    if (work / "recipe.json").exists():
+        out["recipe"] = json.loads((work / "recipe.json").read_text())
+    for name, key in (("vae.pt", "vae_step"), ("unet.pt", "unet_step")):
+        if (work / name).exists():
+            state = torch.load(work / name, weights_only=True, map_location="cpu")
+            out[key] = state["step"]
+            if state.get("log"):
+                out["unet_loss"] = state["log"][-1]["loss"]
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mcteach.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "export"])
+    p.add_argument("command", choices=["train", "export", "status"])
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and samples")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where export writes the pipeline")
-    p.add_argument("--vae-steps", type=int, default=900)
-    p.add_argument("--unet-steps", type=int, default=8000)
-    p.add_argument("--vae-batch", type=int, default=24)
+    p.add_argument("--world", choices=sorted(world.WORLDS), default="broad", help="the classes to train on")
+    p.add_argument("--vae-architecture", choices=sorted(tiny.ARCHITECTURES), default="tiny-sharp")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start the UNet and text encoder from this exported pipeline (e.g. data/tiny-sd)")
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=20000)
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.work.mkdir(parents=True, exist_ok=True)
+    if a.command == "status":
+        print(json.dumps(status(a.work), indent=1))
+        return
     if a.command == "export":
         print(f"exported to {export(a.work, a.out, a.seed)}")
         return
-    tokenizer = train_tokenizer(a.work)
-    vae = train_vae(a.work, tokenizer, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.ckpt_every, a.seed)
+    a.work.mkdir(parents=True, exist_ok=True)
+    recipe = check_recipe(a.work, {"world": a.world, "vae_architecture": a.vae_architecture,
+                                   "init": str(a.init.resolve()) if a.init else None, "seed": a.seed})
+    classes = world.WORLDS[recipe["world"]]
+    tokenizer = train_tokenizer(a.work, classes)
+    vae_bf16 = bf16_is_fast(a.device)
+    vae = train_vae(a.work, tokenizer, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.ckpt_every, a.seed,
+                    classes, recipe["vae_architecture"], a.device, vae_bf16)
     scaling = a.work / "vae_scaling.json"
     if not scaling.exists():
-        scaling.write_text(json.dumps({"scaling_factor": set_scaling_factor(vae, a.seed)}))
+        scaling.write_text(json.dumps({"scaling_factor": set_scaling_factor(vae, a.seed, classes)}))
     vae.register_to_config(scaling_factor=json.loads(scaling.read_text())["scaling_factor"])
     print(f"VAE scaling factor {vae.config.scaling_factor:.4f}", flush=True)
-    train_unet(a.work, tokenizer, vae, a.unet_steps, a.batch, a.lr, a.ckpt_every, a.sample_every, a.seed)
+    train_unet(a.work, tokenizer, vae, a.unet_steps, a.batch, a.lr, a.ckpt_every, a.sample_every, a.seed,
+               classes=classes, init=recipe["init"], device=a.device,
+               bf16=a.device.startswith("cuda"), vae_bf16=vae_bf16)
 
 
 if __name__ == "__main__":

@@ -153,14 +153,18 @@ SD15_TEXT_CONFIG = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", vocab_size=49408,
 )
+#: the sharper VAE of the broad world (issue 11): wider, two ResNet layers per block
+SHARP_VAE_CONFIG = {**VAE_CONFIG, "block_out_channels": (64, 128, 128), "layers_per_block": 2, "norm_num_groups": 32}
 ARCHITECTURES = {
     "tiny": (VAE_CONFIG, TEXT_CONFIG, UNET_CONFIG),
+    "tiny-sharp": (SHARP_VAE_CONFIG, TEXT_CONFIG, UNET_CONFIG),
     "sd15": (SD15_VAE_CONFIG, SD15_TEXT_CONFIG, SD15_UNET_CONFIG),
 }
 
 
 def build_components(tokenizer: CLIPTokenizer, *, seed: int = 0, architecture: str = "tiny"):
-    """Freshly initialised (vae, text_encoder, unet, scheduler): "tiny" or "sd15" (860M-param UNet)."""
+    """Freshly initialised (vae, text_encoder, unet, scheduler): "tiny", "tiny-sharp" (a 5M-parameter
+    VAE) or "sd15" (860M-param UNet)."""
     import torch
 
     if architecture not in ARCHITECTURES:

@@ -85,18 +85,48 @@ def _font() -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(font_path()), FONT_SIZE)
 
 
+GENDER_SIGNS = {"\u2640": "woman", "\u2642": "man"}
+#: the second character of a ZWJ profession sequence ("woman" + ZWJ + cooking = "woman cook")
+PROFESSIONS = {
+    "\U0001F373": "cook", "\U0001F33E": "farmer", "\U0001F680": "astronaut", "\u2695": "health worker",
+    "\U0001F3EB": "teacher", "\U0001F692": "firefighter", "\U0001F52C": "scientist", "\U0001F3A8": "artist",
+}
+#: ZWJ sequences whose name is not built from their parts
+SEQUENCE_NAMES = {
+    "\U0001F408\u200d\u2b1b": "black cat",
+    "\U0001F415\u200d\U0001F9BA": "service dog",
+    "\U0001F43B\u200d\u2744\ufe0f": "polar bear",
+}
+#: Unicode names shortened to the word a caption would use
+BASE_RENAMES = {"adult": "person", "older adult": "older person", "guardsman": "guard"}
+
+
 def emoji_name(chars: str) -> str:
     """Caption name of an emoji from its Unicode character names.
 
+    Faces of animals drop " face"; ZWJ sequences are spelt out: hair ("woman with red hair"),
+    skin tone ("... and dark skin"), gender ("woman with blond hair", "bearded man"),
+    profession ("man cook"), "bald woman".
+
     >>> emoji_name("\U0001F98A"), emoji_name("\U0001F469\U0001F3FF\u200d\U0001F9B0")
     ('fox', 'woman with red hair and dark skin')
+    >>> emoji_name("\U0001F471\U0001F3FD\u200d\u2640\ufe0f"), emoji_name("\U0001F468\u200d\U0001F9B2")
+    ('woman with blond hair and medium skin', 'bald man')
     """
-    base, hair, tone = None, None, None
+    if chars in SEQUENCE_NAMES:
+        return SEQUENCE_NAMES[chars]
+    base, hair, tone, gender, job = None, None, None, None, None
     for ch in chars:
         if ch in (ZWJ, "\ufe0f"):
             continue
         if ch in SKIN_TONES:
             tone = SKIN_TONES[ch]
+            continue
+        if base is not None and ch in GENDER_SIGNS:
+            gender = GENDER_SIGNS[ch]
+            continue
+        if base is not None and ch in PROFESSIONS:
+            job = PROFESSIONS[ch]
             continue
         name = unicodedata.name(ch).lower()
         if name.startswith("emoji component "):
@@ -108,8 +138,17 @@ def emoji_name(chars: str) -> str:
     if base is None:
         raise ValueError(f"{chars!r} has no base character")
     base = base.removesuffix(" face") if base.endswith(" face") and base != "face" else base
+    base = BASE_RENAMES.get(base, base)
+    if gender:
+        base = base.replace("person", gender) if "person" in base else f"{gender} {base}"
+    if job:
+        base = f"{base} {job}"
+    if hair == "bald":
+        base, hair = f"bald {base}", None
     extras = [x for x in (hair, f"{tone} skin" if tone else None) if x]
-    return base + (" with " + " and ".join(extras) if extras else "")
+    if not extras:
+        return base
+    return base + (" and " if " with " in base else " with ") + " and ".join(extras)
 
 
 @dataclass(frozen=True)
@@ -136,13 +175,40 @@ def _emojis(category: str, chars: str) -> list[Emoji]:
 
 
 W, M = "\U0001F469", "\U0001F468"  # woman, man
-#: the classes the base model is trained on (48)
-BASE_CLASSES: list[Emoji] = (
+FEMALE, MALE = "\u2640\ufe0f", "\u2642\ufe0f"
+#: the classes of the first embedded model (60), the one shipped in data/tiny-sd today
+CLASSIC_CLASSES: list[Emoji] = (
     _emojis("animal", "🦊 🐱 🐶 🐯 🦁 🐸 🐵 🐮 🐷 🐰 🐭 🐻 🐼 🐺 🐴 🦄 🐔 🐧 🐙 🐢 🦉 🐝 🐟 🦋")
     + _emojis("person", f"{W} {M} 👦 👧 👴 👵 👶 {W}{ZWJ}🦱 {M}{ZWJ}🦰 {W}🏿 {M}🏾 {W}{ZWJ}🦳")
     + _emojis("food", "🍎 🍌 🍇 🍉 🍋 🍓 🍍 🥕 🍕 🍔 🍩 🥑")
     + _emojis("object", "⚽ 🎸 🚗 🚀 ⏰ 💡 🎈 🔑 🎁 🌵 🌻 🎩")
 )
+HAIRS = {"none": "", "red": "🦰", "curly": "🦱", "white": "🦳", "bald": "🦲", "blond": None}
+TONES = ("",) + tuple(SKIN_TONES)
+
+
+def person(gender: str, hair: str = "none", tone: str = "") -> Emoji:
+    """The emoji for a woman or man with a hair style and a skin tone modifier ("" for none).
+
+    >>> person("woman", "blond", "\U0001F3FD").name
+    'woman with blond hair and medium skin'
+    """
+    if hair not in HAIRS:
+        raise ValueError(f"unknown hair {hair!r}; use one of {sorted(HAIRS)}")
+    if hair == "blond":  # "person with blond hair" + gender sign
+        return Emoji(f"👱{tone}{ZWJ}{FEMALE if gender == 'woman' else MALE}", "person")
+    base = {"woman": W, "man": M}[gender] + tone
+    return Emoji(base + (ZWJ + HAIRS[hair] if HAIRS[hair] else ""), "person")
+
+
+def _people(held_out: set[str]) -> list[Emoji]:
+    variants = [person(g, h, t) for g in ("woman", "man") for h in HAIRS for t in TONES]
+    ages = _emojis("person", "👶 👦 👧 👴 👵 🧓")
+    jobs = [Emoji(g + ZWJ + job, "person") for g in (W, M) for job in ("🍳", "🌾", "🚀", "\u2695\ufe0f")]
+    jobs += _emojis("person", "👮 👷")
+    return [e for e in variants + ages + jobs if e.chars not in held_out]
+
+
 #: held-out concepts, never seen in base training: few-shot sets in data/concepts/<slug>/.
 #: Each has a base class word for initialisation (TI) and prior preservation (DreamBooth).
 HELDOUT_CONCEPTS: dict[str, tuple[Emoji, str]] = {
@@ -161,7 +227,24 @@ HELDOUT_CONCEPTS: dict[str, tuple[Emoji, str]] = {
         (Emoji("🎺", "object"), "guitar"),
     ]
 }
-EMOJI: dict[str, Emoji] = {e.name: e for e in BASE_CLASSES} | {
+#: the broad world (issue 11): every woman and man as hair x skin tone, ages, professions, and
+#: many more animals (cat and dog kinds), foods and objects. Held-out concepts are left out, so
+#: each is an unseen combination (the couple) or an unseen kind (the koala), as a user's own face
+#: or pet is for Stable Diffusion 1.5.
+BROAD_CLASSES: list[Emoji] = (
+    CLASSIC_CLASSES[:24]
+    + _emojis("animal", f"🐈{ZWJ}⬛ 🐩 🦮 🐕{ZWJ}🦺 🐻{ZWJ}❄️ 🦒 🦓 🐘 🦔 🦇 🦦 🦨 🐿️ 🦆 🦢 🦩 🦜 🐊 "
+                        "🐍 🐬 🦈 🐠 🦀 🐌 🐞 🦍 🦏 🐑 🦙 🦌")
+    + _people({e.chars for e, _ in HELDOUT_CONCEPTS.values()})
+    + CLASSIC_CLASSES[36:48]
+    + _emojis("food", "🍒 🍐 🍊 🥝 🥥 🍅 🍆 🌽 🥦 🍄 🧀 🍞 🍪 🎂 🍦 🍭")
+    + CLASSIC_CLASSES[48:]
+    + _emojis("object", "🎹 🥁 🎻 🚲 🚌 🚁 ⛵ 🏠 ⌚ 📷 🔨 🎒 👑 🌂 🌈 ⭐ 🌙 🌲 🌷 🧸")
+)
+#: the classes the shipped base model was trained on (switches to BROAD_CLASSES with its retraining)
+BASE_CLASSES: list[Emoji] = CLASSIC_CLASSES
+WORLDS = {"classic": CLASSIC_CLASSES, "broad": BROAD_CLASSES}
+EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} | {
     e.name: e for e, _ in HELDOUT_CONCEPTS.values()
 }
 

@@ -91,3 +91,48 @@ def test_export_writes_a_loadable_fp16_pipeline(tiny_vae, tmp_path):
     assert pipe.vae.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
     assert generate(pipe, "a fox", seed=0, steps=2)[0].size == (64, 64)
     assert json.loads((out / "training_log.json").read_text())["unet_steps"] == 1
+
+
+def test_a_resumed_run_refuses_another_recipe(tmp_path):
+    recipe = {"world": "broad", "vae_architecture": "tiny-sharp", "init": None, "seed": 0}
+    assert pretrain.check_recipe(tmp_path, recipe) == recipe
+    assert pretrain.check_recipe(tmp_path, dict(recipe)) == recipe  # the same recipe resumes
+    with pytest.raises(SystemExit, match="another recipe.*world"):
+        pretrain.check_recipe(tmp_path, {**recipe, "world": "classic"})
+    # where the UNet starts may change until its stage has begun, then no more
+    assert pretrain.check_recipe(tmp_path, {**recipe, "init": "data/tiny-sd"})["init"] == "data/tiny-sd"
+    (tmp_path / "unet.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="init"):
+        pretrain.check_recipe(tmp_path, recipe)
+
+
+def test_the_unet_starts_from_an_exported_pipeline_with_a_resized_vocabulary(tmp_path):
+    """Continuing from the shipped model: same UNet, text encoder rows matched by token string."""
+    from mcteach import tiny, world
+
+    old_tok = tiny.build_tokenizer(world.vocabulary_words(world.CLASSIC_CLASSES))
+    _, old_te, old_unet, _ = tiny.build_components(old_tok, seed=1)
+    old_tok.save_pretrained(tmp_path / "tokenizer")
+    old_te.save_pretrained(tmp_path / "text_encoder")
+    old_unet.save_pretrained(tmp_path / "unet")
+
+    new_tok = tiny.build_tokenizer(world.vocabulary_words(world.BROAD_CLASSES))
+    _, te, unet, _ = tiny.build_components(new_tok, seed=2)
+    fresh = te.get_input_embeddings().weight.detach().clone()
+    kept = pretrain.init_from_pipeline(tmp_path, new_tok, te, unet)
+    assert len(new_tok) > len(old_tok) and kept > 0.95 * len(old_tok)  # nearly every old token survives
+    for a, b in zip(unet.parameters(), old_unet.parameters()):
+        assert torch.equal(a, b)
+    rows, old_rows = te.get_input_embeddings().weight, old_te.get_input_embeddings().weight
+    vocab, old_vocab = new_tok.get_vocab(), old_tok.get_vocab()
+    for word in ("fox", "woman", "skin"):
+        token = word + "</w>"
+        assert torch.equal(rows[vocab[token]], old_rows[old_vocab[token]])
+    new_word = "giraffe</w>"
+    assert new_word not in old_vocab and torch.equal(rows[vocab[new_word]], fresh[vocab[new_word]])
+    old_state = old_te.state_dict()
+    for key, value in te.state_dict().items():
+        if not key.endswith("token_embedding.weight"):
+            assert torch.equal(value, old_state[key]), key
+    # the new tokens still encode: a broad caption runs through the text encoder
+    te(new_tok(["a giraffe on the left and a bald man on the right"], return_tensors="pt").input_ids)

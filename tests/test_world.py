@@ -99,3 +99,59 @@ def test_font_is_found_in_a_conda_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MCTEACH_EMOJI_FONT", raising=False)
     monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))
     assert world.font_path() == tmp_path / "fonts" / "NotoColorEmoji.ttf"
+
+
+def test_the_broad_world_is_varied_names_uniquely_and_leaves_the_held_out_concepts_out():
+    broad = world.BROAD_CLASSES
+    cats = {c: sum(e.category == c for e in broad) for c in ("animal", "person", "food", "object")}
+    assert len(broad) >= 150 and min(cats.values()) >= 20, cats
+    assert len({e.name for e in broad}) == len(broad) == len({e.chars for e in broad})
+    assert {e.name for e in world.CLASSIC_CLASSES} <= {e.name for e in broad}  # a superset of the first world
+    # people as gender x hair x skin tone: every combination but the held-out ones
+    people = {e.name for e in broad if e.category == "person"}
+    held = {e.name for e, _ in HELDOUT_CONCEPTS.values()}
+    for g in ("woman", "man"):
+        for h in world.HAIRS:
+            for t in world.TONES:
+                name = world.person(g, h, t).name
+                assert (name in people) != (name in held), name
+    # each held-out person is an unseen combination of seen parts
+    assert {"woman with red hair", "woman with medium skin", "man with curly hair", "man with light skin"} <= people
+    for e, class_word in HELDOUT_CONCEPTS.values():
+        assert class_word in {b.name for b in broad} and e.chars not in {b.chars for b in broad}
+
+
+def test_every_broad_class_renders_as_one_glyph_and_every_caption_word_is_one_token():
+    from mcteach import tiny
+
+    for e in world.BROAD_CLASSES:
+        g = world.glyph(e.chars)
+        assert min(g.size) > 40 and g.size[0] < 140, e  # one glyph, not a ZWJ sequence falling apart
+    tok = tiny.build_tokenizer(world.vocabulary_words(world.BROAD_CLASSES))
+    longest = max(world.BROAD_CLASSES, key=lambda e: len(e.name.split()))
+    caption = world.caption([(longest, "left"), (longest, "right")])
+    ids = tok(caption).input_ids
+    assert len(ids) == len(caption.split()) + 2 <= tiny.MAX_LENGTH
+
+
+def test_held_out_concepts_never_appear_in_broad_training_captions():
+    from mcteach import pretrain
+
+    held = [e.name for e, _ in HELDOUT_CONCEPTS.values()]
+    for step in range(20):
+        for c in pretrain.scene_batch(step, 16, seed=2, classes=world.BROAD_CLASSES)[2]:
+            # no phrase names a held-out concept ("a woman with red hair and medium skin ...")
+            phrases = [p.split(" on the ")[0].split(" at the ")[0] for p in f" and {c}".split(" and a")[1:]]
+            names = [p.removeprefix("n ").strip() for p in phrases]
+            assert all(n in EMOJI for n in names), (c, names)  # the parse recovers every object's name
+            assert not set(names) & set(held), c
+
+
+@pytest.mark.parametrize(
+    "chars, name",
+    [("\U0001F471\U0001F3FF\u200d\u2640\ufe0f", "woman with blond hair and dark skin"),
+     ("\U0001F469\U0001F3FB\u200d\U0001F9B2", "bald woman with light skin"), ("\U0001F468\u200d\U0001F373", "man cook"),
+     ("\U0001F408\u200d\u2b1b", "black cat"), ("\U0001F9D3", "older person"), ("\U0001F43B\u200d\u2744\ufe0f", "polar bear")],
+)
+def test_broad_world_names(chars, name):
+    assert world.emoji_name(chars) == name
