@@ -12,9 +12,9 @@ Modules, in the order the course teaches them:
 - ``evaluate``: the base model's measurements reported in the README; ``benchmark``: the methods'.
 """
 
-from .pipeline import (EMBEDDED_MODEL, SD15, ModelNotAvailable, describe_environment, generate, is_embedded,
-                       load_pipeline, pick_device)
+from .pipeline import (EMBEDDED_MODEL, SD15, ModelNotAvailable, choose_model, describe_environment, generate,
+                       is_embedded, load_pipeline, pick_device)
 
 __version__ = "0.1.0"
-__all__ = ["EMBEDDED_MODEL", "SD15", "ModelNotAvailable", "describe_environment", "generate", "is_embedded",
-           "load_pipeline", "pick_device"]
+__all__ = ["EMBEDDED_MODEL", "SD15", "ModelNotAvailable", "choose_model", "describe_environment", "generate",
+           "is_embedded", "load_pipeline", "pick_device"]

@@ -11,6 +11,13 @@ Two concepts in one image (notebooks 06-07): one adapter each, one region each, 
         --region "left=a cpd woman" --region "right=a tkb man" --fix inference --out couple.png
     python -m mcteach train --method lora --concept woman_with_red_hair_and_medium_skin \
         --concept man_with_curly_hair_and_light_skin --fix training --out runs/couple   # joint, with the training fix
+
+On a GPU: ``--mixed-precision fp16``, and for SD 1.5 on a 15 GB T4 ``--gradient-checkpointing`` (and
+``--use-8bit-adam`` for DreamBooth, with bitsandbytes). On several GPUs (``--batch-size`` is the global batch,
+split between the processes: the same weights as one GPU, up to float rounding)::
+
+    accelerate launch --multi_gpu --num_processes 2 --mixed_precision fp16 -m mcteach train --method lora \
+        --model stable-diffusion-v1-5/stable-diffusion-v1-5 --concept data/concepts/koala --lr 1e-4 --out runs/koala
 """
 
 from __future__ import annotations
@@ -88,8 +95,17 @@ def _train(a) -> None:
     reg = TRAINING_FIX if a.fix == "training" else Regularizers()
     if a.fix == "training" and len(a.concept) == 1:  # one concept: no composites to paste
         reg = Regularizers(masked_loss=True, attention_weight=TRAINING_FIX.attention_weight)
+    accelerator = None
+    if a.mixed_precision:  # otherwise accelerate's own setting (`accelerate launch --mixed_precision fp16`), or none
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision=a.mixed_precision)
     r = train_concept(pipe, concept, a.method, out=a.out, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                      seed=a.seed, checkpoint_every=a.checkpoint_every, resume=a.resume, regularizers=reg, **settings)
+                      seed=a.seed, checkpoint_every=a.checkpoint_every, resume=a.resume, regularizers=reg,
+                      accelerator=accelerator, gradient_checkpointing=a.gradient_checkpointing,
+                      use_8bit_adam=a.use_8bit_adam, **settings)
+    if not r.meta:  # not the main process of several (accelerate launch): it prints nothing
+        return
     print(f"{r.method}: {len(r.losses)} steps, final loss {r.losses[-1]:.4f}, {r.seconds:.0f} s; files in {r.out}")
     model = f" --model {a.model}" if a.model else ""
     print(f'use it: python -m mcteach generate{model} --adapter {r.out} --prompt "a {r.phrase} on the left" '
@@ -133,6 +149,13 @@ def main(argv=None) -> int:
     t.add_argument("--model", default=None, help="base pipeline folder or hub id (default: embedded tiny model)")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="fp16 on a GPU (autocast; weights stay float32); default: accelerate's setting, else no")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less GPU memory, the same result, slower "
+                        "(one more forward pass)")
+    t.add_argument("--use-8bit-adam", action="store_true",
+                   help="AdamW with 8-bit moments (needs bitsandbytes and a CUDA GPU): DreamBooth on SD 1.5 in 16 GB")
     a = p.parse_args(argv)
     from .pipeline import ModelNotAvailable
 
@@ -141,7 +164,7 @@ def main(argv=None) -> int:
             _generate(a)
         elif a.command == "train":
             _train(a)
-    except (ModelNotAvailable, ValueError) as err:
+    except (ModelNotAvailable, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

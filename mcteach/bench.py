@@ -21,6 +21,10 @@ The fixes:
     python -m mcteach.bench --out data/bench_mixing.json --markdown     # the README's tables
 
 ``--save-images DIR`` writes every judged image (``<method>-<fix>-<pair>-<seed>.png``) so anyone can re-judge.
+
+On a CUDA GPU, ``python -m mcteach.bench --gpu-report`` prints what training and masking cost at SD 1.5's size (random
+weights, 512 px): each method's peak GPU memory and step time in fp16 with gradient checkpointing, and the masking
+processors' time against diffusers' default (``gpu_report``; ``pytest -m gpu`` asserts the same numbers).
 """
 
 from __future__ import annotations
@@ -230,11 +234,14 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
                                                     ctx3),
     }
     best = {k: float("inf") for k in setups}
+    sync = torch.cuda.synchronize if unet.device.type == "cuda" else (lambda: None)  # GPU calls return at once
     for _ in range(repeats):
         for name, (masker, c) in setups.items():
             previous = with_parts(unet, masker=masker) if masker else None
+            sync()
             t0 = time.perf_counter()
             unet(z, 500, c)
+            sync()
             best[name] = min(best[name], time.perf_counter() - t0)
             if previous:
                 unet.set_attn_processor(previous)
@@ -328,6 +335,125 @@ def timing_report(sd15: bool = True) -> dict:
     return out
 
 
+def sd15_pipe(latent: int = 64):
+    """A pipeline of SD 1.5's architecture with random weights (``tiny.build_components(architecture="sd15")``),
+    float32 on the CPU, with ``latent`` x ``latent`` latents (64: 512 px images)."""
+    from . import pretrain, tiny, world
+
+    tokenizer = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+    vae, text_encoder, unet, _ = tiny.build_components(tokenizer, architecture="sd15")
+    unet.register_to_config(sample_size=latent)
+    pipe = pretrain.assemble(tokenizer, vae, text_encoder, unet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+#: how each method is measured on a GPU (``training_cost``): its defaults (batch 2), fp16 autocast, gradient
+#: checkpointing. DreamBooth (the UNet and text encoder, 983M parameters) with 8-bit Adam: AdamW's 32-bit moments
+#: alone would take 7.9 GB; and a batch of 4 concept images standing for its 2 concept + 2 class images (the same
+#: tensors, without drawing 70 class images at 512 px first).
+GPU_RUNS = {
+    "textual_inversion": {},
+    "hypernetwork": {},
+    "dreambooth": {"prior_weight": 0.0, "batch_size": 4, "use_8bit_adam": True},
+    "lora": {},
+}
+
+
+def training_cost(base, method: str, *, steps: int = 4, concept: str = "koala", **options) -> dict:
+    """``steps`` training steps of ``method`` on a copy of ``base`` (a float32 pipeline on the CPU), on the GPU
+    in fp16 (``Accelerator(mixed_precision="fp16")``) with gradient checkpointing; ``options`` go to
+    ``train_concept`` (``batch_size``, ``use_8bit_adam``, method settings).
+
+    Returns peak_gb (``torch.cuda.max_memory_allocated`` during the run, above what was allocated before: the
+    weights, examples, gradients, optimizer state and activations, and saving), step_s (the median step after the
+    first), skipped (steps the fp16 loss scaler skipped for inf gradients: the optimizer's state exists only if
+    skipped < steps) and the settings used."""
+    import copy
+    import gc
+    import math
+    import tempfile
+    import warnings
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from .methods import train_concept
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    pipe = copy.deepcopy(base)
+    AcceleratorState._reset_state()  # mixed precision is fixed once per process: start afresh, and again after
+    try:
+        accelerator = Accelerator(mixed_precision="fp16")
+        scaler = accelerator.scaler  # the fp16 loss scaler (CUDA); halves its scale at each skipped step
+        scale = scaler.get_scale() if scaler else 1.0
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the 64 px concept images resized to 512 px
+            r = train_concept(pipe, concept, method, out=out, steps=steps, progress=False, accelerator=accelerator,
+                              gradient_checkpointing=True, **options)
+        peak = torch.cuda.max_memory_allocated() - before
+        skipped = round(math.log2(scale / scaler.get_scale())) if scaler else 0
+    finally:
+        AcceleratorState._reset_state()
+    del pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    times = sorted(r.step_seconds[1:] or r.step_seconds)
+    return {"method": method, "peak_gb": peak / 1e9, "step_s": times[len(times) // 2], "steps": steps,
+            "skipped": skipped, "batch_size": r.meta["training"]["batch_size"],
+            "optimizer": r.meta["training"].get("optimizer", "torch.optim.AdamW"), "loss": r.losses[-1]}
+
+
+def gpu_processor_timing(base, repeats: int = 10) -> dict:
+    """``processor_timing`` of ``base``'s UNet in fp16 on the GPU (77 tokens, as SD 1.5's prompts)."""
+    import copy
+
+    unet = copy.deepcopy(base.unet).to("cuda", torch.float16).eval()
+    try:
+        return processor_timing(unet, tokens=77, repeats=repeats)
+    finally:
+        del unet
+        torch.cuda.empty_cache()
+
+
+def gpu_report(methods=METHOD_ORDER, steps: int = 4) -> dict:
+    """What ``--gpu-report`` prints: ``training_cost`` of each method with ``GPU_RUNS``' settings (DreamBooth is
+    left out, with the reason, when bitsandbytes is missing) and ``gpu_processor_timing``, on SD 1.5's architecture
+    with random weights at 512 px."""
+    import importlib.util
+
+    base = sd15_pipe()
+    rows = []
+    for m in methods:
+        if GPU_RUNS[m].get("use_8bit_adam") and importlib.util.find_spec("bitsandbytes") is None:
+            rows.append({"method": m, "error": "needs bitsandbytes (8-bit Adam) to fit"})
+            continue
+        rows.append(training_cost(base, m, steps=steps, **GPU_RUNS[m]))
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "training": rows,
+            "timing": {"sd15": gpu_processor_timing(base)}}
+
+
+def gpu_table(report: dict) -> str:
+    """The README's GPU tables (markdown) from ``gpu_report``."""
+    out = [f"{report['device']}, torch {report['torch']}; SD 1.5's architecture with random weights, 512 px images, "
+           "fp16 autocast, gradient checkpointing on:", "",
+           "| method | batch | optimizer | peak GPU memory | s / step |", "|---|---|---|---|---|"]
+    for r in report["training"]:
+        if "error" in r:
+            out.append(f"| {r['method']} | | | {r['error']} | |")
+        else:
+            out.append(f"| {r['method']} | {r['batch_size']} | {r['optimizer'].rpartition('.')[2]} | "
+                       f"{r['peak_gb']:.1f} GB | {r['step_s']:.2f} |")
+    if any(r["method"] == "dreambooth" and "error" not in r for r in report["training"]):
+        out += ["", "DreamBooth trains the UNet and the text encoder; its batch of 4 stands for 2 concept + 2 class "
+                "images."]
+    out += ["", timing_table(report["timing"]).replace("SD 1.5 size (random weights)", "SD 1.5 size, fp16 on the GPU")]
+    return "\n".join(out)
+
+
 def ablation_table(rows: list[dict]) -> str:
     out = ["| inference fix (LoRA, the couple) | success | swap | neglect | duplication | blend | s / image |",
            "|---|---|---|---|---|---|---|"]
@@ -368,7 +494,16 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="+", type=Path, default=None,
                    help="merge these reports (e.g. two processes run with different --methods) into --out")
     p.add_argument("--markdown", action="store_true", help="print the README table (of --out if it exists)")
+    p.add_argument("--gpu-report", action="store_true",
+                   help="on a CUDA GPU: each method's peak memory and step time, and the masks' cost, at SD 1.5 size")
     a = p.parse_args(argv)
+    if a.gpu_report:
+        if not torch.cuda.is_available():
+            print("error: --gpu-report needs a CUDA GPU", file=sys.stderr)
+            return 2
+        report = gpu_report()
+        print(json.dumps(report, indent=1) if a.json else gpu_table(report))
+        return 0
     if a.merge:
         reports = [json.loads(f.read_text()) for f in a.merge]
         rows = {_key(r): r for rep in reports for r in rep["rows"]}  # a row in several reports: the last one

@@ -103,10 +103,15 @@ def region_mask(spec, size: int) -> np.ndarray:
     return a
 
 
+#: how much of the smaller of two regions may be shared with the other (a hand-drawn edge), as a fraction
+MAX_OVERLAP = 0.05
+
+
 def region_masks(specs, size: int = 64) -> torch.Tensor:
     """Validated masks (R, size, size) of ``specs``: at least one region, none all zero, no region lying
-    entirely inside another (two concepts in one place cannot be told apart). Partial overlaps are allowed:
-    a pixel in two regions may read both."""
+    entirely inside another, and no two overlapping by more than ``MAX_OVERLAP`` of the smaller one (a pixel
+    claimed by two concepts is where they mix). A thin shared edge, as hand-drawn masks have, is allowed: its
+    pixels read both concepts, and the passes' noise predictions are averaged there."""
     specs = list(specs)
     if not specs:
         raise RegionError("no regions given: name at least one (e.g. 'left'), a box 'x0,y0,x1,y1' or a mask")
@@ -121,6 +126,14 @@ def region_masks(specs, size: int = 64) -> torch.Tensor:
             if i != j and (hard[i] <= hard[j]).all():
                 raise RegionError(f"region {i} ({_describe(specs[i])}) lies entirely inside region {j} "
                                   f"({_describe(specs[j])}): give each concept a place of its own")
+    for i in range(len(specs)):
+        for j in range(i + 1, len(specs)):
+            shared = int((hard[i] & hard[j]).sum())
+            smaller = int(min(hard[i].sum(), hard[j].sum()))
+            if shared > MAX_OVERLAP * smaller:
+                raise RegionError(f"regions {i} ({_describe(specs[i])}) and {j} ({_describe(specs[j])}) overlap on "
+                                  f"{shared / smaller:.0%} of the smaller one (at most {MAX_OVERLAP:.0%} allowed): the "
+                                  "two concepts would mix there; trim the boxes so that each concept has its own place")
     return masks
 
 

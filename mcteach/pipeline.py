@@ -76,12 +76,50 @@ def is_embedded(model: str | os.PathLike | None) -> bool:
     return model is None or Path(model).resolve() == EMBEDDED_MODEL.resolve()
 
 
+def _sd15_reachable(model: str = SD15, timeout: float = 5.0) -> bool:
+    """Whether ``model`` is in the local hub cache or the hub answers within ``timeout`` seconds."""
+    try:
+        from huggingface_hub import model_info, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            return True
+        model_info(model, timeout=timeout)
+        return True
+    except Exception:  # offline, blocked, or no access: all mean "not here"
+        return False
+
+
+def choose_model(choice: str | None = "auto", *, verbose: bool = True) -> str | None:
+    """The notebooks' MODEL parameter: ``"auto"`` (the default), ``"embedded"``, ``"sd15"``, a hub id or a folder.
+
+    ``"auto"`` is Stable Diffusion 1.5 on a CUDA GPU that has it cached or can download it, and the embedded
+    tiny model everywhere else (a laptop CPU, CI, a GPU with no internet). Returns what ``load_pipeline``
+    takes: None for the embedded model, else the id or path.
+    """
+    if choice in (None, "embedded", "tiny"):
+        return None
+    if choice == "sd15":
+        return SD15
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return None
+    if _sd15_reachable():
+        if verbose:
+            print(f"CUDA GPU found: using {SD15} (set MODEL = 'embedded' for the tiny model)")
+        return SD15
+    if verbose:
+        print(f"CUDA GPU found, but {SD15} is neither cached nor downloadable here: using the embedded model")
+    return None
+
+
 def load_pipeline(
     model: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     *,
     local_files_only: bool | None = None,
+    low_memory: bool | None = None,
     **kwargs,
 ):
     """A ``StableDiffusionPipeline`` on ``device``.
@@ -90,6 +128,7 @@ def load_pipeline(
         ``save_pretrained``, or a Hugging Face hub id such as ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``.
     dtype: default float16 on CUDA, float32 elsewhere (CPU half precision is slow and inexact).
     local_files_only: only use the local hub cache (default: the ``HF_HUB_OFFLINE`` setting).
+    low_memory: attention and VAE slicing (default: on a CUDA GPU with under 20 GB, e.g. Colab's T4).
     Raises ``ModelNotAvailable`` with what to do when the model cannot be found or downloaded.
     """
     with quiet_loading():  # importing the pipeline imports transformers' image processors, which talk
@@ -123,6 +162,11 @@ def load_pipeline(
             f"id and your access (e.g. `huggingface-cli download {source}`), then retry."
         ) from None
     pipe.set_progress_bar_config(disable=True)
+    if low_memory is None:
+        low_memory = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 20 * 2**30
+    if low_memory:
+        pipe.enable_attention_slicing()
+        pipe.vae.enable_slicing()
     return pipe.to(device)
 
 

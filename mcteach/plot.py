@@ -144,3 +144,40 @@ def show_token_grid(image, maps, tokens: list[str], ncols: int = 8, size: float 
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     return fig
+
+
+def explore(draw, **controls):
+    """A figure to play with: ``draw(**values)`` once with each control's current value (the static figure that
+    GitHub, nbval and a kernel without ipywidgets see), then the controls, redrawing below them on every change.
+
+    ``controls``: ipywidgets widgets (``FloatSlider``, ``Dropdown``, ...) named as ``draw``'s arguments, or plain
+    values (kept fixed). Returns the widget box, or None where ipywidgets is not installed.
+
+        explore(lambda w: show_image(generate(pipe, "a fox", guidance_scale=w)[0]),
+                w=ipywidgets.FloatSlider(value=5, min=1, max=12))
+    """
+    import matplotlib.pyplot as plt
+
+    values = {k: getattr(v, "value", v) for k, v in controls.items()}
+    draw(**values)
+    plt.show()
+    try:
+        import ipywidgets
+        from IPython.display import display
+    except ImportError:
+        print("(install ipywidgets for sliders: pip install ipywidgets)")
+        return None
+    widgets = {k: v for k, v in controls.items() if isinstance(v, ipywidgets.Widget)}
+    out = ipywidgets.Output()
+
+    def redraw(_change=None):
+        with out:
+            out.clear_output(wait=True)
+            draw(**{k: getattr(v, "value", v) for k, v in controls.items()})
+            plt.show()
+
+    for w in widgets.values():
+        w.observe(redraw, names="value")
+    box = ipywidgets.VBox([*widgets.values(), out])
+    display(box)
+    return box

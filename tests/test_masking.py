@@ -12,7 +12,8 @@ REGIONS = [Region("left", "a cat"), Region("right", "a dog")]
 
 
 def test_named_regions_boxes_and_masks_at_every_unet_resolution():
-    m = region_masks(["left", "0.5,0,1,1", (0.0, 0.0, 1.0, 0.25)], 64)
+    strip = region_masks([(0.0, 0.0, 1.0, 0.25)], 64)  # alone: it would overlap both halves
+    m = torch.cat([region_masks(["left", "0.5,0,1,1"], 64), strip])
     assert m.shape == (3, 64, 64)
     for side in (16, 8, 4, 2):  # the tiny UNet's 16, 8, 4; SD 1.5 at 64 px latents: 64, 32, 16, 8
         hard = masks_at(m, side).view(3, side, side)
@@ -236,3 +237,11 @@ def test_command_line_two_adapters_with_the_fix(tmp_path, capsys):
     assert "needs one --region per concept" in capsys.readouterr().err
     assert main(args + ["--region", "left=a cpd woman", "--region", "left=a tkb man", "--fix", "inference"]) == 2
     assert "entirely inside" in capsys.readouterr().err
+
+
+def test_overlapping_regions_are_refused_but_a_thin_shared_edge_is_not():
+    from mcteach.masking import RegionError, region_masks
+
+    with pytest.raises(RegionError, match="overlap on .* trim the boxes"):
+        region_masks(["left", "0.4,0,1,1"])  # shares a fifth of the right box with the left half
+    assert region_masks(["left", "0.49,0,1,1"]).shape == (2, 64, 64)  # one shared column of 64: allowed

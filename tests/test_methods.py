@@ -5,6 +5,8 @@ never trivially true (the tests also check that training changed what it should)
 
 import copy
 import json
+import sys
+import types
 from importlib.metadata import version
 
 import numpy as np
@@ -228,6 +230,141 @@ def test_load_adapter_needs_adapter_json(random_pipe, tmp_path):
     (tmp_path / "adapter.json").write_text(json.dumps({"method": "magic"}))
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         load_adapter(fresh(random_pipe), tmp_path)
+
+
+def test_a_split_batch_is_the_whole_batch_in_slices():
+    """Process i of n computes slice i of the same draws: the slices' inputs are the whole batch's, and the mean
+    of their losses is its loss (instances and class images alike)."""
+    seen = []
+
+    def recording(z_t, t, ids):
+        seen.append((z_t, t, ids))
+        return torch.zeros_like(z_t)
+
+    ex, prior = examples(5), examples(3)
+    ex.input_ids = torch.arange(5 * 8).reshape(5, 8)  # each example its own ids
+    loss = lambda shard: engine.step_loss(recording, DDIMScheduler(), ex, prior, 0.5,  # noqa: E731
+                                          engine.step_generator(0, 0), 4, 0.0, "cpu", shard=shard)
+    whole = loss((0, 1))
+    halves = [loss((i, 2)) for i in range(2)]
+    torch.testing.assert_close(sum(halves) / 2, whole)
+    (z, t, ids), (z0, t0, ids0), (z1, t1, ids1) = seen
+    order = [0, 1, 4, 5, 2, 3, 6, 7]  # instances 0-3, then class images 4-7; each half takes two of each
+    for full, a, b in ((z, z0, z1), (t, t0, t1), (ids, ids0, ids1)):
+        assert torch.equal(torch.cat([a, b]), full[order])
+
+
+def test_images_are_encoded_in_chunks_alike(random_pipe, monkeypatch):
+    c = load_concept("koala")
+    whole = engine.encode_examples(random_pipe, c.images[:3], ["a bear"] * 3)
+    monkeypatch.setattr(engine, "ENCODE_PIXELS", 64 * 64)  # one image per VAE call
+    chunked = engine.encode_examples(random_pipe, c.images[:3], ["a bear"] * 3)
+    torch.testing.assert_close(chunked.mean, whole.mean)
+    torch.testing.assert_close(chunked.std, whole.std)
+
+
+def one_step_gradients(random_pipe, method, settings, checkpointing):
+    """The trainable parameters' gradients after one ``step_loss`` (batch 2), and how often the first layer of a
+    UNet ResNet and of a text-encoder layer ran (a checkpointed block runs again in the backward pass)."""
+    pipe, concept = fresh(random_pipe), load_concept("koala")
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.requires_grad_(False)
+    m = METHODS[method](**settings)
+    torch.manual_seed(0)
+    model = engine.Denoiser(pipe.unet, pipe.text_encoder, m.setup(pipe, concept)).train()
+    data = engine.encode_examples(pipe, concept.images, engine.training_captions(concept, m.phrase(concept)))
+    calls = {"unet": 0, "text": 0}
+    count = lambda key: lambda *_: calls.__setitem__(key, calls[key] + 1)  # noqa: E731
+    # the first layer of checkpointed blocks whose input needs a gradient (after the first attention block), as a
+    # recomputation stops once it has what the backward pass needs
+    pipe.unet.down_blocks[1].resnets[0].norm1.register_forward_hook(count("unet"))
+    text_norm = next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("layers.0.layer_norm1"))
+    text_norm.register_forward_hook(count("text"))
+    with engine.gradient_checkpointing_on(pipe.unet, pipe.text_encoder, enabled=checkpointing):
+        loss = engine.step_loss(model, pipe.scheduler, data, None, 0.0, engine.step_generator(0, 0), 2, 0.0, "cpu")
+        loss.backward()
+    assert not pipe.unet.is_gradient_checkpointing  # switched off again afterwards
+    assert not any(getattr(x, "gradient_checkpointing", False) for x in pipe.text_encoder.modules())
+    assert getattr(pipe.text_encoder, "_require_grads_hook", None) is None
+    return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls
+
+
+@pytest.mark.parametrize("method, settings, text_recomputed", [
+    ("lora", {}, False),  # a frozen text encoder is not checkpointed
+    ("lora", {"text_encoder": True}, True),
+    ("textual_inversion", {}, True),
+    ("hypernetwork", {}, False),
+    ("dreambooth", {"prior_weight": 0.0}, True),
+])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(random_pipe, method, settings,
+                                                                        text_recomputed):
+    loss, grads, calls = one_step_gradients(random_pipe, method, settings, checkpointing=False)
+    loss_c, grads_c, calls_c = one_step_gradients(random_pipe, method, settings, checkpointing=True)
+    assert calls == {"unet": 1, "text": 1}
+    assert calls_c == {"unet": 2, "text": 2 if text_recomputed else 1}
+    torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=0)
+    assert grads_c.keys() == grads.keys() and all(g is not None for g in [*grads.values(), *grads_c.values()])
+    assert any(g.abs().sum() > 0 for g in grads.values())  # (zero-initialised layers get none at first)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_training_with_gradient_checkpointing_reaches_the_same_weights(random_pipe, tmp_path):
+    runs = [quick(fresh(random_pipe), "lora", tmp_path / str(on), steps=3, text_encoder=True,
+                  gradient_checkpointing=on) for on in (False, True)]
+    params = [torch.load(tmp_path / str(on) / "checkpoints" / "last.pt", weights_only=True)["params"]
+              for on in (False, True)]
+    torch.testing.assert_close(runs[1].losses, runs[0].losses, rtol=1e-6, atol=0)
+    assert params[0].keys() == params[1].keys()
+    for name in params[0]:  # Adam turns float noise in a near-zero gradient into a step of up to lr (1e-2)
+        torch.testing.assert_close(params[1][name], params[0][name], rtol=0, atol=1e-3, msg=name)
+    assert len(runs[1].step_seconds) == 3 and "optimizer" not in runs[1].meta["training"]
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(random_pipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    pipe = fresh(random_pipe)
+    with pytest.raises(ImportError, match=r"use_8bit_adam needs bitsandbytes \(`pip install bitsandbytes`"):
+        quick(pipe, "lora", tmp_path / "out", use_8bit_adam=True)
+    assert not (tmp_path / "out").exists() and not any("lora_" in n for n, _ in pipe.unet.named_parameters())
+    from mcteach.__main__ import main
+
+    assert main(["train", "--method", "lora", "--concept", "koala", "--out", str(tmp_path / "cli"), "--steps", "1",
+                 "--use-8bit-adam"]) == 2
+    assert "error: use_8bit_adam needs bitsandbytes" in capsys.readouterr().err
+
+
+def test_8bit_adam_is_bitsandbytes_adamw8bit(random_pipe, tmp_path, monkeypatch):
+    made = []
+
+    class AdamW8bit(torch.optim.AdamW):  # stands in for bitsandbytes' (which needs CUDA)
+        def __init__(self, params, **kw):
+            made.append(kw)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(engine, "_bitsandbytes", lambda: types.SimpleNamespace(optim=types.SimpleNamespace(
+        AdamW8bit=AdamW8bit)))
+    r = quick(fresh(random_pipe), "lora", tmp_path, steps=1, use_8bit_adam=True)
+    assert made == [{"lr": 1e-2, "weight_decay": 0.0}]
+    assert r.meta["training"]["optimizer"] == "bitsandbytes.optim.AdamW8bit"
+
+
+def test_the_command_line_passes_the_memory_options(monkeypatch, tmp_path):
+    import mcteach.methods
+    from mcteach.__main__ import main
+
+    seen = {}
+
+    def fake_train(pipe, concept, method, **kw):
+        seen.update(kw)
+        return engine.TrainResult(method, "bbm bear", [0.5], tmp_path, {})
+
+    monkeypatch.setattr(mcteach.methods, "train_concept", fake_train)
+    assert main(["train", "--method", "lora", "--concept", "koala", "--out", str(tmp_path),
+                 "--gradient-checkpointing", "--use-8bit-adam"]) == 0
+    assert seen["gradient_checkpointing"] and seen["use_8bit_adam"] and seen["accelerator"] is None
+    assert main(["train", "--method", "lora", "--concept", "koala", "--out", str(tmp_path)]) == 0
+    assert not seen["gradient_checkpointing"] and not seen["use_8bit_adam"]
 
 
 # ---------------------------------------------------------------- Textual Inversion

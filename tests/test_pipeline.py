@@ -145,3 +145,17 @@ def test_fp16_generation_on_cuda_matches_cpu_layout():
     cpu = generate(load_pipeline(device="cpu"), "a fox", seed=0, steps=10)[0]
     assert im.size == cpu.size
     assert np.abs(np.asarray(im, dtype=int) - np.asarray(cpu, dtype=int)).mean() < 10
+
+
+def test_choose_model_picks_sd15_only_on_a_cuda_gpu_that_can_get_it(monkeypatch):
+    from mcteach import pipeline
+
+    assert pipeline.choose_model("embedded") is None and pipeline.choose_model(None) is None
+    assert pipeline.choose_model("sd15") == pipeline.SD15 and pipeline.choose_model("some/folder") == "some/folder"
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: False)
+    assert pipeline.choose_model("auto") is None  # a laptop CPU, CI: the embedded model
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pipeline, "_sd15_reachable", lambda *a, **k: True)
+    assert pipeline.choose_model("auto", verbose=False) == pipeline.SD15  # Colab with a GPU
+    monkeypatch.setattr(pipeline, "_sd15_reachable", lambda *a, **k: False)
+    assert pipeline.choose_model("auto", verbose=False) is None  # a GPU with no internet

@@ -93,3 +93,39 @@ def test_show_losses_draws_the_steps_and_their_running_mean():
     assert mean.get_ydata()[0] == pytest.approx(np.mean(losses[:10]))
     assert len(plot.show_losses(losses[:5], smooth=10).get_lines()) == 1  # too short to smooth
     plt.close("all")
+
+
+def test_explore_draws_the_static_figure_then_redraws_on_every_change():
+    widgets = pytest.importorskip("ipywidgets")
+    calls = []
+
+    def draw(w, label):
+        calls.append((w, label))
+        plt.figure()
+
+    slider = widgets.FloatSlider(value=5.0, min=1.0, max=9.0)
+    box = plot.explore(draw, w=slider, label="fixed")
+    assert calls == [(5.0, "fixed")]  # the static figure, drawn once with the defaults
+    slider.value = 7.0
+    assert calls[-1] == (7.0, "fixed") and len(calls) == 2
+    assert slider in box.children
+    plt.close("all")
+
+
+def test_clean_keeps_a_finished_progress_bar_not_its_first_frame():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("train()")
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": view, "text/plain": "lora:   0%|          | 0/500 [00:00<?, ?it/s]"})]
+    nb.cells = [cell]
+    state = {
+        "box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_l", "IPY_MODEL_b", "IPY_MODEL_r"]}},
+        "l": {"model_name": "HTMLModel", "state": {"value": "lora: 100%"}},
+        "b": {"model_name": "FloatProgressModel", "state": {"value": 500, "max": 500}},
+        "r": {"model_name": "HTMLModel", "state": {"value": " 500/500 [00:27&lt;00:00, 18.3it/s]"}},
+    }
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state}}
+    clean(nb)
+    assert nb.cells[0].outputs[0]["data"]["text/plain"] == "lora: 100%|██████████| 500/500 [00:27<00:00, 18.3it/s]"
+    assert "widgets" not in nb.metadata

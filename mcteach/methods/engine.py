@@ -23,7 +23,7 @@ What differs between methods is *which* parameters train (``Method.setup``) and 
 not switch on stays bit-identical.
 
 Determinism and resuming: every random draw of step k (which images, the VAE sample, eps, t) comes from a
-generator seeded by (seed, k, process index), so the data stream is a pure function of the step. A
+generator seeded by (seed, k), so the data stream is a pure function of the step. A
 checkpoint (``out/checkpoints/last.pt``, written atomically every ``checkpoint_every`` steps) holds the
 trainable parameters, the optimizer state, the step, the seed and torch's global RNG states (used only
 by dropout, off by default); ``resume=True`` continues from it and reaches the same final weights as a
@@ -31,8 +31,19 @@ run that was never interrupted (bit for bit on CPU).
 
 The same code runs on CPU, one GPU, or several with ``accelerate launch``: the trainable parts are one
 module (``Denoiser``) that ``Accelerator.prepare`` places and, with several processes, wraps in DDP.
+``batch_size`` is the *global* batch: with n processes every one makes step k's draws for all ``batch_size``
+examples and keeps its own slice (process i: examples i*b ... (i+1)*b - 1, b = batch_size / n, and the same slice
+of the class images), and DDP averages the n gradients of the slice means, which is the gradient of the global
+mean. So n processes train to the weights of one, up to the order of float sums (measured in
+``tests/test_accelerate.py``); only the attention loss is normalised per slice, not over the whole batch.
 Train in float32 (``load_pipeline(..., dtype=torch.float32)``); for half precision on a GPU pass
 ``accelerator=Accelerator(mixed_precision="fp16")`` (autocast), as diffusers' training scripts do.
+
+Memory on a small GPU (SD 1.5 on a 15 GB Colab T4), two switches as in diffusers' scripts:
+``gradient_checkpointing=True`` keeps only the inputs of the UNet's blocks (and of a training text encoder's layers)
+and recomputes the rest in the backward pass (the same gradients, one more forward pass of time);
+``use_8bit_adam=True`` keeps AdamW's two moments in 8 bits (``bitsandbytes.optim.AdamW8bit``): 2 bytes per trained
+parameter instead of 8, what DreamBooth (983M parameters with the text encoder) needs to fit.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -167,6 +179,7 @@ class TrainResult:
     out: Path
     meta: dict = field(default_factory=dict)  # what was written to out/adapter.json (meta["files"]: the saved files)
     seconds: float = 0.0  # this call's wall time
+    step_seconds: list[float] = field(default_factory=list)  # each of this call's steps (synchronised by loss.item())
 
 
 def base_fingerprint(pipe) -> dict:
@@ -183,6 +196,12 @@ def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
     return sd.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer))
 
 
+#: pixels the VAE encodes in one call (4 images of 512 px; every set of 64 px images at once): one 128-channel
+#: float32 activation of its encoder is 134 MB per 512 px image, so DreamBooth's 70 prior images in one call would
+#: not fit a 15 GB GPU
+ENCODE_PIXELS = 4 * 512 * 512
+
+
 @torch.no_grad()
 def encode_examples(pipe, images, prompts: list[str], masks=None, regions=None, phrases=None) -> Examples:
     """Encode images once (the VAE is frozen). ``masks``: one (size, size) array per image, the pixels that
@@ -190,9 +209,15 @@ def encode_examples(pipe, images, prompts: list[str], masks=None, regions=None, 
     ``regions``: per image, one (size, size) mask per concept slot (None where a concept is absent), and
     ``phrases`` the slots' phrases, whose tokens the attention loss pulls onto those masks."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    x = sd.images_to_tensor(images, size, Image.LANCZOS).to(pipe.vae.device, pipe.vae.dtype)
-    post = pipe.vae.encode(x).latent_dist
-    latent = post.mean.shape[-2:]
+    chunk = max(1, ENCODE_PIXELS // (size * size))  # 256 images at 64 px (never split), 4 at 512 px
+    means, stds = [], []
+    for start in range(0, len(images), chunk):
+        x = sd.images_to_tensor(images[start:start + chunk], size, Image.LANCZOS)
+        post = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    latent = mean.shape[-2:]
     down = lambda a: F.interpolate(torch.from_numpy(np.stack(a)).float()[:, None], size=latent, mode="area")  # noqa: E731
     m = torch.ones(len(images), 1, *latent) if masks is None else down(masks)
     ids = tokenize(pipe, prompts)
@@ -206,8 +231,7 @@ def encode_examples(pipe, images, prompts: list[str], masks=None, regions=None, 
                 if r is not None:
                     toks[i, k, token_indices(pipe.tokenizer, pipe.maybe_convert_prompt(prompt, pipe.tokenizer),
                                              pipe.maybe_convert_prompt(phrase, pipe.tokenizer))] = True
-    return Examples(post.mean.float().cpu(), post.std.float().cpu(), m, ids, float(pipe.vae.config.scaling_factor),
-                    regs, toks)
+    return Examples(mean, std, m, ids, float(pipe.vae.config.scaling_factor), regs, toks)
 
 
 def training_captions(concept: Concept, phrase: str) -> list[str]:
@@ -217,21 +241,29 @@ def training_captions(concept: Concept, phrase: str) -> list[str]:
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """The CPU generator of one step: a pure function of (seed, step, process index)."""
+    """The CPU generator of one step: a pure function of (seed, step, rank). The engine uses rank 0 on every
+    process: all draw the same global batch (``step_loss``'s ``shard`` picks each one's slice)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
 def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_weight: float,
               generator: torch.Generator, batch_size: int, mask_weight: float, device, *, masked_loss: bool = False,
-              attention_weight: float = 0.0, unet=None) -> torch.Tensor:
+              attention_weight: float = 0.0, unet=None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """The loss of one step (see the module docstring); instances first, then class images (whose loss is
-    never masked or weighted)."""
+    never masked or weighted). ``batch_size`` is the global batch: the draws are made for all of it, then
+    ``shard=(i, n)`` keeps slice i of n (``batch_size / n`` instances, and as many class images), the part of
+    process i of n; ``(0, 1)`` is the whole batch."""
+    i, n = shard
+    b = batch_size // n
     parts = [data.sample(batch_size, generator)]
     if prior is not None:
         parts.append(prior.sample(batch_size, generator))
-    z0, masks, ids = (torch.cat([p[i] for p in parts]) for i in range(3))
+    z0, masks, ids = (torch.cat([p[k] for p in parts]) for k in range(3))
     eps = torch.randn(z0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
+    mine = torch.cat([torch.arange(i * b, (i + 1) * b) + k * batch_size for k in range(len(parts))])
+    z0, masks, ids, eps, t = (x[mine] for x in (z0, masks, ids, eps, t))
+    batch_size = b
     z_t = scheduler.add_noise(z0, eps, t)
     store = None
     if attention_weight > 0:
@@ -249,7 +281,7 @@ def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_we
     if prior is not None:
         loss = loss + prior_weight * per_example[batch_size:].mean()
     if store is not None:
-        _, _, _, regions, tokens = parts[0]
+        regions, tokens = (x[i * b:(i + 1) * b] for x in parts[0][3:])
         loss = loss + attention_weight * attention_loss(store, regions.to(device), tokens.to(device))
     return loss
 
@@ -293,6 +325,51 @@ def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError("use_8bit_adam needs bitsandbytes (`pip install bitsandbytes`, with a CUDA GPU); "
+                          "or train without it (AdamW with 32-bit moments)") from None
+    return bitsandbytes
+
+
+def make_optimizer(params, lr: float, use_8bit_adam: bool = False) -> torch.optim.Optimizer:
+    """AdamW without weight decay; ``use_8bit_adam``: bitsandbytes' AdamW8bit (the moments in 8 bits, CUDA)."""
+    if use_8bit_adam:
+        return _bitsandbytes().optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _checkpointing_switches(model):
+    """(enable, disable) of a diffusers or transformers model's gradient checkpointing."""
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        return model.enable_gradient_checkpointing, model.disable_gradient_checkpointing
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's newer name
+        return (lambda: model.activation_checkpointing_enable({"use_reentrant": False}),
+                model.activation_checkpointing_disable)
+    return (lambda: model.gradient_checkpointing_enable({"use_reentrant": False}), model.gradient_checkpointing_disable)
+
+
+@contextmanager
+def gradient_checkpointing_on(unet, text_encoder, enabled: bool = True):
+    """Inside the block the UNet, and the text encoder if any of its weights trains, keep only their blocks'
+    inputs in the forward pass and recompute the rest in the backward pass (non-reentrant checkpoints, so the
+    gradients reach adapters inside frozen layers). The models' previous setting is restored afterwards."""
+    parts = [unet] + ([text_encoder] if any(p.requires_grad for p in text_encoder.parameters()) else [])
+    switched = [m for m in parts if enabled and not any(getattr(x, "gradient_checkpointing", False)
+                                                        for x in m.modules())]
+    for m in switched:
+        _checkpointing_switches(m)[0]()
+    try:
+        yield
+    finally:
+        for m in switched:
+            _checkpointing_switches(m)[1]()
+            if getattr(m, "_require_grads_hook", None) is not None:  # transformers' hook for checkpointed adapters
+                m.disable_input_require_grads()
 
 
 def save_checkpoint(path: Path, method: Method, model, optimizer, step: int, seed: int, losses) -> None:
@@ -386,7 +463,8 @@ def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regular
 def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: str | Path, steps: int | None = None,
           lr: float | None = None, batch_size: int | None = None, seed: int = 0, checkpoint_every: int = 50,
           resume: bool = False, progress: bool = True, mask_weight: float = 0.0, accelerator=None,
-          regularizers: Regularizers | None = None) -> TrainResult:
+          regularizers: Regularizers | None = None, gradient_checkpointing: bool = False,
+          use_8bit_adam: bool = False) -> TrainResult:
     """Teach ``pipe`` a concept with ``method``, in place; write checkpoints, the method's files and
     ``adapter.json`` under ``out``. ``steps``/``lr``/``batch_size`` default to the method's.
 
@@ -394,6 +472,9 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
         list of them: joint training (DreamBooth and LoRA), each concept with its own phrase.
     regularizers: the training fix (``Regularizers``: masked loss, attention loss, Seg-Mix composites).
     resume: continue from ``out/checkpoints/last.pt`` if there is one (same method, settings and seed).
+    accelerator: an ``accelerate.Accelerator`` (default: a new one; ``Accelerator(mixed_precision="fp16")`` on a
+        GPU); with n processes ``batch_size`` is split n ways and must be a multiple of n.
+    gradient_checkpointing, use_8bit_adam: less GPU memory (see the module docstring); off by default.
     The pipeline must be a fresh base model: Textual Inversion refuses a token it already has.
     """
     from accelerate import Accelerator
@@ -420,6 +501,12 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
         raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, checkpoint_every >= 1; got "
                          f"{steps}, {batch_size}, {lr}, {checkpoint_every}")
     lr_at(0, steps, lr, method.lr_schedule)  # an unknown schedule fails here, before any work
+    n = accelerator.num_processes
+    if batch_size % n:
+        raise ValueError(f"batch_size {batch_size} does not split over {n} processes: the batch is global, each "
+                         f"process takes batch_size / {n} of it; use a multiple of {n} (--batch-size)")
+    if use_8bit_adam:
+        _bitsandbytes()  # missing: a clear error before any work
     if pipe.unet.dtype != torch.float32:
         raise ValueError(f"the pipeline is {pipe.unet.dtype}: load it in float32 to train "
                          "(load_pipeline(..., dtype=torch.float32)); mixed precision comes from accelerate")
@@ -441,7 +528,7 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
 
     model = Denoiser(pipe.unet, pipe.text_encoder, extra)
     params = list(_trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = make_optimizer(params, lr, use_8bit_adam)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpoint = out / "checkpoints" / "last.pt"
     start, losses = 0, []
@@ -451,27 +538,33 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
     model.train()
     bar = tqdm(range(start, steps), desc=method.name, initial=start, total=steps,
                disable=not (progress and accelerator.is_main_process))
-    for step in bar:
-        g = step_generator(seed, step, accelerator.process_index)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, method.lr_schedule)
-        with accelerator.autocast():
-            loss = step_loss(model, pipe.scheduler, data, prior, prior_weight, g, batch_size, mask_weight,
-                             accelerator.device, masked_loss=reg.masked_loss, attention_weight=reg.attention_weight,
-                             unet=pipe.unet)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        method.after_step()
-        losses.append(loss.item())
-        # drawn at tqdm's own pace: in Jupyter every refresh is a widget message, and one per step once made nbval
-        # time out waiting for the training cell's end
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, step + 1, seed, losses)
+    step_seconds = []
+    with gradient_checkpointing_on(pipe.unet, pipe.text_encoder, enabled=gradient_checkpointing):
+        for step in bar:
+            began = time.perf_counter()
+            g = step_generator(seed, step)  # the same draws on every process; each keeps its slice
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr, method.lr_schedule)
+            optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
+            with accelerator.autocast():
+                loss = step_loss(model, pipe.scheduler, data, prior, prior_weight, g, batch_size, mask_weight,
+                                 accelerator.device, masked_loss=reg.masked_loss, attention_weight=reg.attention_weight,
+                                 unet=pipe.unet, shard=(accelerator.process_index, n))
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            method.after_step()
+            losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
+            step_seconds.append(time.perf_counter() - began)
+            # drawn at tqdm's own pace: in Jupyter every refresh is a widget message, and one per step once made nbval
+            # time out waiting for the training cell's end
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, step + 1, seed,
+                                    losses)
+    optimizer.zero_grad(set_to_none=True)  # free the gradients before saving (DreamBooth copies the UNet to save it)
     model.eval().requires_grad_(False)
 
     accelerator.wait_for_everyone()
@@ -482,9 +575,11 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
                 "class_word": method.class_word_for(parts[0]), "phrase": phrase, "settings": method.settings(),
                 "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                              "mask_weight": mask_weight, "regularizers": asdict(reg)}, "base": base}
+        if use_8bit_adam:  # changes the weights (gradient checkpointing does not)
+            meta["training"]["optimizer"] = "bitsandbytes.optim.AdamW8bit"
         if len(parts) > 1:
             meta |= {"phrases": {c.slug: p for c, p in zip(parts, phrases)},
                      "names": {c.slug: c.name for c in parts}}
         meta |= method.save(pipe, out, concept, steps)
         (out / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return TrainResult(method.name, phrase, losses, out, meta, time.time() - started)
+    return TrainResult(method.name, phrase, losses, out, meta, time.time() - started, step_seconds)
