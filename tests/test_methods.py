@@ -170,6 +170,11 @@ def test_resume_refuses_another_run(random_pipe, tmp_path):
         quick(fresh(random_pipe), "hypernetwork", tmp_path, steps=2, resume=True)
     with pytest.raises(ValueError, match="does not match"):
         quick(fresh(random_pipe), "lora", tmp_path, steps=2, resume=True, rank=2)
+    other_base = fresh(random_pipe)
+    with torch.no_grad():
+        other_base.unet.conv_in.weight.add_(0.01)  # another base model of the same architecture (a retrained one)
+    with pytest.raises(ValueError, match="another base model"):
+        quick(other_base, "lora", tmp_path, steps=2, resume=True)
 
 
 def test_a_run_writes_adapter_json_and_freezes_everything(random_pipe, tmp_path):

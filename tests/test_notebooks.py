@@ -73,7 +73,9 @@ def test_badge_and_install_cell_come_from_the_one_repository_address(path):
 
 def test_sync_rewrites_a_stale_badge_and_install_cell():
     nb = load(NOTEBOOKS[0])
-    nb.cells[0].source = nb.cells[0].source.replace(course.REPO_URL.split("/")[-2], "someone-else")
+    url = course.colab_url(NOTEBOOKS[0].name)
+    nb.cells[0].source = nb.cells[0].source.replace(url, url.replace("/github/mcteach/", "/github/someone-else/"))
+    assert "someone-else" in nb.cells[0].source
     nb.cells[course.install_cell_index(nb)].source = "print('old')  # \"google.colab\" in sys.modules"
     course.sync(nb, NOTEBOOKS[0].name)
     assert course.colab_url(NOTEBOOKS[0].name) in nb.cells[0].source and "someone-else" not in nb.cells[0].source

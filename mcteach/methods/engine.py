@@ -372,20 +372,26 @@ def gradient_checkpointing_on(unet, text_encoder, enabled: bool = True):
                 m.disable_input_require_grads()
 
 
-def save_checkpoint(path: Path, method: Method, model, optimizer, step: int, seed: int, losses) -> None:
+def save_checkpoint(path: Path, method: Method, model, optimizer, step: int, seed: int, losses,
+                    base: dict | None = None) -> None:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     atomic_save({"method": method.name, "step": step, "seed": seed, "losses": list(losses), "rng": rng,
+                 "base": json.dumps(base or {}, sort_keys=True),
                  "params": {n: p.detach().cpu() for n, p in _trainable(model).items()},
                  "optimizer": optimizer.state_dict()}, path)
 
 
-def load_checkpoint(path: Path, method: Method, model, optimizer, seed: int) -> tuple[int, list[float]]:
+def load_checkpoint(path: Path, method: Method, model, optimizer, seed: int,
+                    base: dict | None = None) -> tuple[int, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if (state["method"], state["seed"]) != (method.name, seed):
         raise ValueError(f"{path} is a {state['method']} checkpoint with seed {state['seed']}, not {method.name} "
                          f"with seed {seed}: resume with the same settings, or use another --out")
+    if base is not None and "base" in state and json.loads(state["base"]) not in ({}, base):
+        raise ValueError(f"{path} was trained on another base model (its fingerprint differs from this pipeline's, "
+                         "e.g. the embedded model was retrained): delete the folder, or use another --out")
     params = _trainable(model)
     if {n: v.shape for n, v in state["params"].items()} != {n: p.shape for n, p in params.items()}:
         raise ValueError(f"{path} does not match this method's trainable parameters (other settings?); "
@@ -533,7 +539,7 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
     checkpoint = out / "checkpoints" / "last.pt"
     start, losses = 0, []
     if resume and checkpoint.exists():
-        start, losses = load_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, seed)
+        start, losses = load_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, seed, base)
 
     model.train()
     bar = tqdm(range(start, steps), desc=method.name, initial=start, total=steps,
@@ -563,7 +569,7 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, step + 1, seed,
-                                    losses)
+                                    losses, base)
     optimizer.zero_grad(set_to_none=True)  # free the gradients before saving (DreamBooth copies the UNet to save it)
     model.eval().requires_grad_(False)
 
