@@ -71,14 +71,15 @@ def token_shares(store: AttentionStore) -> np.ndarray:
 
 
 class _RangeStore(AttentionStore):
-    """An AttentionStore that files self-attention per part of the denoising process (``ranges``)."""
+    """An AttentionStore that files self-attention (or, with ``cross=True``, cross-attention) per part of the
+    denoising process (``ranges``)."""
 
-    def __init__(self, ranges):
-        super().__init__(guidance=True, self_attention=True, max_self_pixels=4096)
-        self.ranges, self.progress, self.by_range = ranges, 0.0, {}
+    def __init__(self, ranges, cross: bool = False):
+        super().__init__(guidance=True, self_attention=not cross, max_self_pixels=4096)
+        self.ranges, self.progress, self.by_range, self.cross_only = ranges, 0.0, {}, cross
 
     def wants(self, is_cross: bool, pixels: int) -> bool:
-        return not is_cross and pixels <= self.max_self_pixels
+        return is_cross if self.cross_only else (not is_cross and pixels <= self.max_self_pixels)
 
     def add(self, name, probs, is_cross):
         probs = probs.mean(dim=1).float().cpu()
@@ -135,6 +136,32 @@ def self_attention_leakage(pipe, prompt: str, regions=("left", "right"), *, seed
         b_to_a[i, r] = float(m[b][:, a].sum(-1).mean())
     uniform = float(masks_at(masks, 16)[1].float().mean())
     return {"layers": layers, "ranges": list(ranges), "a_to_b": a_to_b, "b_to_a": b_to_a, "uniform": uniform}
+
+
+def cross_attention_by_time(pipe, prompt: str, *, seed: int = 0,
+                            ranges=((0.0, 0.3), (0.3, 0.7), (0.7, 1.0)), steps: int = 25,
+                            guidance_scale: float = 5.0) -> dict:
+    """Cross-attention maps of one image, kept per layer and per part of the denoising process (0 = pure noise,
+    1 = the end), for looking at any token x layer x time. Returns {"image", "tokens" (the prompt's, then
+    "<pad>"s), "layers", "ranges", "maps": {(layer, r): (T, side, side) tensor}}."""
+    from .pipeline import generate
+
+    store = _RangeStore(list(ranges), cross=True)
+    previous = with_parts(pipe.unet, store=store)
+    try:
+        with _progress_hook(pipe, store):
+            image = generate(pipe, prompt, seed=seed, steps=steps, guidance_scale=guidance_scale)[0]
+    finally:
+        pipe.unet.set_attn_processor(previous)
+    maps = {}
+    for (name, r), (total, n) in store.by_range.items():
+        m = (total / n)[0]  # (N, T)
+        side = math.isqrt(m.shape[0])
+        maps[(name, r)] = m.T.reshape(m.shape[1], side, side)
+    words = prompt_tokens(pipe.tokenizer, pipe.maybe_convert_prompt(prompt, pipe.tokenizer))
+    tokens = words + ["<pad>"] * (pipe.tokenizer.model_max_length - len(words))
+    return {"image": image, "tokens": tokens, "layers": sorted({n for n, _ in maps}), "ranges": list(ranges),
+            "maps": maps}
 
 
 def short_layer(name: str) -> str:

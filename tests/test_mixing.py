@@ -2,6 +2,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from mcteach.mixing import hypernetwork_reach, identity_share, self_attention_leakage, short_layer
 
@@ -42,3 +43,14 @@ def test_a_hypernetwork_reaches_every_token(random_pipe):
     reach = hypernetwork_reach(pipe, PROMPT, ["sks cat", "zqv dog"])
     assert set(reach) == {"sks cat", "zqv dog", "other words", "<end> + padding"}
     assert min(reach.values()) > 0.3 * max(reach.values())
+
+
+def test_cross_attention_by_time_keeps_every_layer_and_part_of_the_process(random_pipe):
+    from mcteach.mixing import cross_attention_by_time
+
+    out = cross_attention_by_time(random_pipe, "a fox on the left", seed=0, steps=4)
+    assert out["image"].size == (64, 64) and out["tokens"][:3] == ["<start>", "a", "fox"]
+    assert len(out["tokens"]) == random_pipe.tokenizer.model_max_length
+    assert {r for _, r in out["maps"]} == {0, 1, 2} and len(out["layers"]) >= 2
+    for m in out["maps"].values():
+        assert m.shape[0] == len(out["tokens"]) and torch.allclose(m.sum(0), torch.ones_like(m[0]), atol=1e-4)
