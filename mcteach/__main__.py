@@ -12,8 +12,8 @@ Two concepts in one image (notebooks 06-07): one adapter each, one region each, 
     python -m mcteach train --method lora --concept woman_with_red_hair_and_medium_skin \
         --concept man_with_curly_hair_and_light_skin --fix training --out runs/couple   # joint, with the training fix
 
-On a GPU: ``--mixed-precision fp16``, and for SD 1.5 on a 15 GB T4 ``--gradient-checkpointing`` (and
-``--use-8bit-adam`` for DreamBooth, with bitsandbytes). On several GPUs (``--batch-size`` is the global batch,
+On a GPU, float16 mixed precision is the default; on one with under 20 GB (a 15 GB T4) so are
+``--gradient-checkpointing`` and, where bitsandbytes is installed, ``--use-8bit-adam``. On several GPUs (``--batch-size`` is the global batch,
 split between the processes: the same weights as one GPU, up to float rounding)::
 
     accelerate launch --multi_gpu --num_processes 2 --mixed_precision fp16 -m mcteach train --method lora \
@@ -151,11 +151,12 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="fp16 on a GPU (autocast; weights stay float32); default: accelerate's setting, else no")
-    t.add_argument("--gradient-checkpointing", action="store_true",
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
                    help="recompute activations in the backward pass: less GPU memory, the same result, slower "
-                        "(one more forward pass)")
-    t.add_argument("--use-8bit-adam", action="store_true",
-                   help="AdamW with 8-bit moments (needs bitsandbytes and a CUDA GPU): DreamBooth on SD 1.5 in 16 GB")
+                        "(one more forward pass); default: on for a CUDA GPU with under 20 GB")
+    t.add_argument("--use-8bit-adam", action="store_true", default=None,
+                   help="AdamW with 8-bit moments (needs bitsandbytes and a CUDA GPU): DreamBooth on SD 1.5 in 16 GB; "
+                        "default: on for a CUDA GPU with under 20 GB when bitsandbytes is installed")
     a = p.parse_args(argv)
     from .pipeline import ModelNotAvailable
 

@@ -213,6 +213,30 @@ def compose(concepts: list[Concept], rng: random.Random, size: int = world.IMAGE
     return Composite(canvas.convert("RGB"), masks, positions)
 
 
+def own_concept(folder: str | Path, class_word: str, *, name: str | None = None,
+                size: int = world.IMAGE_SIZE) -> Concept:
+    """Your own photos as a concept: write (or update) ``folder/concept.json`` with its name (default: the
+    folder's) and ``class_word`` (what it is, e.g. "dog": Textual Inversion starts there, DreamBooth keeps the
+    class with it), then load it at ``size`` (512 for SD 1.5). 4-8 photos of one subject, from a few angles,
+    work best; fewer than 3 is refused, more than 12 gets a warning (the methods' defaults assume a few)."""
+    folder = Path(folder)
+    if not class_word or not class_word.strip():
+        raise ConceptError("give the class word of your concept (what it is: 'dog', 'woman', 'mug')")
+    n = len([p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith("_mask")]) \
+        if folder.is_dir() else 0
+    if n < 3:
+        raise ConceptError(f"{folder} has {n} image(s): put 4-8 photos of your concept there "
+                           f"({'/'.join(IMAGE_EXTENSIONS)})")
+    if n > 12:
+        warnings.warn(f"{folder} has {n} images: the methods' defaults are tuned for 4-8", stacklevel=2)
+    card = folder / "concept.json"
+    meta = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {}
+    meta.update(name=name or meta.get("name") or folder.name.replace("_", " "), slug=meta.get("slug", folder.name),
+                class_word=class_word.strip())
+    card.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return load_concept(folder, size)
+
+
 def make_concept_set(emoji: world.Emoji, class_word: str, folder: str | Path, *, slug: str | None = None,
                      n: int = 6, seed: int = 0) -> Path:
     """Render ``n`` images of ``emoji`` (with masks and ``concept.json``) into ``folder``: a few-shot set.

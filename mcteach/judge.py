@@ -270,7 +270,7 @@ def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.
     midline, ``big_pair``), or an empty region: the opposite half of a one-object scene, or a blank
     background."""
     position = rng.choice(list(world.POSITIONS))
-    classes = list(world.EMOJI.values())
+    classes = [world.EMOJI[label] for label in LABELS if label != NOTHING]  # the judge's own world, in label order
     if rng.random() < p_nothing:
         if position == "centre" or rng.random() < 0.2:
             return Image.new("RGB", (world.IMAGE_SIZE,) * 2, world._background(rng)), position, NOTHING

@@ -206,3 +206,25 @@ def test_mask_size_mismatch_names_both_files(tmp_path):
     _save(folder, "a_mask.png", Image.new("L", (32, 32)))
     with pytest.raises(ConceptError, match=r"a_mask\.png is 32x32 but image .*a\.png is 64x64"):
         load_concept(folder)
+
+
+def test_own_concept_writes_its_card_and_refuses_too_few_photos(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from mcteach.concepts import ConceptError, own_concept
+
+    folder = tmp_path / "my_dog"
+    folder.mkdir()
+    with pytest.raises(ConceptError, match="has 0 image"):
+        own_concept(folder, "dog")
+    for i in range(4):
+        Image.new("RGB", (300, 200), (40 * i, 100, 150)).save(folder / f"photo{i}.jpg")
+    with pytest.raises(ConceptError, match="class word"):
+        own_concept(folder, " ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 300x200 photos are cropped and resized, with a warning
+        c = own_concept(folder, "dog")
+    assert c.name == "my dog" and c.class_word == "dog" and len(c) == 4 and c.images[0].size == (64, 64)
+    assert json.loads((folder / "concept.json").read_text())["class_word"] == "dog"

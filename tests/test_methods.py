@@ -369,7 +369,19 @@ def test_the_command_line_passes_the_memory_options(monkeypatch, tmp_path):
                  "--gradient-checkpointing", "--use-8bit-adam"]) == 0
     assert seen["gradient_checkpointing"] and seen["use_8bit_adam"] and seen["accelerator"] is None
     assert main(["train", "--method", "lora", "--concept", "koala", "--out", str(tmp_path)]) == 0
-    assert not seen["gradient_checkpointing"] and not seen["use_8bit_adam"]
+    assert seen["gradient_checkpointing"] is None and seen["use_8bit_adam"] is None  # the engine decides
+
+
+def test_small_gpu_defaults_switch_memory_savers_on_only_for_a_small_cuda_gpu(monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    assert engine.small_gpu_defaults("cpu") == {"gradient_checkpointing": False, "use_8bit_adam": False}
+    for gib, small in ((15, True), (80, False)):  # a Colab T4; an H100
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * 2**30))
+        for bnb in (True, False):
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name, b=bnb: object() if b else None)
+            assert engine.small_gpu_defaults("cuda:0") == {"gradient_checkpointing": small, "use_8bit_adam": small and bnb}
 
 
 # ---------------------------------------------------------------- Textual Inversion

@@ -58,12 +58,13 @@ def make_method(method: str, **settings) -> Method:
 
 def train_concept(pipe, concept, method: str, *, out, steps=None, lr=None, batch_size=None, seed: int = 0,
                   checkpoint_every: int = 50, resume: bool = False, progress: bool = True, mask_weight: float = 0.0,
-                  accelerator=None, regularizers=None, gradient_checkpointing: bool = False,
-                  use_8bit_adam: bool = False, **settings) -> TrainResult:
+                  accelerator=None, regularizers=None, gradient_checkpointing: bool | None = None,
+                  use_8bit_adam: bool | None = None, **settings) -> TrainResult:
     """Train ``method`` (a key of ``METHODS``) on ``concept`` (or a list of concepts: joint DreamBooth / LoRA);
     other keywords are the method's settings (``rank=8``, ``num_vectors=2``, ``prior_weight=0``...).
     ``regularizers``: the training fix (``engine.Regularizers``; ``TRAINING_FIX`` is the course's).
-    ``gradient_checkpointing``, ``use_8bit_adam``: less GPU memory (SD 1.5 on a 15 GB T4).
+    ``gradient_checkpointing``, ``use_8bit_adam``: less GPU memory (SD 1.5 on a 15 GB T4); None picks them for a
+    small GPU (``engine.small_gpu_defaults``), off on a CPU.
     See ``engine.train`` for the rest."""
     return train(pipe, concept, make_method(method, **settings), out=out, steps=steps, lr=lr,
                  batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every, resume=resume,

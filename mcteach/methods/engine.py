@@ -336,6 +336,17 @@ def _bitsandbytes():
     return bitsandbytes
 
 
+def small_gpu_defaults(device) -> dict:
+    """T4-safe training switches for ``device``: gradient checkpointing on a CUDA GPU with under 20 GB, and 8-bit
+    Adam there too when bitsandbytes is installed; both off elsewhere (a CPU, a large GPU)."""
+    import importlib.util
+
+    device = torch.device(device)
+    small = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 20 * 2**30
+    return {"gradient_checkpointing": small,
+            "use_8bit_adam": small and importlib.util.find_spec("bitsandbytes") is not None}
+
+
 def make_optimizer(params, lr: float, use_8bit_adam: bool = False) -> torch.optim.Optimizer:
     """AdamW without weight decay; ``use_8bit_adam``: bitsandbytes' AdamW8bit (the moments in 8 bits, CUDA)."""
     if use_8bit_adam:
@@ -469,8 +480,8 @@ def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regular
 def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: str | Path, steps: int | None = None,
           lr: float | None = None, batch_size: int | None = None, seed: int = 0, checkpoint_every: int = 50,
           resume: bool = False, progress: bool = True, mask_weight: float = 0.0, accelerator=None,
-          regularizers: Regularizers | None = None, gradient_checkpointing: bool = False,
-          use_8bit_adam: bool = False) -> TrainResult:
+          regularizers: Regularizers | None = None, gradient_checkpointing: bool | None = None,
+          use_8bit_adam: bool | None = None) -> TrainResult:
     """Teach ``pipe`` a concept with ``method``, in place; write checkpoints, the method's files and
     ``adapter.json`` under ``out``. ``steps``/``lr``/``batch_size`` default to the method's.
 
@@ -478,14 +489,19 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
         list of them: joint training (DreamBooth and LoRA), each concept with its own phrase.
     regularizers: the training fix (``Regularizers``: masked loss, attention loss, Seg-Mix composites).
     resume: continue from ``out/checkpoints/last.pt`` if there is one (same method, settings and seed).
-    accelerator: an ``accelerate.Accelerator`` (default: a new one; ``Accelerator(mixed_precision="fp16")`` on a
-        GPU); with n processes ``batch_size`` is split n ways and must be a multiple of n.
-    gradient_checkpointing, use_8bit_adam: less GPU memory (see the module docstring); off by default.
+    accelerator: an ``accelerate.Accelerator`` (default: a new one, with float16 mixed precision on a CUDA GPU, as
+        diffusers' training scripts use); with n processes ``batch_size`` is split n ways and must be a multiple of n.
+    gradient_checkpointing, use_8bit_adam: less GPU memory (see the module docstring). None (the default) is
+        ``small_gpu_defaults``: on for a CUDA GPU with under 20 GB (Colab's T4), 8-bit Adam only where bitsandbytes
+        is installed; off on a CPU.
     The pipeline must be a fresh base model: Textual Inversion refuses a token it already has.
     """
     from accelerate import Accelerator
 
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(mixed_precision="fp16" if torch.cuda.is_available() else "no")
+    auto = small_gpu_defaults(accelerator.device)
+    gradient_checkpointing = auto["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing
+    use_8bit_adam = auto["use_8bit_adam"] if use_8bit_adam is None else use_8bit_adam
     reg = regularizers or Regularizers()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     parts = [concept] if not isinstance(concept, (list, tuple)) else list(concept)
