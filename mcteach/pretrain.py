@@ -390,12 +390,12 @@ def status(work: Path) -> dict:
     out = {"work": str(work)}
     if (work / "recipe.json").exists():
         out["recipe"] = json.loads((work / "recipe.json").read_text())
-    for name, key in (("vae.pt", "vae_step"), ("unet.pt", "unet_step")):
-        if (work / name).exists():
-            state = torch.load(work / name, weights_only=True, map_location="cpu")
-            out[key] = state["step"]
+    for stage in ("vae", "unet"):
+        if (work / f"{stage}.pt").exists():
+            state = torch.load(work / f"{stage}.pt", weights_only=True, map_location="cpu")
+            out[f"{stage}_step"] = state["step"]
             if state.get("log"):
-                out["unet_loss"] = state["log"][-1]["loss"]
+                out[f"{stage}_last_log"] = state["log"][-1]  # VAE: rec, held_out_mae; UNet: loss
     return out
 
 

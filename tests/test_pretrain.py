@@ -136,3 +136,12 @@ def test_the_unet_starts_from_an_exported_pipeline_with_a_resized_vocabulary(tmp
             assert torch.equal(value, old_state[key]), key
     # the new tokens still encode: a broad caption runs through the text encoder
     te(new_tok(["a giraffe on the left and a bald man on the right"], return_tensors="pt").input_ids)
+
+
+def test_status_reports_the_stages_steps_and_last_logs(tiny_vae, tmp_path):
+    tok, vae = tiny_vae
+    assert pretrain.status(tmp_path) == {"work": str(tmp_path)}
+    torch.save({"model": {}, "step": 250, "log": [{"step": 250, "rec": 0.3, "held_out_mae": 19.9}]}, tmp_path / "vae.pt")
+    pretrain.train_unet(tmp_path, tok, vae, steps=1, batch_size=2, lr=1e-3, ckpt_every=1, sample_every=10_000, seed=0)
+    out = pretrain.status(tmp_path)
+    assert out["vae_step"] == 250 and out["vae_last_log"]["held_out_mae"] == 19.9 and out["unet_step"] == 1
