@@ -8,8 +8,11 @@ Modules, in the order the course teaches them:
 - ``attention``: record cross-/self-attention maps; ``plot``: show images and maps;
 - ``concepts``: few-shot concept sets; ``methods``: Textual Inversion, HyperNetwork, DreamBooth, LoRA
   (one training engine);
-- ``judge``: the per-region classifier used for metrics;
-- ``evaluate``: the base model's measurements reported in the README; ``benchmark``: the methods'.
+- ``mixing`` and ``masking``: why concepts mix, and the inference fixes (notebooks 06-07);
+- ``judge``: the per-region classifier used for metrics; ``photo_judge``: the same metrics on photos (CLIP,
+  DINOv2, MuDI's Detect-and-Compare) for SD 1.5;
+- ``evaluate``: every measurement; ``benchmark`` and ``bench``: the methods' and the mixing benchmarks;
+- ``course``: runs the notebooks and keeps their headers, badges and times in step.
 """
 
 from .pipeline import (EMBEDDED_MODEL, SD15, ModelNotAvailable, choose_model, describe_environment, generate,
