@@ -47,8 +47,15 @@ from .files import atomic_save, write_text
 
 JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge.safetensors"
 NOTHING = "nothing"
-LABELS = [e.name for e in world.BASE_CLASSES] + [e.name for e, _ in world.HELDOUT_CONCEPTS.values()]
-LABELS.append(NOTHING)
+
+
+def labels_for(classes) -> list[str]:
+    """A judge's labels for a world: its classes, every held-out concept, and "nothing"."""
+    return [e.name for e in classes] + [e.name for e, _ in world.HELDOUT_CONCEPTS.values()] + [NOTHING]
+
+
+#: the shipped judge's labels (the base model's world)
+LABELS = labels_for(world.BASE_CLASSES)
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 CATEGORIES = ("animal", "person", "food", "object", NOTHING)
 EVAL_SEED, EVAL_SAMPLES = 0, 3000
@@ -264,13 +271,14 @@ def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.
     return out
 
 
-def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.15) -> tuple[Image.Image, str, str]:
+def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.15,
+                   labels: list[str] = LABELS) -> tuple[Image.Image, str, str]:
     """One (image, position, label) of the world: an object at ``position`` (alone, or with
     another object in the opposite half; with probability ``p_big`` drawn large and clipped at the
     midline, ``big_pair``), or an empty region: the opposite half of a one-object scene, or a blank
     background."""
     position = rng.choice(list(world.POSITIONS))
-    classes = [world.EMOJI[label] for label in LABELS if label != NOTHING]  # the judge's own world, in label order
+    classes = [world.EMOJI[label] for label in labels if label != NOTHING]  # the judge's own world, in label order
     if rng.random() < p_nothing:
         if position == "centre" or rng.random() < 0.2:
             return Image.new("RGB", (world.IMAGE_SIZE,) * 2, world._background(rng)), position, NOTHING
@@ -286,14 +294,16 @@ def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.
     return world.render_scene(objects, rng=rng).image, position, emoji.name
 
 
-def batch(namespace: str, seed: int, index: int, size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Batch ``index`` of a stream: images (B, 3, 64, 64), positions, label indices (B,).
+def batch(namespace: str, seed: int, index: int, size: int,
+          labels: list[str] = LABELS) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Batch ``index`` of a stream: images (B, 3, 64, 64), positions, label indices (B,) into ``labels``.
 
     Streams are disjoint by ``namespace`` ("train", "eval", "test"), so held-out images never
     appear in training."""
-    examples = [sample_example(random.Random(f"{namespace}-{seed}-{index * size + i}")) for i in range(size)]
-    images, positions, labels = zip(*examples)
-    return to_tensor(list(images)), list(positions), torch.tensor([LABELS.index(name) for name in labels])
+    examples = [sample_example(random.Random(f"{namespace}-{seed}-{index * size + i}"), labels=labels)
+                for i in range(size)]
+    images, positions, names = zip(*examples)
+    return to_tensor(list(images)), list(positions), torch.tensor([labels.index(name) for name in names])
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
@@ -339,31 +349,33 @@ def evaluate(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augment
     judge.eval()
     correct, total = Counter(), Counter()
     for i in range(0, n, 250):
-        images, positions, labels = batch("eval", seed, i // 250, min(250, n - i))
+        images, positions, labels = batch("eval", seed, i // 250, min(250, n - i), judge.labels)
         if augmented:
             images = augment(images, torch.Generator().manual_seed(seed * 1000 + i))
         pred = judge.region_logits(images, positions).argmax(-1)
         for y, ok in zip(labels.tolist(), (pred == labels).tolist()):
-            for key in ("overall", category(LABELS[y])):
+            for key in ("overall", category(judge.labels[y])):
                 correct[key] += ok
                 total[key] += 1
     return {k: round(correct[k] / total[k], 4) for k in ("overall", *CATEGORIES)}
 
 
-def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3) -> Judge:
-    """Train a judge on the augmented "train" stream: AdamW, cross-entropy with 0.05 label
-    smoothing, one-cycle learning rate (5% warm-up, cosine decay). Deterministic for a seed."""
+def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
+          labels: list[str] = LABELS) -> Judge:
+    """Train a judge for ``labels`` (default: the base model's world) on the augmented "train" stream: AdamW,
+    cross-entropy with 0.05 label smoothing, one-cycle learning rate (5% warm-up, cosine decay). Deterministic
+    for a seed."""
     torch.manual_seed(seed)
-    judge = Judge()
+    judge = Judge(labels)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     judge.train()
     bar = tqdm(range(steps), desc="judge", mininterval=10)
     for step in bar:
-        images, positions, labels = batch("train", seed, step, batch_size)
+        images, positions, targets = batch("train", seed, step, batch_size, judge.labels)
         logits = judge.region_logits(augment(images, gen), positions)
-        loss = F.cross_entropy(logits, labels, label_smoothing=0.05)
+        loss = F.cross_entropy(logits, targets, label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -389,11 +401,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="weights; accuracy goes beside it (.json)")
+    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
+                   help="the classes to judge (default: the base model's; 'broad' for the next model)")
     args = p.parse_args(argv)
     info_path = args.out.with_suffix(".json")
     if args.command == "train":
         t0 = time.time()
-        judge = train(args.steps, args.seed)
+        judge = train(args.steps, args.seed, labels=labels_for(world.WORLDS[args.world]) if args.world else LABELS)
         minutes = round((time.time() - t0) / 60, 1)
         judge.save(args.out)
         info = {"steps": args.steps, "seed": args.seed, "train_minutes": minutes,

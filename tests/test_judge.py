@@ -125,3 +125,17 @@ def test_augment_keeps_range_and_blur_with_zero_sigma_is_identity():
     y = J.augment(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     torch.testing.assert_close(y, J.augment(x, torch.Generator().manual_seed(0)))
+
+
+def test_a_judge_for_the_broad_world_trains_on_its_own_labels():
+    from mcteach import judge as J
+    from mcteach import world
+
+    labels = J.labels_for(world.BROAD_CLASSES)
+    assert len(labels) == len(world.BROAD_CLASSES) + len(world.HELDOUT_CONCEPTS) + 1 and labels[-1] == J.NOTHING
+    images, positions, targets = J.batch("train", 0, 0, 16, labels)
+    assert images.shape == (16, 3, 64, 64) and int(targets.max()) < len(labels)
+    # the default stream is unchanged: the shipped judge's labels
+    assert torch.equal(J.batch("eval", 0, 0, 8)[2], J.batch("eval", 0, 0, 8, J.LABELS)[2])
+    small = J.train(steps=2, batch_size=8, labels=labels)
+    assert small.labels == labels and small.head.out_features == len(labels)
