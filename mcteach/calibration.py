@@ -1,0 +1,148 @@
+"""Checking the judge against the eye: a hand-labelled set of generated images.
+
+The judge is trained on clean renders; generated images are blurry, and a blob can look enough like a render
+to score as a concept. So every metric of the course is only as honest as the judge's agreement with a person
+looking at generated images. This module holds that check:
+
+1. ``contact_sheet`` draws numbered images (and the region to judge) on one PNG, to be looked at and labelled;
+2. a labelled set is a folder ``images/NNNN.png`` + ``labels.json``: one entry per image with the region to
+   judge, the label a person gave (a judge label, or ``UNRECOGNISABLE`` for something no one would name),
+   where the image came from (base model, a method) and its prompt;
+3. ``agreement`` scores a judge on the set: its answer is its top label where its confidence is at least
+   ``tau``, else ``UNRECOGNISABLE``; it reports the agreement, how often an unrecognisable image was still
+   given a concept (a blob scored as a concept), and the confusion; ``best_tau`` picks the threshold.
+
+    python -m mcteach.calibration sheet data/calibration --out sheet.png    # look at it, then write labels.json
+    python -m mcteach.calibration agreement data/calibration                # the judge against the labels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from . import world
+
+UNRECOGNISABLE = "unrecognisable"
+
+
+@dataclass
+class Item:
+    file: str
+    region: str  # a region name of the judge ("centre", "left", ...)
+    label: str  # what a person saw: a judge label, "nothing" or UNRECOGNISABLE
+    source: str = ""  # "base", "lora", ...
+    prompt: str = ""
+
+
+def load(folder: str | Path) -> tuple[list[Image.Image], list[Item]]:
+    """The images and labels of a labelled set (``folder/labels.json`` + the files it names)."""
+    folder = Path(folder)
+    card = folder / "labels.json"
+    if not card.is_file():
+        raise FileNotFoundError(f"{card} not found: a labelled set is a folder with labels.json and its images")
+    items = [Item(**entry) for entry in json.loads(card.read_text())["items"]]
+    if not items:
+        raise ValueError(f"{card} has no items")
+    images = []
+    for it in items:
+        path = folder / it.file
+        if not path.is_file():
+            raise FileNotFoundError(f"{card} names {it.file}, which is not in {folder}")
+        images.append(Image.open(path).convert("RGB"))
+    return images, items
+
+
+def save(folder: str | Path, images: list[Image.Image], items: list[Item]) -> None:
+    """Write a labelled set: the images as ``images/NNNN.png`` (the items' ``file`` is set) and labels.json."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for i, (im, it) in enumerate(zip(images, items)):
+        it.file = f"images/{i:04d}.png"
+        im.save(folder / it.file, optimize=True)
+    (folder / "labels.json").write_text(json.dumps({"items": [vars(it) for it in items]}, indent=1) + "\n")
+
+
+def contact_sheet(images: list[Image.Image], regions: list[str] | None = None, cols: int = 10,
+                  scale: int = 2) -> Image.Image:
+    """The images in a numbered grid, each ``scale`` times larger, the region to judge outlined in red."""
+    from .judge import region_box
+
+    size = world.IMAGE_SIZE * scale
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * size, rows * (size + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        x, y = (i % cols) * size, (i // cols) * (size + 14)
+        sheet.paste(im.resize((size, size), Image.NEAREST), (x, y + 14))
+        draw.text((x + 2, y + 1), str(i), fill="black")
+        region = regions[i] if regions else "centre"
+        if region != "centre":
+            x0, y0, x1, y1 = (v * scale for v in region_box(region))
+            draw.rectangle((x + x0, y + 14 + y0, x + x1 - 1, y + 14 + y1 - 1), outline="red")
+    return sheet
+
+
+def answers(judge, images, items: list[Item], tau: float) -> list[str]:
+    """The judge's answer per item: its top label in the item's region, or UNRECOGNISABLE below ``tau``."""
+    out = []
+    for region in sorted({it.region for it in items}):
+        idx = [i for i, it in enumerate(items) if it.region == region]
+        probs = judge.probs([images[i] for i in idx], region)
+        conf, top = probs.max(-1)
+        for i, c, t in zip(idx, conf.tolist(), top.tolist()):
+            out.append((i, judge.labels[t] if c >= tau else UNRECOGNISABLE))
+    return [a for _, a in sorted(out)]
+
+
+def agreement(judge, images, items: list[Item], tau: float = 0.5) -> dict:
+    """How the judge agrees with the labels: overall, on recognisable images, and on unrecognisable ones (where
+    ``blob_called_concept`` is the share the judge still names a concept: a blob scored as a concept)."""
+    said = answers(judge, images, items, tau)
+    truth = [it.label for it in items]
+    ok = np.array([s == t for s, t in zip(said, truth)])
+    blob = np.array([t == UNRECOGNISABLE for t in truth])
+    concept = np.array([s not in (UNRECOGNISABLE, "nothing") for s in said])
+    return {
+        "tau": tau, "n": len(items), "agreement": float(ok.mean()),
+        "agreement_recognisable": float(ok[~blob].mean()) if (~blob).any() else float("nan"),
+        "n_unrecognisable": int(blob.sum()),
+        "blob_called_concept": float(concept[blob].mean()) if blob.any() else float("nan"),
+        "confusion": Counter(f"{t} -> {s}" for s, t in zip(said, truth) if s != t).most_common(10),
+    }
+
+
+def best_tau(judge, images, items: list[Item], taus=np.linspace(0.3, 0.95, 14)) -> float:
+    """The confidence threshold with the highest agreement (the lowest on ties: fewer images refused)."""
+    scores = [(agreement(judge, images, items, float(t))["agreement"], -float(t)) for t in taus]
+    return -max(scores)[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mcteach.calibration", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["sheet", "agreement"])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--out", type=Path, default=Path("sheet.png"))
+    p.add_argument("--tau", type=float, default=None, help="default: the best threshold on this set")
+    a = p.parse_args(argv)
+    images, items = load(a.folder)
+    if a.command == "sheet":
+        contact_sheet(images, [it.region for it in items]).save(a.out)
+        print(f"{len(images)} images -> {a.out}")
+        return
+    from .judge import Judge
+
+    judge = Judge.load()
+    tau = a.tau if a.tau is not None else best_tau(judge, images, items)
+    print(json.dumps(agreement(judge, images, items, tau), indent=1))
+
+
+if __name__ == "__main__":
+    main()

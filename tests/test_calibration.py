@@ -1,0 +1,61 @@
+"""The judge against hand labels: the bookkeeping of a labelled set, and what a threshold does to blobs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from mcteach import calibration as cal
+from mcteach import world
+from mcteach.judge import Judge
+
+
+def blob(seed: int) -> Image.Image:
+    """A smooth colour blob on a plain background: what a failed generation looks like to the eye."""
+    rng = np.random.default_rng(seed)
+    a = np.full((64, 64, 3), rng.integers(150, 240, 3), dtype=np.uint8)
+    a[16:48, 16:48] = rng.integers(0, 255, (32, 32, 3))
+    return Image.fromarray(a).filter(ImageFilter.GaussianBlur(3))
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    names = ["fox", "cat", "panda", "woman", "red apple", "rocket"]
+    images, items = [], []
+    for i, n in enumerate(names):
+        images.append(world.render_scene([(world.EMOJI[n], "left")], seed=i).image)
+        items.append(cal.Item("", "left", n, "render", f"a {n} on the left"))
+    for i in range(6):
+        images.append(blob(i))
+        items.append(cal.Item("", "centre", cal.UNRECOGNISABLE, "blob"))
+    return images, items
+
+
+def test_a_labelled_set_round_trips_and_bad_folders_are_clear_errors(labelled, tmp_path):
+    images, items = labelled
+    cal.save(tmp_path / "set", images, items)
+    again, read = cal.load(tmp_path / "set")
+    assert [vars(i) for i in read] == [vars(i) for i in items] and np.array_equal(np.asarray(again[3]), np.asarray(images[3]))
+    with pytest.raises(FileNotFoundError, match="labels.json"):
+        cal.load(tmp_path)
+    (tmp_path / "set" / items[0].file).unlink()
+    with pytest.raises(FileNotFoundError, match="names images/0000.png"):
+        cal.load(tmp_path / "set")
+    sheet = cal.contact_sheet(images, [i.region for i in items], cols=6)
+    assert sheet.size == (6 * 128, 2 * (128 + 14))
+
+
+def test_agreement_counts_blobs_called_a_concept_and_a_threshold_refuses_them(labelled):
+    images, items = labelled
+    judge = Judge.load()
+    never_refuse = cal.agreement(judge, images, items, tau=0.0)
+    assert never_refuse["agreement_recognisable"] >= 5 / 6  # clean renders: the judge sees what the label says
+    assert never_refuse["n_unrecognisable"] == 6
+    # with no threshold the judge must name something for every blob: a concept or "nothing"
+    said = cal.answers(judge, images, items, tau=0.0)
+    assert cal.UNRECOGNISABLE not in said
+    tau = cal.best_tau(judge, images, items)
+    best = cal.agreement(judge, images, items, tau)
+    assert best["agreement"] >= never_refuse["agreement"] and best["blob_called_concept"] <= never_refuse["blob_called_concept"]
+    json.dumps(best)  # the report is plain data
