@@ -12,7 +12,8 @@ looking at generated images. This module holds that check:
    ``tau``, else ``UNRECOGNISABLE``; it reports the agreement, how often an unrecognisable image was still
    given a concept (a blob scored as a concept), and the confusion; ``best_tau`` picks the threshold.
 
-    python -m mcteach.calibration sheet data/calibration --out sheet.png    # look at it, then write labels.json
+    python -m mcteach.calibration generate data/calibration                 # 200 generated images, labels = prompts
+    python -m mcteach.calibration sheet data/calibration --out sheet.png    # look at it, correct labels.json
     python -m mcteach.calibration agreement data/calibration                # the judge against the labels
 """
 
@@ -30,6 +31,8 @@ from PIL import Image, ImageDraw
 from . import world
 
 UNRECOGNISABLE = "unrecognisable"
+#: the shipped set: 200 images of the shipped model and its adapters, labelled by eye
+DEFAULT_SET = Path(__file__).resolve().parent.parent / "data" / "calibration"
 
 
 @dataclass
@@ -124,14 +127,66 @@ def best_tau(judge, images, items: list[Item], taus=np.linspace(0.3, 0.95, 14)) 
     return -max(scores)[1]
 
 
+def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
+    """Generate the unlabelled calibration images (reproducible; 200 items) into ``out``, every item's ``label``
+    set to what its prompt asked for, to be corrected by eye:
+    - base model: "a <class>" for every base class (seed ``seed``), and "a <class> on the left" or "at the top"
+      for every base class (the asked region is judged): 120;
+    - each shipped adapter of the couple (LoRA, Textual Inversion, HyperNetwork): "a <phrase>", 8 seeds: 48;
+    - both LoRAs with the inference fix: "a <woman> on the left and a <man> on the right", 16 seeds, each half: 32.
+    Returns the items (also written, with the images, by ``save``)."""
+    import random
+
+    from .evaluate import GEN
+    from .masking import INFERENCE_FIX, Region, regional_generate
+    from .methods import ADAPTERS_DIR, load_adapters, phrases
+    from .pipeline import generate, load_pipeline
+
+    images, items = [], []
+    pipe = load_pipeline(device="cpu")
+    prompts = [world.caption([(e, "centre")]) for e in world.BASE_CLASSES]
+    images += generate(pipe, prompts, seed=[seed] * len(prompts), batch_size=32, **GEN)
+    items += [Item("", "centre", e.name, "base", p) for e, p in zip(world.BASE_CLASSES, prompts)]
+    rng = random.Random(seed)
+    placed = [(e, rng.choice(["left", "top"])) for e in world.BASE_CLASSES]
+    prompts = [world.caption([(e, where)]) for e, where in placed]
+    images += generate(pipe, prompts, seed=[seed + 1] * len(prompts), batch_size=32, **GEN)
+    items += [Item("", where, e.name, "base", p) for (e, where), p in zip(placed, prompts)]
+    couple = ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"]
+    names = {s: world.HELDOUT_CONCEPTS[s][0].name for s in couple}
+    for method in ("lora", "textual_inversion", "hypernetwork"):
+        for slug in couple:
+            p = load_pipeline(device="cpu")
+            meta = load_adapters(p, [ADAPTERS_DIR / method / slug])[0]
+            prompt = f"a {phrases(meta)[slug]}"
+            images += generate(p, [prompt] * 8, seed=list(range(seed, seed + 8)), **GEN)
+            items += [Item("", "centre", names[slug], method, prompt) for _ in range(8)]
+    p = load_pipeline(device="cpu")
+    metas = load_adapters(p, [ADAPTERS_DIR / "lora" / s for s in couple])
+    said = [phrases(m)[s] for m, s in zip(metas, couple)]
+    regions = [Region(where, f"a {ph}", phrase=ph, adapter=m["adapter_name"])
+               for where, ph, m in zip(("left", "right"), said, metas)]
+    prompt = f"a {said[0]} on the left and a {said[1]} on the right"
+    pairs = regional_generate(p, prompt, regions, fix=INFERENCE_FIX, seed=list(range(seed, seed + 16)), **GEN)
+    for im in pairs:
+        for where, slug in zip(("left", "right"), couple):
+            images.append(im)
+            items.append(Item("", where, names[slug], "lora+inference fix", prompt))
+    save(out, images, items)
+    return items
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mcteach.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sheet", "agreement"])
+    p.add_argument("command", choices=["generate", "sheet", "agreement"])
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, default=Path("sheet.png"))
     p.add_argument("--tau", type=float, default=None, help="default: the best threshold on this set")
     a = p.parse_args(argv)
+    if a.command == "generate":
+        print(f"{len(generate_set(a.folder))} items -> {a.folder} (labels: what each prompt asked; correct them by eye)")
+        return
     images, items = load(a.folder)
     if a.command == "sheet":
         contact_sheet(images, [it.region for it in items]).save(a.out)
