@@ -66,6 +66,38 @@ def scene_batch(step: int, batch_size: int, seed: int, classes=None):
     )
 
 
+class _SceneBatches(torch.utils.data.Dataset):
+    """Batches ``start .. steps-1`` of the world, for a DataLoader's worker processes."""
+
+    def __init__(self, start, steps, batch_size, seed, classes):
+        self.start, self.steps, self.batch_size, self.seed, self.classes = start, steps, batch_size, seed, classes
+
+    def __len__(self):
+        return max(0, self.steps - self.start)
+
+    def __getitem__(self, i):
+        return scene_batch(self.start + i, self.batch_size, self.seed, self.classes)
+
+
+def scene_batches(start: int, steps: int, batch_size: int, seed: int, classes=None, workers: int = 0):
+    """``scene_batch(step)`` for step in ``start .. steps-1``, rendered ahead by ``workers`` processes (a GPU
+    eats batches faster than one core renders them; the stream is the same for any number of workers)."""
+    if workers <= 0:
+        for step in range(start, steps):
+            yield scene_batch(step, batch_size, seed, classes)
+        return
+    yield from torch.utils.data.DataLoader(_SceneBatches(start, steps, batch_size, seed, classes), batch_size=None,
+                                           num_workers=workers, prefetch_factor=4)
+
+
+class TimeLimit(Exception):
+    """Raised after a stage checkpointed because ``--time-limit`` ran out; the same command resumes."""
+
+
+def _out_of_time(deadline: float | None) -> bool:
+    return deadline is not None and time.time() > deadline
+
+
 def _lr(step: int, base: float, warmup: int, total: int | None = None) -> float:
     """Linear warm-up, then constant (``total=None``) or cosine decay to 10% at ``total``."""
     if step < warmup:
@@ -110,7 +142,7 @@ def reconstruction_error(vae, images: torch.Tensor) -> float:
 
 def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_weight: float,
               ckpt_every: int, seed: int, classes=None, architecture: str = "tiny", device: str = "cpu",
-              bf16: bool = False, eval_every: int = 250):
+              bf16: bool = False, eval_every: int = 250, workers: int = 0, deadline: float | None = None):
     vae, *_ = tiny.build_components(tokenizer, seed=seed, architecture=architecture)
     vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -118,7 +150,8 @@ def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=device)
         vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        if "opt" in state:  # a slim checkpoint (weights only) restarts the optimiser's moments
+            opt.load_state_dict(state["opt"])
         start, log = state["step"], state.get("log", [])
     if start >= steps:
         return vae
@@ -126,8 +159,7 @@ def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_
     held_out = concept_images()
     bar = tqdm(range(start, steps), desc="VAE", initial=start, total=steps, mininterval=10)
     t0, running = time.time(), []
-    for step in bar:
-        x, alpha, _ = scene_batch(step, batch_size, seed + 1, classes)
+    for step, (x, alpha, _) in zip(bar, scene_batches(start, steps, batch_size, seed + 1, classes, workers)):
         g = torch.Generator().manual_seed(seed * 7919 + step)
         x, alpha = x.to(device), alpha.to(device)
         with autocast(device, bf16):
@@ -152,8 +184,11 @@ def train_vae(work: Path, tokenizer, steps: int, batch_size: int, lr: float, kl_
                         "held_out_mae": reconstruction_error(vae, held_out), "time": time.time() - t0})
             vae.train()
             print(f"VAE {log[-1]}", flush=True)
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+        late = _out_of_time(deadline)
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps or late:
             atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log}, ckpt)
+        if late:
+            raise TimeLimit(f"VAE step {step + 1}")
     return vae
 
 
@@ -168,10 +203,13 @@ def set_scaling_factor(vae, seed: int, classes=None) -> float:
     return factor
 
 
+def _step(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=True, map_location="cpu")["step"] if ckpt.exists() else 0
+
+
 def _ema_update(ema, model, decay: float):
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def encode_prompts(tokenizer, text_encoder, captions):
@@ -210,29 +248,32 @@ def init_from_pipeline(path, tokenizer, text_encoder, unet) -> int:
 def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: float, ckpt_every: int,
                sample_every: int, seed: int, p_uncond: float = 0.1, snr_gamma: float = 5.0,
                classes=None, init: Path | None = None, warmup: int = 200, device: str = "cpu",
-               bf16: bool = False, vae_bf16: bool = False):
+               bf16: bool = False, vae_bf16: bool = False, workers: int = 0, deadline: float | None = None):
     _, text_encoder, unet, scheduler = tiny.build_components(tokenizer, seed=seed)
-    if init is not None:
+    ckpt = work / "unet.pt"
+    if init is not None and not ckpt.exists():
         init_from_pipeline(init, tokenizer, text_encoder, unet)
     unet.to(device), text_encoder.to(device)
     vae.requires_grad_(False).eval().to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    ckpt, start, log = work / "unet.pt", 0, []
+    start, log, warm_from = 0, [], 0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True, map_location=device)
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"]), ema_te.load_state_dict(state["ema_text_encoder"])
-        opt.load_state_dict(state["opt"])
         start, log = state["step"], state.get("log", [])
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])
+        else:  # a slim checkpoint (weights only): fresh moments, so warm the rate up again
+            warm_from = start
     abar = scheduler.alphas_cumprod
     snr = abar / (1 - abar)
     loss_weight = (torch.clamp(snr, max=snr_gamma) / snr).to(device)  # min-SNR weighting for epsilon targets
     bar = tqdm(range(start, steps), desc="UNet", initial=start, total=steps, mininterval=10)
     t0, running = time.time(), []
-    for step in bar:
-        x, _, captions = scene_batch(step, batch_size, seed + 2, classes)
+    for step, (x, _, captions) in zip(bar, scene_batches(start, steps, batch_size, seed + 2, classes, workers)):
         g = torch.Generator().manual_seed(seed * 104729 + step)
         drop = torch.rand(batch_size, generator=g) < p_uncond
         captions = ["" if d else c for c, d in zip(captions, drop)]
@@ -248,7 +289,7 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
             pred = unet(zt, t, encode_prompts(tokenizer, text_encoder, captions)).sample.float()
         loss = (loss_weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, lr, warmup)
+            group["lr"] = _lr(step - warm_from, lr, warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -259,7 +300,8 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
         bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}", refresh=False)
         if (step + 1) % 50 == 0:
             log.append({"step": step + 1, "loss": float(np.mean(running[-50:])), "time": time.time() - t0})
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+        late = _out_of_time(deadline)
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps or late:
             atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                          "ema_unet": ema_unet.state_dict(), "ema_text_encoder": ema_te.state_dict(),
                          "opt": opt.state_dict(), "step": step + 1, "log": log}, ckpt)
@@ -267,6 +309,8 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
             pipe = assemble(tokenizer, vae, ema_te, ema_unet)
             pipe.set_progress_bar_config(disable=True)
             save_sample_grid(pipe, work / "samples" / f"step{step + 1:06d}.png", sample_prompts(classes))
+        if late:
+            raise TimeLimit(f"UNet step {step + 1}")
     return ema_unet, ema_te
 
 
@@ -421,7 +465,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes rendering batches ahead (default: 0 on a CPU, all cores but two on a GPU)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: checkpoint and stop after this long (the same command resumes)")
     a = p.parse_args(argv)
+    deadline = time.time() + a.time_limit if a.time_limit else None
+    if a.workers is None:
+        a.workers = max(0, (os.cpu_count() or 1) - 2) if a.device.startswith("cuda") else 0
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.command == "status":
@@ -433,19 +484,31 @@ def main(argv=None):
     a.work.mkdir(parents=True, exist_ok=True)
     recipe = check_recipe(a.work, {"world": a.world, "vae_architecture": a.vae_architecture,
                                    "init": str(a.init.resolve()) if a.init else None, "seed": a.seed})
+    try:
+        _train(a, recipe, deadline)
+    except TimeLimit as stop:
+        print(f"stopped at the time limit after {stop} (checkpointed); run the same command to go on", flush=True)
+
+
+def _train(a, recipe: dict, deadline: float | None):
     classes = world.WORLDS[recipe["world"]]
     tokenizer = train_tokenizer(a.work, classes)
     vae_bf16 = bf16_is_fast(a.device)
     vae = train_vae(a.work, tokenizer, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.ckpt_every, a.seed,
-                    classes, recipe["vae_architecture"], a.device, vae_bf16)
-    scaling = a.work / "vae_scaling.json"
-    if not scaling.exists():
-        scaling.write_text(json.dumps({"scaling_factor": set_scaling_factor(vae, a.seed, classes)}))
+                    classes, recipe["vae_architecture"], a.device, vae_bf16, workers=a.workers, deadline=deadline)
+    scaling, vae_step = a.work / "vae_scaling.json", min(a.vae_steps, _step(a.work / "vae.pt"))
+    saved = json.loads(scaling.read_text()) if scaling.exists() else {}
+    if saved.get("vae_step", vae_step) != vae_step or not saved:
+        if (a.work / "unet.pt").exists():
+            raise SystemExit(f"the VAE in {a.work} changed (step {saved.get('vae_step')} -> {vae_step}) after the UNet "
+                             "stage began on its latents: train the UNet in a new --work folder")
+        saved = {"scaling_factor": set_scaling_factor(vae, a.seed, classes), "vae_step": vae_step}
+        atomic_save(json.dumps(saved) + "\n", scaling, write_text)
     vae.register_to_config(scaling_factor=json.loads(scaling.read_text())["scaling_factor"])
     print(f"VAE scaling factor {vae.config.scaling_factor:.4f}", flush=True)
     train_unet(a.work, tokenizer, vae, a.unet_steps, a.batch, a.lr, a.ckpt_every, a.sample_every, a.seed,
                classes=classes, init=recipe["init"], device=a.device,
-               bf16=a.device.startswith("cuda"), vae_bf16=vae_bf16)
+               bf16=a.device.startswith("cuda"), vae_bf16=vae_bf16, workers=a.workers, deadline=deadline)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,19 @@ class EmojiFontMissing(FileNotFoundError):
     """Raised when the Noto Color Emoji font cannot be found; the message says how to install it."""
 
 
+SHAPING_HINT = (
+    "Pillow drew the emoji sequence {chars!r} as separate glyphs (a person beside a skin-tone swatch) instead of "
+    "one: it lacks complex text layout (libraqm). Pillow's wheels bring libraqm but load FriBiDi from the "
+    "system: `sudo apt-get install libfribidi0` (Debian/Ubuntu), `conda install -c conda-forge fribidi`, or put "
+    "libfribidi.so.0 on LD_LIBRARY_PATH. Check with `python -c \"from PIL import features; "
+    "print(features.check('raqm'))\"`."
+)
+
+
+class EmojiShapingMissing(RuntimeError):
+    """Raised when Pillow cannot shape emoji sequences (ZWJ, skin tones); the message says what to install."""
+
+
 def font_path() -> Path:
     """Path of NotoColorEmoji.ttf (``$MCTEACH_EMOJI_FONT`` first, then the usual system places)."""
     import os
@@ -257,6 +270,8 @@ def glyph(chars: str) -> Image.Image:
     box = canvas.getbbox()
     if box is None:
         raise ValueError(f"the font has no glyph for {chars!r}")
+    if len(chars) > 1 and box[2] - box[0] > 1.5 * FONT_SIZE:
+        raise EmojiShapingMissing(SHAPING_HINT.format(chars=chars))
     return canvas.crop(box)
 
 

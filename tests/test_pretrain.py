@@ -145,3 +145,47 @@ def test_status_reports_the_stages_steps_and_last_logs(tiny_vae, tmp_path):
     pretrain.train_unet(tmp_path, tok, vae, steps=1, batch_size=2, lr=1e-3, ckpt_every=1, sample_every=10_000, seed=0)
     out = pretrain.status(tmp_path)
     assert out["vae_step"] == 250 and out["vae_last_log"]["held_out_mae"] == 19.9 and out["unet_step"] == 1
+
+
+def test_batches_rendered_by_worker_processes_are_the_same_stream():
+    alone = list(pretrain.scene_batches(3, 6, 2, seed=1))
+    workers = list(pretrain.scene_batches(3, 6, 2, seed=1, workers=2))
+    assert len(alone) == len(workers) == 3
+    for (a, ma, ca), (b, mb, cb) in zip(alone, workers):
+        assert torch.equal(a, b) and torch.equal(ma, mb) and ca == cb
+
+
+def test_a_time_limit_checkpoints_and_the_same_call_resumes(tiny_vae, tmp_path):
+    tok, vae = tiny_vae
+    kw = dict(batch_size=2, lr=1e-3, ckpt_every=100, sample_every=10_000, seed=0)
+    with pytest.raises(pretrain.TimeLimit, match="UNet step 1"):
+        pretrain.train_unet(tmp_path, tok, vae, steps=3, deadline=0.0, **kw)  # out of time after the first step
+    assert _unet_state(tmp_path)["step"] == 1  # checkpointed although ckpt_every is 100
+    pretrain.train_unet(tmp_path, tok, vae, steps=3, **kw)
+    assert _unet_state(tmp_path)["step"] == 3
+
+
+def test_a_slim_checkpoint_resumes_with_fresh_moments_and_a_new_warmup(tiny_vae, tmp_path):
+    """A checkpoint without the optimiser (weights only, e.g. brought back from another machine) resumes."""
+    tok, vae = tiny_vae
+    kw = dict(batch_size=2, lr=1e-3, ckpt_every=1, sample_every=10_000, seed=0)
+    pretrain.train_unet(tmp_path, tok, vae, steps=2, **kw)
+    state = _unet_state(tmp_path)
+    del state["opt"]
+    torch.save(state, tmp_path / "unet.pt")
+    pretrain.train_unet(tmp_path, tok, vae, steps=3, **kw)
+    after = _unet_state(tmp_path)
+    assert after["step"] == 3 and "opt" in after
+    changed = [n for n in state["unet"] if not torch.equal(state["unet"][n], after["unet"][n])]
+    assert changed  # it trained on
+
+
+def test_the_scaling_factor_follows_the_vae_and_a_changed_vae_under_a_started_unet_is_refused(tmp_path):
+    common = ["--work", str(tmp_path), "--world", "classic", "--vae-architecture", "tiny", "--vae-steps", "1",
+              "--vae-batch", "2", "--batch", "2", "--unet-steps", "1", "--sample-every", "1000", "--threads", "1"]
+    pretrain.main(["train", *common])
+    first = json.loads((tmp_path / "vae_scaling.json").read_text())
+    assert first["vae_step"] == 1
+    with pytest.raises(SystemExit, match="VAE .* changed"):
+        pretrain.main(["train", *[("2" if a == "1" and common[i - 1] == "--vae-steps" else a)
+                                  for i, a in enumerate(common)]])

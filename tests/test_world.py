@@ -155,3 +155,17 @@ def test_held_out_concepts_never_appear_in_broad_training_captions():
 )
 def test_broad_world_names(chars, name):
     assert world.emoji_name(chars) == name
+
+
+def test_a_pillow_without_text_shaping_is_caught_with_a_fix(monkeypatch):
+    """Without libraqm (FriBiDi missing) Pillow draws a ZWJ/skin-tone sequence as separate glyphs: a person
+    beside a tone swatch. A model trained on that learns swatches (it happened on a GPU machine); refuse it."""
+    from PIL import ImageFont
+
+    basic = ImageFont.truetype(str(world.font_path()), world.FONT_SIZE, layout_engine=ImageFont.Layout.BASIC)
+    monkeypatch.setattr(world, "_font", lambda: basic)
+    world.glyph.cache_clear()
+    with pytest.raises(world.EmojiShapingMissing, match="libfribidi"):
+        world.glyph("\U0001F468\U0001F3FE\u200d\U0001F9B0")  # man, medium-dark skin, red hair
+    assert world.glyph("\U0001F98A").size[0] < world.FONT_SIZE * 1.5  # a single code point still renders
+    world.glyph.cache_clear()
