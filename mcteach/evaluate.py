@@ -263,16 +263,24 @@ def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8
 
 
 def evaluate_base(model=None, seeds: int = 4, pairs: int = 60, pair_seeds: int = 2, steps: int = 25,
-                  guidance_scale: float = 5.0, out: Path | None = None) -> dict:
-    """The base model's figures: single-object recognition (centre and positioned) and pairs."""
-    from .judge import Judge
+                  guidance_scale: float = 5.0, out: Path | None = None, judge_path: Path | None = None,
+                  classes: list[world.Emoji] | None = None) -> dict:
+    """The base model's figures: single-object recognition (centre and positioned) and pairs, over ``classes``
+    (default: the base classes) with the judge at ``judge_path`` (default: the shipped one)."""
+    from .judge import JUDGE_PATH, Judge
 
-    pipe, judge = load_pipeline(model), Judge.load()
+    pipe, judge = load_pipeline(model), Judge.load(judge_path or JUDGE_PATH)
+    classes = classes or world.BASE_CLASSES
+    missing = [e.name for e in classes if e.name not in judge.labels]
+    if missing:
+        raise ValueError(f"the judge at {judge_path or JUDGE_PATH} has no label for {missing[:5]}...: give the judge "
+                         "trained for this world (python -m mcteach.judge train --world ...)")
     kw = dict(steps=steps, guidance_scale=guidance_scale)
-    report = {"model": str(model or "embedded"), "steps": steps, "guidance_scale": guidance_scale}
-    report["single_centre"] = single_accuracy(pipe, judge, world.BASE_CLASSES, range(seeds), "centre", **kw)
-    report["single_left"] = single_accuracy(pipe, judge, world.BASE_CLASSES, range(seeds), "left", **kw)
-    results = pair_results(pipe, judge, pair_prompts(world.BASE_CLASSES, pairs), range(pair_seeds), **kw)
+    report = {"model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "classes": len(classes),
+              "steps": steps, "guidance_scale": guidance_scale}
+    report["single_centre"] = single_accuracy(pipe, judge, classes, range(seeds), "centre", **kw)
+    report["single_left"] = single_accuracy(pipe, judge, classes, range(seeds), "left", **kw)
+    results = pair_results(pipe, judge, pair_prompts(classes, pairs), range(pair_seeds), **kw)
     report["pairs"] = summarize_pairs(results)
     report["pair_examples"] = [asdict(r) for r in results[:12]]
     if out:
@@ -304,8 +312,12 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=None, help="write the full report as JSON")
+    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
+    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
+                   help="the classes to measure (default: the base model's)")
     a = p.parse_args(argv)
-    report = evaluate_base(a.model, a.seeds, a.pairs, a.pair_seeds, a.steps, a.guidance, a.out)
+    report = evaluate_base(a.model, a.seeds, a.pairs, a.pair_seeds, a.steps, a.guidance, a.out, a.judge,
+                           world.WORLDS[a.world] if a.world else None)
     print(markdown(report))
 
 

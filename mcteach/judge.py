@@ -49,21 +49,26 @@ JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge.safetensor
 NOTHING = "nothing"
 
 
-def labels_for(classes) -> list[str]:
-    """A judge's labels for a world: its classes, every held-out concept, and "nothing"."""
-    return [e.name for e in classes] + [e.name for e, _ in world.HELDOUT_CONCEPTS.values()] + [NOTHING]
+UNRECOGNISABLE = "unrecognisable"
 
 
-#: the shipped judge's labels (the base model's world)
-LABELS = labels_for(world.BASE_CLASSES)
+def labels_for(classes, unrecognisable: bool = True) -> list[str]:
+    """A judge's labels for a world: its classes, every held-out concept, "unrecognisable" (a blob, a ghost of
+    two emoji, a scrambled one: see ``blob``) and "nothing"."""
+    return ([e.name for e in classes] + [e.name for e, _ in world.HELDOUT_CONCEPTS.values()]
+            + [UNRECOGNISABLE] * unrecognisable + [NOTHING])
+
+
+#: the shipped judge's labels (the base model's world; it predates the "unrecognisable" label)
+LABELS = labels_for(world.BASE_CLASSES, unrecognisable=False)
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-CATEGORIES = ("animal", "person", "food", "object", NOTHING)
+CATEGORIES = ("animal", "person", "food", "object", UNRECOGNISABLE, NOTHING)
 EVAL_SEED, EVAL_SAMPLES = 0, 3000
 
 
 def category(label: str) -> str:
-    """Category of a label: animal | person | food | object | nothing."""
-    return NOTHING if label == NOTHING else world.EMOJI[label].category
+    """Category of a label: animal | person | food | object | unrecognisable | nothing."""
+    return label if label in (NOTHING, UNRECOGNISABLE) else world.EMOJI[label].category
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -271,14 +276,75 @@ def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.
     return out
 
 
+BLOB_KINDS = ("scramble", "ghost", "chimera", "warp", "smear")
+
+
+def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: str | None = None) -> Image.Image:
+    """An "unrecognisable" region: what a half-trained generator draws instead of an object, made from renders.
+
+    - scramble: the object's box cut into 3x3 or 4x4 tiles, shuffled and flipped (its colours and texture, no shape);
+    - ghost: two emoji of different categories at the same place, blended 40-60% (two concepts mixed into one);
+    - chimera: the top (or left) of one emoji on the bottom (right) of another;
+    - warp: a smooth random displacement of up to 12-18 px (the shape melted);
+    - smear: blurred with sigma 4.5-7 px (a cloud of the object's colours).
+    """
+    kind = kind or rng.choice(BLOB_KINDS)
+    a = rng.choice(classes)
+    others = [c for c in classes if c.category != a.category] or [c for c in classes if c != a]
+    b = rng.choice(others)  # another category: a ghost of two faces may still read as a face
+    bg, place = world._background(rng), rng.random()
+    scene = world.render_scene([(a, position)], rng=random.Random(place), background=bg)
+    x = np.asarray(scene.image, dtype=np.float32)
+    ys, xs = np.nonzero(scene.masks[0] > 0.1)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    if kind in ("ghost", "chimera"):
+        y = np.asarray(world.render_scene([(b, position)], rng=random.Random(place), background=bg).image, np.float32)
+        if kind == "ghost":
+            t = rng.uniform(0.4, 0.6)
+            x = t * x + (1 - t) * y
+        elif rng.random() < 0.5:
+            cut = rng.randint(y0 + 2 * (y1 - y0) // 5, y1 - 2 * (y1 - y0) // 5)
+            x[cut:] = y[cut:]
+        else:
+            cut = rng.randint(x0 + 2 * (x1 - x0) // 5, x1 - 2 * (x1 - x0) // 5)
+            x[:, cut:] = y[:, cut:]
+    elif kind == "scramble":
+        n = rng.choice((3, 4))
+        h, w = max(1, (y1 - y0) // n), max(1, (x1 - x0) // n)
+        tiles = [x[y0 + i * h: y0 + (i + 1) * h, x0 + j * w: x0 + (j + 1) * w].copy() for i in range(n) for j in range(n)]
+        rng.shuffle(tiles)
+        for k, tile in enumerate(tiles):
+            tile = tile[::-1] if rng.random() < 0.5 else tile
+            tile = tile[:, ::-1] if rng.random() < 0.5 else tile
+            i, j = divmod(k, n)
+            x[y0 + i * h: y0 + (i + 1) * h, x0 + j * w: x0 + (j + 1) * w] = tile
+    elif kind == "warp":
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        size = x.shape[0]
+        flow = F.interpolate(torch.randn(1, 2, 7, 7, generator=g), size=(size, size), mode="bicubic", align_corners=True)
+        flow = flow / flow.abs().amax().clamp_min(1e-6) * rng.uniform(12, 18) * 2 / size
+        base = torch.stack(torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="xy"), -1)
+        grid = base[None] + flow.permute(0, 2, 3, 1)
+        t = torch.from_numpy(x).permute(2, 0, 1)[None]
+        x = F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=True)[0].permute(1, 2, 0).numpy()
+    elif kind == "smear":
+        t = torch.from_numpy(x).permute(2, 0, 1)[None] / 255.0
+        x = gaussian_blur(t, torch.tensor([rng.uniform(4.5, 7.0)]), radius=14)[0].permute(1, 2, 0).numpy() * 255.0
+    else:
+        raise ValueError(f"unknown blob kind {kind!r}; one of {BLOB_KINDS}")
+    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
+
+
 def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.15,
-                   labels: list[str] = LABELS) -> tuple[Image.Image, str, str]:
+                   labels: list[str] = LABELS, p_blob: float = 0.1) -> tuple[Image.Image, str, str]:
     """One (image, position, label) of the world: an object at ``position`` (alone, or with
     another object in the opposite half; with probability ``p_big`` drawn large and clipped at the
     midline, ``big_pair``), or an empty region: the opposite half of a one-object scene, or a blank
-    background."""
+    background; for a judge with the label, with probability ``p_blob`` an "unrecognisable" ``blob``."""
     position = rng.choice(list(world.POSITIONS))
-    classes = [world.EMOJI[label] for label in labels if label != NOTHING]  # the judge's own world, in label order
+    classes = [world.EMOJI[label] for label in labels if label not in (NOTHING, UNRECOGNISABLE)]  # in label order
+    if UNRECOGNISABLE in labels and rng.random() < p_blob:
+        return blob(classes, position, rng), position, UNRECOGNISABLE
     if rng.random() < p_nothing:
         if position == "centre" or rng.random() < 0.2:
             return Image.new("RGB", (world.IMAGE_SIZE,) * 2, world._background(rng)), position, NOTHING
@@ -357,7 +423,7 @@ def evaluate(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augment
             for key in ("overall", category(judge.labels[y])):
                 correct[key] += ok
                 total[key] += 1
-    return {k: round(correct[k] / total[k], 4) for k in ("overall", *CATEGORIES)}
+    return {k: round(correct[k] / total[k], 4) for k in ("overall", *CATEGORIES) if total[k]}
 
 
 def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,

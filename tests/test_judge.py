@@ -132,10 +132,33 @@ def test_a_judge_for_the_broad_world_trains_on_its_own_labels():
     from mcteach import world
 
     labels = J.labels_for(world.BROAD_CLASSES)
-    assert len(labels) == len(world.BROAD_CLASSES) + len(world.HELDOUT_CONCEPTS) + 1 and labels[-1] == J.NOTHING
+    assert len(labels) == len(world.BROAD_CLASSES) + len(world.HELDOUT_CONCEPTS) + 2 and labels[-1] == J.NOTHING
+    assert J.UNRECOGNISABLE in labels and J.UNRECOGNISABLE not in J.LABELS  # the shipped judge predates it
     images, positions, targets = J.batch("train", 0, 0, 16, labels)
     assert images.shape == (16, 3, 64, 64) and int(targets.max()) < len(labels)
     # the default stream is unchanged: the shipped judge's labels
     assert torch.equal(J.batch("eval", 0, 0, 8)[2], J.batch("eval", 0, 0, 8, J.LABELS)[2])
     small = J.train(steps=2, batch_size=8, labels=labels)
     assert small.labels == labels and small.head.out_features == len(labels)
+
+
+@pytest.mark.parametrize("kind", J.BLOB_KINDS)
+def test_every_blob_kind_is_a_deterministic_defaced_render(kind):
+    """An "unrecognisable" example keeps a render's colours in its region but not its shape."""
+    for position in ("centre", "left", "bottom"):
+        a = J.blob(world.BROAD_CLASSES, position, random.Random(3), kind)
+        b = J.blob(world.BROAD_CLASSES, position, random.Random(3), kind)
+        assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+        x = np.asarray(a, dtype=np.float32)
+        x0, y0, x1, y1 = world.region_box(position)
+        assert x[y0:y1, x0:x1].std() > 5  # something is there, not a blank background
+    with pytest.raises(ValueError, match="unknown blob kind"):
+        J.blob(world.BROAD_CLASSES, "centre", random.Random(0), "melt")
+
+
+def test_a_judge_with_the_unrecognisable_label_sees_blobs_in_its_stream():
+    labels = J.labels_for(world.BROAD_CLASSES)
+    _, _, targets = J.batch("train", 0, 0, 300, labels)
+    share = float((targets == labels.index(J.UNRECOGNISABLE)).float().mean())
+    assert 0.05 < share < 0.16  # p_blob = 0.1
+    assert J.category(J.UNRECOGNISABLE) == J.UNRECOGNISABLE
