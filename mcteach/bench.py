@@ -474,6 +474,32 @@ def timing_table(timing: dict) -> str:
     return "\n".join(out)
 
 
+def sampling_ratio(models: list, images: int = 16, repeats: int = 3, seed: int = 0) -> dict:
+    """Seconds per image of each pipeline in ``models`` (paths or hub ids), the course's settings (25 DDIM steps,
+    guidance 5, one batch of ``images``), timed in turns in one process so the machine's load falls on each alike;
+    the median of ``repeats`` rounds, and each model's time over the first's."""
+    import numpy as np
+
+    from . import world
+    from .evaluate import GEN
+    from .pipeline import generate, load_pipeline
+
+    pipes = [load_pipeline(m, device="cpu") for m in models]
+    prompts = [world.caption([(e, "centre")]) for e in world.CLASSIC_CLASSES[:images]]
+    for pipe in pipes:
+        generate(pipe, prompts[:2], seed=seed, **GEN)  # warm-up
+    times = [[] for _ in pipes]
+    for _ in range(repeats):
+        for pipe, t in zip(pipes, times):
+            t0 = time.perf_counter()
+            generate(pipe, prompts, seed=seed, batch_size=images, **GEN)
+            t.append((time.perf_counter() - t0) / images)
+    per_image = [float(np.median(t)) for t in times]
+    return {"models": [str(m or "embedded") for m in models], "images": images, "repeats": repeats,
+            "threads": torch.get_num_threads(), "seconds_per_image": per_image,
+            "ratio_to_first": [p / per_image[0] for p in per_image]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mcteach.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,7 +522,13 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the README table (of --out if it exists)")
     p.add_argument("--gpu-report", action="store_true",
                    help="on a CUDA GPU: each method's peak memory and step time, and the masks' cost, at SD 1.5 size")
+    p.add_argument("--sampling-ratio", nargs="+", default=None, metavar="MODEL",
+                   help="time sampling per image of these pipelines in turns ('embedded' = the shipped one)")
     a = p.parse_args(argv)
+    if a.sampling_ratio:
+        models = [None if m == "embedded" else m for m in a.sampling_ratio]
+        print(json.dumps(sampling_ratio(models), indent=1))
+        return 0
     if a.gpu_report:
         if not torch.cuda.is_available():
             print("error: --gpu-report needs a CUDA GPU", file=sys.stderr)

@@ -176,6 +176,27 @@ def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
     return items
 
 
+def generate_base_set(out: str | Path, model: str | Path | None = None, classes: list[world.Emoji] | None = None,
+                      n: int = 200, seed: int = 0) -> list[Item]:
+    """``n`` unlabelled images of a base model (reproducible), labels = what each prompt asked, to be corrected by
+    eye: half "a <class>" (the whole frame judged), half "a <class> on the left/right/top/bottom" (that region),
+    over ``n`` classes drawn without replacement where there are enough (default: the base classes)."""
+    import random
+
+    from .evaluate import GEN
+    from .pipeline import generate, load_pipeline
+
+    classes, rng = classes or world.BASE_CLASSES, random.Random(seed)
+    picked = (rng.sample(classes, n) if n <= len(classes) else [rng.choice(classes) for _ in range(n)])
+    where = ["centre" if i % 2 == 0 else rng.choice(["left", "right", "top", "bottom"]) for i in range(n)]
+    prompts = [world.caption([(e, w)]) for e, w in zip(picked, where)]
+    pipe = load_pipeline(model, device="cpu")
+    images = generate(pipe, prompts, seed=list(range(seed, seed + n)), batch_size=32, **GEN)
+    items = [Item("", w, e.name, "base", p) for e, w, p in zip(picked, where, prompts)]
+    save(out, images, items)
+    return items
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mcteach.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,9 +204,15 @@ def main(argv=None) -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, default=Path("sheet.png"))
     p.add_argument("--tau", type=float, default=None, help="default: the best threshold on this set")
+    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
+    p.add_argument("--model", default=None, help="generate: a base model's images only (e.g. a new export)")
+    p.add_argument("--world", choices=sorted(world.WORLDS), default=None, help="generate --model: its classes")
+    p.add_argument("-n", type=int, default=200, help="generate --model: how many images")
     a = p.parse_args(argv)
     if a.command == "generate":
-        print(f"{len(generate_set(a.folder))} items -> {a.folder} (labels: what each prompt asked; correct them by eye)")
+        items = (generate_base_set(a.folder, a.model, world.WORLDS[a.world] if a.world else None, a.n)
+                 if a.model else generate_set(a.folder))
+        print(f"{len(items)} items -> {a.folder} (labels: what each prompt asked; correct them by eye)")
         return
     images, items = load(a.folder)
     if a.command == "sheet":
@@ -194,7 +221,7 @@ def main(argv=None) -> None:
         return
     from .judge import Judge
 
-    judge = Judge.load()
+    judge = Judge.load(a.judge) if a.judge else Judge.load()
     tau = a.tau if a.tau is not None else best_tau(judge, images, items)
     print(json.dumps(agreement(judge, images, items, tau), indent=1))
 

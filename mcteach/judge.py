@@ -276,7 +276,7 @@ def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.
     return out
 
 
-BLOB_KINDS = ("scramble", "ghost", "chimera", "warp", "smear")
+BLOB_KINDS = ("scramble", "ghost", "chimera", "warp", "melt", "melt", "smear")
 
 
 def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: str | None = None) -> Image.Image:
@@ -285,7 +285,9 @@ def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: st
     - scramble: the object's box cut into 3x3 or 4x4 tiles, shuffled and flipped (its colours and texture, no shape);
     - ghost: two emoji of different categories at the same place, blended 40-60% (two concepts mixed into one);
     - chimera: the top (or left) of one emoji on the bottom (right) of another;
-    - warp: a smooth random displacement of up to 12-18 px (the shape melted);
+    - warp: a smooth random displacement of up to 12-18 px (the shape bent out of form);
+    - melt: displacements at two scales (12-18 px coarse, 5-8 px fine) and a slight blur: the colours and bits of
+      the texture of an object whose shape has run, the commonest failure of a small generator (twice as often);
     - smear: blurred with sigma 4.5-7 px (a cloud of the object's colours).
     """
     kind = kind or rng.choice(BLOB_KINDS)
@@ -318,21 +320,31 @@ def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: st
             tile = tile[:, ::-1] if rng.random() < 0.5 else tile
             i, j = divmod(k, n)
             x[y0 + i * h: y0 + (i + 1) * h, x0 + j * w: x0 + (j + 1) * w] = tile
-    elif kind == "warp":
+    elif kind in ("warp", "melt"):
         g = torch.Generator().manual_seed(rng.randrange(2**31))
         size = x.shape[0]
-        flow = F.interpolate(torch.randn(1, 2, 7, 7, generator=g), size=(size, size), mode="bicubic", align_corners=True)
-        flow = flow / flow.abs().amax().clamp_min(1e-6) * rng.uniform(12, 18) * 2 / size
+        scales = [(7, rng.uniform(12, 18))] if kind == "warp" else [(4, rng.uniform(12, 18)), (9, rng.uniform(5, 8))]
+        flow = sum(_flow(n, px, size, g) for n, px in scales)
         base = torch.stack(torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="xy"), -1)
-        grid = base[None] + flow.permute(0, 2, 3, 1)
         t = torch.from_numpy(x).permute(2, 0, 1)[None]
-        x = F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=True)[0].permute(1, 2, 0).numpy()
+        t = F.grid_sample(t, base[None] + flow, mode="bilinear", padding_mode="border", align_corners=True)
+        if kind == "melt":
+            t = gaussian_blur(t / 255.0, torch.tensor([rng.uniform(0.6, 1.4)])) * 255.0
+        x = t[0].permute(1, 2, 0).numpy()
     elif kind == "smear":
         t = torch.from_numpy(x).permute(2, 0, 1)[None] / 255.0
         x = gaussian_blur(t, torch.tensor([rng.uniform(4.5, 7.0)]), radius=14)[0].permute(1, 2, 0).numpy() * 255.0
     else:
         raise ValueError(f"unknown blob kind {kind!r}; one of {BLOB_KINDS}")
     return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
+
+
+def _flow(n: int, pixels: float, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A smooth random displacement field (1, size, size, 2) in grid_sample units, ``n`` x ``n`` control points,
+    at most ``pixels`` px."""
+    flow = F.interpolate(torch.randn(1, 2, n, n, generator=generator), size=(size, size), mode="bicubic",
+                         align_corners=True)
+    return (flow / flow.abs().amax().clamp_min(1e-6) * pixels * 2 / size).permute(0, 2, 3, 1)
 
 
 def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.15,
