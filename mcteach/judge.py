@@ -276,7 +276,7 @@ def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.
     return out
 
 
-BLOB_KINDS = ("scramble", "ghost", "chimera", "warp", "melt", "melt", "smear")
+BLOB_KINDS = ("scramble", "ghost", "chimera", "warp", "smear")
 
 
 def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: str | None = None) -> Image.Image:
@@ -286,8 +286,6 @@ def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: st
     - ghost: two emoji of different categories at the same place, blended 40-60% (two concepts mixed into one);
     - chimera: the top (or left) of one emoji on the bottom (right) of another;
     - warp: a smooth random displacement of up to 12-18 px (the shape bent out of form);
-    - melt: displacements at two scales (12-18 px coarse, 5-8 px fine) and a slight blur: the colours and bits of
-      the texture of an object whose shape has run, the commonest failure of a small generator (twice as often);
     - smear: blurred with sigma 4.5-7 px (a cloud of the object's colours).
     """
     kind = kind or rng.choice(BLOB_KINDS)
@@ -320,16 +318,13 @@ def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: st
             tile = tile[:, ::-1] if rng.random() < 0.5 else tile
             i, j = divmod(k, n)
             x[y0 + i * h: y0 + (i + 1) * h, x0 + j * w: x0 + (j + 1) * w] = tile
-    elif kind in ("warp", "melt"):
+    elif kind == "warp":
         g = torch.Generator().manual_seed(rng.randrange(2**31))
         size = x.shape[0]
-        scales = [(7, rng.uniform(12, 18))] if kind == "warp" else [(4, rng.uniform(12, 18)), (9, rng.uniform(5, 8))]
-        flow = sum(_flow(n, px, size, g) for n, px in scales)
         base = torch.stack(torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="xy"), -1)
         t = torch.from_numpy(x).permute(2, 0, 1)[None]
-        t = F.grid_sample(t, base[None] + flow, mode="bilinear", padding_mode="border", align_corners=True)
-        if kind == "melt":
-            t = gaussian_blur(t / 255.0, torch.tensor([rng.uniform(0.6, 1.4)])) * 255.0
+        t = F.grid_sample(t, base[None] + _flow(7, rng.uniform(12, 18), size, g), mode="bilinear",
+                          padding_mode="border", align_corners=True)
         x = t[0].permute(1, 2, 0).numpy()
     elif kind == "smear":
         t = torch.from_numpy(x).permute(2, 0, 1)[None] / 255.0

@@ -299,7 +299,8 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
         running.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}", refresh=False)
         if (step + 1) % 50 == 0:
-            log.append({"step": step + 1, "loss": float(np.mean(running[-50:])), "time": time.time() - t0})
+            log.append({"step": step + 1, "loss": float(np.mean(running[-50:])), "time": time.time() - t0,
+                        "batch": batch_size, "device": str(device)})
         late = _out_of_time(deadline)
         if (step + 1) % ckpt_every == 0 or step + 1 == steps or late:
             atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
@@ -374,26 +375,50 @@ def export(work: Path, out: Path, seed: int = 0) -> Path:
     pipe, state = load_stages(work, seed)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     (out / "training_log.json").write_text(json.dumps({"unet_steps": state["step"], "log": state["log"]}))
-    (out / "README.md").write_text(MODEL_CARD.format(steps=state["step"], scaling=pipe.vae.config.scaling_factor))
+    recipe = json.loads((work / "recipe.json").read_text()) if (work / "recipe.json").exists() else {}
+    classes = world.WORLDS[recipe.get("world", "classic")]
+    counts = {c: sum(e.category == c for e in classes) for c in ("person", "animal", "food", "object")}
+    params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6 for k in ("vae", "text_encoder", "unet")}
+    (out / "README.md").write_text(MODEL_CARD.format(
+        steps=state["step"], scaling=pipe.vae.config.scaling_factor, n=len(classes), world=recipe.get("world", "classic"),
+        batches=_batches(state["log"], state["step"]), **counts, **{f"{k}_m": v for k, v in params.items()}))
     return out
+
+
+def _batches(log: list[dict], total: int) -> str:
+    """" (3567 steps of batch 256 on cuda)" from a UNet log (entries every 50 steps; older logs lack the batch)."""
+    runs, last = [], 0
+    for entry in log:
+        key = (entry.get("batch"), entry.get("device"))
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += entry["step"] - last
+        else:
+            runs.append([key, entry["step"] - last])
+        last = entry["step"]
+    if runs:
+        runs[-1][1] += total - last  # the steps after the last log entry
+    if not any(b for (b, _), _ in runs):
+        return ""
+    return " (" + ", then ".join(f"{n} steps" + (f" of batch {b} on {d}" if b else "") for (b, d), n in runs) + ")"
 
 
 MODEL_CARD = """# tiny-sd: the mcteach course's embedded Stable Diffusion
 
 A Stable Diffusion pipeline (diffusers `StableDiffusionPipeline`: CLIPTokenizer, CLIPTextModel,
 UNet2DConditionModel with cross-attention, AutoencoderKL, DDIMScheduler) at laptop size: 64x64 RGB
-images, 16x16x4 latents (VAE scaling factor {scaling:.4f}), a 3-layer CLIP text encoder, a 6M-parameter UNet.
-Trained from scratch by `python -m mcteach.pretrain train` on rendered scenes of 60 Noto Color Emoji
-classes ("a fox on the left and a red apple on the right"); weights are the EMA after {steps} UNet steps
-(batch 32), stored in fp16.
+images, 16x16x4 latents (VAE {vae_m:.1f}M parameters, scaling factor {scaling:.4f}), a 3-layer CLIP text encoder
+({text_encoder_m:.1f}M), a {unet_m:.1f}M-parameter UNet. Trained by `python -m mcteach.pretrain train` on rendered
+scenes of the "{world}" world: {n} Noto Color Emoji classes ({person} people, {animal} animals, {food} foods,
+{object} objects), one or two per image ("a fox on the left and a red apple on the right"). The weights are the
+EMA of the UNet and text encoder after {steps} steps{batches}, stored in fp16.
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("data/tiny-sd")
     image = pipe("a cat on the left and a dog on the right", num_inference_steps=25, guidance_scale=5.0).images[0]
 
-It knows only its world: captions built from the 60 class names and the positions left/right/top/
-bottom. Its images are derived from Noto Color Emoji (images Apache-2.0, font OFL-1.1); see
-../NOTICE.md. Measured quality: the repository README (`python -m mcteach.evaluate base`).
+It knows only its world: captions built from the class names and the positions left/right/top/bottom. Its
+images are derived from Noto Color Emoji (images Apache-2.0, font OFL-1.1); see ../NOTICE.md. Measured quality:
+the repository README (`python -m mcteach.evaluate base`).
 """
 
 

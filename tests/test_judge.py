@@ -153,7 +153,7 @@ def test_every_blob_kind_is_a_deterministic_defaced_render(kind):
         x0, y0, x1, y1 = world.region_box(position)
         assert x[y0:y1, x0:x1].std() > 5  # something is there, not a blank background
     with pytest.raises(ValueError, match="unknown blob kind"):
-        J.blob(world.BROAD_CLASSES, "centre", random.Random(0), "drip")
+        J.blob(world.BROAD_CLASSES, "centre", random.Random(0), "melt")
 
 
 def test_a_judge_with_the_unrecognisable_label_sees_blobs_in_its_stream():

@@ -189,3 +189,10 @@ def test_the_scaling_factor_follows_the_vae_and_a_changed_vae_under_a_started_un
     with pytest.raises(SystemExit, match="VAE .* changed"):
         pretrain.main(["train", *[("2" if a == "1" and common[i - 1] == "--vae-steps" else a)
                                   for i, a in enumerate(common)]])
+
+
+def test_the_model_card_names_each_runs_batch_and_device():
+    log = [{"step": 50, "batch": 256, "device": "cuda"}, {"step": 100, "batch": 256, "device": "cuda"},
+           {"step": 150, "batch": 32, "device": "cpu"}]
+    assert pretrain._batches(log, 160) == " (100 steps of batch 256 on cuda, then 60 steps of batch 32 on cpu)"
+    assert pretrain._batches([{"step": 50, "loss": 0.1}], 60) == ""  # logs from before the batch was recorded
