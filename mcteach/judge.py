@@ -334,6 +334,36 @@ def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: st
     return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
 
 
+def failure_bank(model, n: int = 2000, seed: int = 0, classes=None, steps: int = 2) -> torch.Tensor:
+    """``n`` images (n, 3, 64, 64) uint8 that a generator draws when its sampler stops after ``steps`` DDIM steps
+    (default 2 of the course's 25): "a <class>" for random classes, so each is the class's colours and bits of its
+    texture in no shape at all: the failure a person calls unrecognisable and a texture-reading judge names as the
+    class. A judge trained with them (``train(..., failures=...)``) learns that colours and texture are not enough.
+    About 2 minutes for 2000 on 2 CPU cores."""
+    from .pipeline import generate, load_pipeline
+
+    pipe, rng = load_pipeline(model, device="cpu"), random.Random(f"failures-{seed}")
+    prompts = [world.caption([(rng.choice(classes or world.BASE_CLASSES), "centre")]) for _ in range(n)]
+    images = generate(pipe, prompts, seed=list(range(seed, seed + n)), steps=steps, guidance_scale=5.0, batch_size=64)
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def failure_example(bank: torch.Tensor, position: str, rng: random.Random) -> Image.Image:
+    """One bank image, smoothed (sigma 0.5-1 px: the few-step sampler leaves speckle that finished images lack) and,
+    for a half position, shrunk into that half of a plain background of its border's colour."""
+    x = bank[rng.randrange(len(bank))].float()[None] / 255.0
+    x = gaussian_blur(x, torch.tensor([rng.uniform(0.5, 1.0)]))[0]
+    im = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8))
+    if position == "centre":
+        return im
+    size, border = world.IMAGE_SIZE, np.concatenate([np.asarray(im)[[0, -1]].reshape(-1, 3), np.asarray(im)[:, [0, -1]].reshape(-1, 3)])
+    out = Image.new("RGB", (size, size), tuple(int(v) for v in np.median(border, axis=0)))
+    x0, y0, x1, y1 = world.region_box(position)
+    side = min(x1 - x0, y1 - y0)
+    out.paste(im.resize((side, side), Image.LANCZOS), (x0 + (x1 - x0 - side) // 2, y0 + (y1 - y0 - side) // 2))
+    return out
+
+
 def _flow(n: int, pixels: float, size: int, generator: torch.Generator) -> torch.Tensor:
     """A smooth random displacement field (1, size, size, 2) in grid_sample units, ``n`` x ``n`` control points,
     at most ``pixels`` px."""
@@ -343,14 +373,18 @@ def _flow(n: int, pixels: float, size: int, generator: torch.Generator) -> torch
 
 
 def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.15,
-                   labels: list[str] = LABELS, p_blob: float = 0.1) -> tuple[Image.Image, str, str]:
+                   labels: list[str] = LABELS, p_blob: float = 0.1,
+                   failures: torch.Tensor | None = None) -> tuple[Image.Image, str, str]:
     """One (image, position, label) of the world: an object at ``position`` (alone, or with
     another object in the opposite half; with probability ``p_big`` drawn large and clipped at the
     midline, ``big_pair``), or an empty region: the opposite half of a one-object scene, or a blank
-    background; for a judge with the label, with probability ``p_blob`` an "unrecognisable" ``blob``."""
+    background; for a judge with the label, with probability ``p_blob`` an "unrecognisable" ``blob`` (half of them
+    a generator's unfinished image from ``failures``, ``failure_bank``, where given)."""
     position = rng.choice(list(world.POSITIONS))
     classes = [world.EMOJI[label] for label in labels if label not in (NOTHING, UNRECOGNISABLE)]  # in label order
     if UNRECOGNISABLE in labels and rng.random() < p_blob:
+        if failures is not None and rng.random() < 0.5:
+            return failure_example(failures, position, rng), position, UNRECOGNISABLE
         return blob(classes, position, rng), position, UNRECOGNISABLE
     if rng.random() < p_nothing:
         if position == "centre" or rng.random() < 0.2:
@@ -367,14 +401,14 @@ def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.
     return world.render_scene(objects, rng=rng).image, position, emoji.name
 
 
-def batch(namespace: str, seed: int, index: int, size: int,
-          labels: list[str] = LABELS) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def batch(namespace: str, seed: int, index: int, size: int, labels: list[str] = LABELS,
+          failures: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Batch ``index`` of a stream: images (B, 3, 64, 64), positions, label indices (B,) into ``labels``.
 
     Streams are disjoint by ``namespace`` ("train", "eval", "test"), so held-out images never
     appear in training."""
-    examples = [sample_example(random.Random(f"{namespace}-{seed}-{index * size + i}"), labels=labels)
-                for i in range(size)]
+    examples = [sample_example(random.Random(f"{namespace}-{seed}-{index * size + i}"), labels=labels,
+                               failures=failures) for i in range(size)]
     images, positions, names = zip(*examples)
     return to_tensor(list(images)), list(positions), torch.tensor([labels.index(name) for name in names])
 
@@ -434,7 +468,7 @@ def evaluate(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augment
 
 
 def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
-          labels: list[str] = LABELS) -> Judge:
+          labels: list[str] = LABELS, failures: torch.Tensor | None = None) -> Judge:
     """Train a judge for ``labels`` (default: the base model's world) on the augmented "train" stream: AdamW,
     cross-entropy with 0.05 label smoothing, one-cycle learning rate (5% warm-up, cosine decay). Deterministic
     for a seed."""
@@ -446,7 +480,7 @@ def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-
     judge.train()
     bar = tqdm(range(steps), desc="judge", mininterval=10)
     for step in bar:
-        images, positions, targets = batch("train", seed, step, batch_size, judge.labels)
+        images, positions, targets = batch("train", seed, step, batch_size, judge.labels, failures)
         logits = judge.region_logits(augment(images, gen), positions)
         loss = F.cross_entropy(logits, targets, label_smoothing=0.05)
         opt.zero_grad(set_to_none=True)
@@ -476,14 +510,24 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="weights; accuracy goes beside it (.json)")
     p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
                    help="the classes to judge (default: the base model's; 'broad' for the next model)")
+    p.add_argument("--failures-from", default=None, metavar="MODEL",
+                   help="also train 'unrecognisable' on this generator's 2-step images (failure_bank; cached beside --out)")
     args = p.parse_args(argv)
     info_path = args.out.with_suffix(".json")
     if args.command == "train":
         t0 = time.time()
-        judge = train(args.steps, args.seed, labels=labels_for(world.WORLDS[args.world]) if args.world else LABELS)
+        classes = world.WORLDS[args.world] if args.world else world.BASE_CLASSES
+        failures = None
+        if args.failures_from:
+            bank = args.out.with_name(args.out.stem + "_failures.pt")
+            if not bank.exists():
+                atomic_save(failure_bank(args.failures_from, classes=classes), bank)
+            failures = torch.load(bank, weights_only=True)
+        judge = train(args.steps, args.seed, labels=labels_for(classes) if args.world else LABELS, failures=failures)
         minutes = round((time.time() - t0) / 60, 1)
         judge.save(args.out)
-        info = {"steps": args.steps, "seed": args.seed, "train_minutes": minutes,
+        info = {"steps": args.steps, "seed": args.seed, "train_minutes": minutes, "world": args.world or "base",
+                "failures_from": args.failures_from,
                 "parameters": sum(q.numel() for q in judge.parameters()), **report(judge)}
     else:
         judge = Judge.load(args.out)

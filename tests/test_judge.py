@@ -162,3 +162,18 @@ def test_a_judge_with_the_unrecognisable_label_sees_blobs_in_its_stream():
     share = float((targets == labels.index(J.UNRECOGNISABLE)).float().mean())
     assert 0.05 < share < 0.16  # p_blob = 0.1
     assert J.category(J.UNRECOGNISABLE) == J.UNRECOGNISABLE
+
+
+def test_a_failure_bank_holds_unfinished_generations_and_feeds_the_unrecognisable_label():
+    """Two DDIM steps of 25 leave a class's colours in no shape: the generator's own failures, as negatives."""
+    bank = J.failure_bank(None, n=2, steps=2)  # the embedded model
+    assert bank.shape == (2, 3, 64, 64) and bank.dtype == torch.uint8
+    finished = J.failure_bank(None, n=2, steps=25)
+    assert not torch.equal(bank, finished)
+    left = np.asarray(J.failure_example(bank, "left", random.Random(0)), dtype=int)
+    assert left[:, 32:].std(axis=(0, 1)).max() == 0  # shrunk into the left half: the right half is plain
+    labels = J.labels_for(world.BROAD_CLASSES)
+    unrec = labels.index(J.UNRECOGNISABLE)
+    with_bank = J.batch("train", 0, 0, 200, labels, failures=bank)[2]
+    without = J.batch("train", 0, 0, 200, labels)[2]
+    assert (with_bank == unrec).sum() == (without == unrec).sum()  # the same share; half of them now from the bank
