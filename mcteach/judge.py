@@ -491,6 +491,42 @@ def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-
     return judge.eval()
 
 
+def finetune(judge: Judge, images, regions: list[str], labels: list[str], steps: int = 400, seed: int = 0,
+             lr: float = 3e-4, batch_size: int = 64, share: float = 0.25, blob_share: float = 0.5) -> Judge:
+    """Go on training ``judge`` with generated images labelled by eye (``calibration`` sets: images, the region
+    judged, the label): each batch is ``share`` labelled images, ``blob_share`` of them "unrecognisable" ones
+    (there are few), and the rest the judge's own stream of renders, all augmented alike; AdamW, cosine decay.
+    Labels the judge does not have are skipped. Deterministic for a seed. Returns a new judge."""
+    import copy
+
+    keep = [i for i, label in enumerate(labels) if label in judge.labels]
+    if not keep:
+        raise ValueError(f"none of the labels {sorted(set(labels))[:5]}... is one of the judge's")
+    x_all = to_tensor([images[i] for i in keep])
+    where = [regions[i] for i in keep]
+    y_all = torch.tensor([judge.labels.index(labels[i]) for i in keep])
+    blob = y_all == judge.labels.index(UNRECOGNISABLE) if UNRECOGNISABLE in judge.labels else torch.zeros_like(y_all, dtype=torch.bool)
+    weights = torch.where(blob, blob_share / max(1, int(blob.sum())), (1 - blob_share) / max(1, int((~blob).sum())))
+    if not blob.any():
+        weights = torch.ones(len(y_all))
+    judge = copy.deepcopy(judge).train()
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    n_labelled = max(1, round(batch_size * share))
+    for step in tqdm(range(steps), desc="finetune", mininterval=10):
+        images_s, positions, targets = batch("finetune", seed, step, batch_size - n_labelled, judge.labels)
+        pick = torch.multinomial(weights, n_labelled, replacement=True, generator=gen)
+        x = torch.cat([images_s, x_all[pick]])
+        logits = judge.region_logits(augment(x, gen), positions + [where[i] for i in pick.tolist()])
+        loss = F.cross_entropy(logits, torch.cat([targets, y_all[pick]]), label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return judge.eval()
+
+
 def report(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES) -> dict:
     """Held-out accuracy on clean and on augmented renders, with how it was measured."""
     return {
@@ -504,7 +540,7 @@ def report(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mcteach.judge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "evaluate"])
+    p.add_argument("command", choices=["train", "evaluate", "finetune"])
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="weights; accuracy goes beside it (.json)")
@@ -512,8 +548,28 @@ def main(argv=None):
                    help="the classes to judge (default: the base model's; 'broad' for the next model)")
     p.add_argument("--failures-from", default=None, metavar="MODEL",
                    help="also train 'unrecognisable' on this generator's 2-step images (failure_bank; cached beside --out)")
+    p.add_argument("--base", type=Path, default=None, help="finetune: the judge to start from")
+    p.add_argument("--labelled", type=Path, nargs="+", default=None,
+                   help="finetune: labelled sets of generated images (mcteach.calibration folders)")
     args = p.parse_args(argv)
     info_path = args.out.with_suffix(".json")
+    if args.command == "finetune":
+        from .calibration import load
+
+        images, items = [], []
+        for folder in args.labelled:
+            more_images, more_items = load(folder)
+            images, items = images + more_images, items + more_items
+        t0 = time.time()
+        judge = finetune(Judge.load(args.base or JUDGE_PATH), images, [it.region for it in items],
+                         [it.label for it in items], steps=args.steps, seed=args.seed)
+        judge.save(args.out)
+        info = {"finetuned_from": str(args.base or JUDGE_PATH), "labelled": [str(f) for f in args.labelled],
+                "steps": args.steps, "seed": args.seed, "train_minutes": round((time.time() - t0) / 60, 1),
+                **report(judge)}
+        atomic_save(json.dumps(info, indent=1) + "\n", info_path, write_text)
+        print(json.dumps(info, indent=1))
+        return
     if args.command == "train":
         t0 = time.time()
         classes = world.WORLDS[args.world] if args.world else world.BASE_CLASSES

@@ -177,3 +177,20 @@ def test_a_failure_bank_holds_unfinished_generations_and_feeds_the_unrecognisabl
     with_bank = J.batch("train", 0, 0, 200, labels, failures=bank)[2]
     without = J.batch("train", 0, 0, 200, labels)[2]
     assert (with_bank == unrec).sum() == (without == unrec).sum()  # the same share; half of them now from the bank
+
+
+def test_finetuning_on_labelled_generated_images_moves_the_judge_towards_them():
+    """A handful of hand-labelled images (here: blobs labelled unrecognisable) in every batch shift the judge."""
+    labels = J.labels_for(world.BROAD_CLASSES)
+    base = J.train(steps=2, batch_size=8, labels=labels)
+    from test_calibration import blob as smooth_blob
+
+    images = [smooth_blob(i) for i in range(4)] + [world.render_scene([(world.EMOJI["fox"], "left")], seed=0).image]
+    regions, said = ["centre"] * 4 + ["left"], [J.UNRECOGNISABLE] * 4 + ["fox"]
+    tuned = J.finetune(base, images, regions, said, steps=30, batch_size=16, lr=3e-3)
+    unrec = labels.index(J.UNRECOGNISABLE)
+    before, after = base.probs(images[:4], "centre")[:, unrec], tuned.probs(images[:4], "centre")[:, unrec]
+    assert after.mean() > before.mean() + 0.1
+    assert tuned.labels == base.labels and base is not tuned
+    with pytest.raises(ValueError, match="none of the labels"):
+        J.finetune(base, images[:1], ["centre"], ["a label it lacks"], steps=1)
