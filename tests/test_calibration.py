@@ -71,3 +71,23 @@ def test_the_shipped_calibration_set_is_well_formed_and_the_judge_agrees_on_what
     assert {it.source for it in items} >= {"base", "lora", "textual_inversion", "hypernetwork"}
     report = cal.agreement(judge, images, items, tau=0.5)
     assert report["agreement_recognisable"] >= 0.8
+
+
+@pytest.mark.parametrize("folder, n", [("calibration_broad", 200), ("calibration_broad_train", 300)])
+def test_the_broad_models_labelled_sets_are_whole_and_speak_the_broad_judges_labels(folder, n):
+    """The hand labels of the new model's images: every label one a broad-world judge can give, some of each kind."""
+    from mcteach.judge import labels_for
+
+    images, items = cal.load(cal.DEFAULT_SET.parent / folder)
+    assert len(images) == len(items) == n and all(im.size == (64, 64) for im in images)
+    allowed = set(labels_for(world.BROAD_CLASSES))
+    assert {it.label for it in items} <= allowed
+    assert sum(it.label == cal.UNRECOGNISABLE for it in items) >= 10
+    assert {it.region for it in items} == {"centre", "left", "right", "top", "bottom"}
+
+
+def test_the_judges_training_images_are_not_its_test_images():
+    test, _ = cal.load(cal.DEFAULT_SET.parent / "calibration_broad")
+    train, _ = cal.load(cal.DEFAULT_SET.parent / "calibration_broad_train")
+    seen = {im.tobytes() for im in test}
+    assert not any(im.tobytes() in seen for im in train)
