@@ -73,7 +73,8 @@ def test_the_shipped_calibration_set_is_well_formed_and_the_judge_agrees_on_what
     assert report["agreement_recognisable"] >= 0.8
 
 
-@pytest.mark.parametrize("folder, n", [("calibration_broad", 200), ("calibration_broad_train", 300)])
+@pytest.mark.parametrize("folder, n", [("calibration_broad", 200), ("calibration_broad_train", 300),
+                                       ("calibration_broad_mined", 192)])
 def test_the_broad_models_labelled_sets_are_whole_and_speak_the_broad_judges_labels(folder, n):
     """The hand labels of the new model's images: every label one a broad-world judge can give, some of each kind."""
     from mcteach.judge import labels_for
@@ -84,10 +85,12 @@ def test_the_broad_models_labelled_sets_are_whole_and_speak_the_broad_judges_lab
     assert {it.label for it in items} <= allowed
     assert sum(it.label == cal.UNRECOGNISABLE for it in items) >= 10
     assert {it.region for it in items} == {"centre", "left", "right", "top", "bottom"}
+    assert len({it.label for it in items}) >= 10
 
 
 def test_the_judges_training_images_are_not_its_test_images():
     test, _ = cal.load(cal.DEFAULT_SET.parent / "calibration_broad")
-    train, _ = cal.load(cal.DEFAULT_SET.parent / "calibration_broad_train")
     seen = {im.tobytes() for im in test}
-    assert not any(im.tobytes() in seen for im in train)
+    for folder in ("calibration_broad_train", "calibration_broad_mined"):
+        train, _ = cal.load(cal.DEFAULT_SET.parent / folder)
+        assert not any(im.tobytes() in seen for im in train)
