@@ -94,3 +94,15 @@ def test_the_judges_training_images_are_not_its_test_images():
     for folder in ("calibration_broad_train", "calibration_broad_mined"):
         train, _ = cal.load(cal.DEFAULT_SET.parent / folder)
         assert not any(im.tobytes() in seen for im in train)
+
+
+def test_the_broad_judge_against_the_eye_on_the_new_models_images():
+    """The candidate judge of the broad model (data/judge_broad.safetensors: trained on renders, then on labelled
+    generated images of other seeds) on the held-out hand-labelled set. Measured: 0.962 of the recognisable images
+    agreed, 7 of 16 blobs named a concept (it was 15 of 16 before the labelled images). The floors guard that."""
+    images, items = cal.load(cal.DEFAULT_SET.parent / "calibration_broad")
+    judge = Judge.load(cal.DEFAULT_SET.parent / "judge_broad.safetensors")
+    a = cal.agreement(judge, images, items, tau=0.0)
+    assert a["agreement_recognisable"] >= 0.95
+    assert a["blob_called_concept"] <= 0.5  # not yet the issue's aim (no blob named a concept)
+    assert cal.UNRECOGNISABLE in cal.answers(judge, images, items, tau=0.0)  # it does say it, unlike the shipped judge
