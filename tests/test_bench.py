@@ -51,3 +51,11 @@ def test_runs_resume_and_merge(stub, tmp_path):
     assert bench.main(["--merge", str(out), str(other), "--out", str(merged)]) == 0
     text = bench.markdown(json.loads(merged.read_text()))
     assert text.count("| couple |") == 4 and "| couple | base model | none |" in text.splitlines()[2]
+
+
+def test_sampling_ratio_times_pipelines_in_turns():
+    from mcteach import bench
+
+    r = bench.sampling_ratio([None, None], images=2, repeats=1)  # the embedded model against itself
+    assert r["models"] == ["embedded", "embedded"] and len(r["seconds_per_image"]) == 2
+    assert r["ratio_to_first"][0] == 1.0 and 0.3 < r["ratio_to_first"][1] < 3
