@@ -29,8 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import world
-
-UNRECOGNISABLE = "unrecognisable"
+from .judge import NOTHING, UNRECOGNISABLE, region_box
 #: the shipped set: 200 images of the shipped model and its adapters, labelled by eye
 DEFAULT_SET = Path(__file__).resolve().parent.parent / "data" / "calibration"
 
@@ -75,8 +74,6 @@ def save(folder: str | Path, images: list[Image.Image], items: list[Item]) -> No
 def contact_sheet(images: list[Image.Image], regions: list[str] | None = None, cols: int = 10,
                   scale: int = 2) -> Image.Image:
     """The images in a numbered grid, each ``scale`` times larger, the region to judge outlined in red."""
-    from .judge import region_box
-
     size = world.IMAGE_SIZE * scale
     rows = -(-len(images) // cols)
     sheet = Image.new("RGB", (cols * size, rows * (size + 14)), "white")
@@ -111,7 +108,7 @@ def agreement(judge, images, items: list[Item], tau: float = 0.5) -> dict:
     truth = [it.label for it in items]
     ok = np.array([s == t for s, t in zip(said, truth)])
     blob = np.array([t == UNRECOGNISABLE for t in truth])
-    concept = np.array([s not in (UNRECOGNISABLE, "nothing") for s in said])
+    concept = np.array([s not in (UNRECOGNISABLE, NOTHING) for s in said])
     return {
         "tau": tau, "n": len(items), "agreement": float(ok.mean()),
         "agreement_recognisable": float(ok[~blob].mean()) if (~blob).any() else float("nan"),

@@ -505,9 +505,10 @@ def finetune(judge: Judge, images, regions: list[str], labels: list[str], steps:
     x_all = to_tensor([images[i] for i in keep])
     where = [regions[i] for i in keep]
     y_all = torch.tensor([judge.labels.index(labels[i]) for i in keep])
-    blob = y_all == judge.labels.index(UNRECOGNISABLE) if UNRECOGNISABLE in judge.labels else torch.zeros_like(y_all, dtype=torch.bool)
-    weights = torch.where(blob, blob_share / max(1, int(blob.sum())), (1 - blob_share) / max(1, int((~blob).sum())))
-    if not blob.any():
+    blob = y_all == judge.labels.index(UNRECOGNISABLE) if UNRECOGNISABLE in judge.labels else None
+    if blob is not None and blob.any() and not blob.all():
+        weights = torch.where(blob, blob_share / int(blob.sum()), (1 - blob_share) / int((~blob).sum()))
+    else:
         weights = torch.ones(len(y_all))
     judge = copy.deepcopy(judge).train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)

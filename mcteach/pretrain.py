@@ -521,7 +521,7 @@ def _train(a, recipe: dict, deadline: float | None):
     vae_bf16 = bf16_is_fast(a.device)
     vae = train_vae(a.work, tokenizer, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.ckpt_every, a.seed,
                     classes, recipe["vae_architecture"], a.device, vae_bf16, workers=a.workers, deadline=deadline)
-    scaling, vae_step = a.work / "vae_scaling.json", min(a.vae_steps, _step(a.work / "vae.pt"))
+    scaling, vae_step = a.work / "vae_scaling.json", _step(a.work / "vae.pt")  # the weights' step, not --vae-steps
     saved = json.loads(scaling.read_text()) if scaling.exists() else {}
     if saved.get("vae_step", vae_step) != vae_step or not saved:
         if (a.work / "unet.pt").exists():

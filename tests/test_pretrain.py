@@ -186,6 +186,7 @@ def test_the_scaling_factor_follows_the_vae_and_a_changed_vae_under_a_started_un
     pretrain.main(["train", *common])
     first = json.loads((tmp_path / "vae_scaling.json").read_text())
     assert first["vae_step"] == 1
+    pretrain.main(["train", *common])  # resuming as it was: the same VAE, no refusal
     with pytest.raises(SystemExit, match="VAE .* changed"):
         pretrain.main(["train", *[("2" if a == "1" and common[i - 1] == "--vae-steps" else a)
                                   for i, a in enumerate(common)]])
