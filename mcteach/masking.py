@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import token_indices, with_parts
-from .pipeline import generator_for
+from .pipeline import generator_for, initial_noise
 
 #: named regions as (x0, y0, x1, y1) fractions of the image
 NAMED_REGIONS = {
@@ -408,6 +408,7 @@ def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fi
         if store is not None:
             previous = with_parts(pipe.unet, store=store)
             stack.callback(pipe.unet.set_attn_processor, previous)
+        kwargs.setdefault("latents", initial_noise(pipe, list(seeds), height=kwargs.get("height"), width=kwargs.get("width")))
         out = pipe(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator_for(seeds),
                    **call, **kwargs)
     return out.images

@@ -177,6 +177,25 @@ def generator_for(seed: int | list[int]) -> torch.Generator | list[torch.Generat
     return [torch.Generator("cpu").manual_seed(s) for s in seed]
 
 
+def initial_noise(pipe, seed: int | list[int], num_images: int | None = None, *, height: int | None = None,
+                  width: int | None = None) -> torch.Tensor:
+    """The starting latents for ``seed`` (an int, or one seed per image), as the pipeline would draw them with
+    ``generator_for(seed)``, but always drawn in float32 on the CPU and only then moved to the pipeline's device and
+    dtype. So a seed gives the same image on a laptop CPU and a GPU in float16: torch's float16 CPU sampler is not
+    its float32 one in every version (torch 2.11's draws other numbers), which made every fp16 image a different one.
+    """
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else None
+    n = len(seeds) if seeds is not None else (num_images or 1)
+    f = pipe.vae_scale_factor
+    size = (pipe.unet.config.in_channels, (height or pipe.unet.config.sample_size * f) // f,
+            (width or pipe.unet.config.sample_size * f) // f)
+    if seeds is None:  # one generator for the batch, as diffusers' randn_tensor draws it
+        z = torch.randn((n, *size), generator=generator_for(seed))
+    else:
+        z = torch.cat([torch.randn((1, *size), generator=g) for g in generator_for(seeds)])
+    return z.to(pipe.device, pipe.unet.dtype)
+
+
 def generate(
     pipe,
     prompt: str | list[str],
@@ -211,13 +230,16 @@ def generate(
         return [im for i in range(0, len(prompts), batch_size)
                 for im in generate(pipe, prompts[i : i + batch_size], seed=seeds[i : i + batch_size], steps=steps,
                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt, **kwargs)]
+    seed = list(seed) if isinstance(seed, (list, tuple)) else seed
+    kwargs.setdefault("latents", initial_noise(pipe, seed, len(prompts) * num_images,
+                                               height=kwargs.get("height"), width=kwargs.get("width")))
     out = pipe(
         prompts,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         negative_prompt=negative_prompt,
         num_images_per_prompt=num_images,
-        generator=generator_for(list(seed) if isinstance(seed, (list, tuple)) else seed),
+        generator=generator_for(seed),
         **kwargs,
     )
     return out.images

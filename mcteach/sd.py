@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .pipeline import initial_noise
+
 
 def device_of(pipe) -> torch.device:
     return pipe.unet.device
@@ -66,9 +68,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
 def initial_latents(pipe, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
     """z_T ~ N(0, I) scaled by the scheduler's init_noise_sigma, drawn on the CPU so it is the same
     on every device, exactly as ``generate(pipe, ..., seed=seed)`` draws it."""
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    z = torch.randn((batch_size, c, s, s), generator=torch.Generator("cpu").manual_seed(seed), dtype=pipe.unet.dtype)
-    return z.to(device_of(pipe)) * pipe.scheduler.init_noise_sigma
+    return initial_noise(pipe, seed, batch_size) * pipe.scheduler.init_noise_sigma
 
 
 def describe(pipe) -> str:

@@ -137,6 +137,24 @@ def test_training_log_ships_with_the_model():
     assert log["unet_steps"] > 0 and log["log"][-1]["loss"] < log["log"][0]["loss"]
 
 
+def test_initial_noise_is_drawn_in_float32_whatever_the_pipeline_dtype(pipe, monkeypatch):
+    from mcteach.pipeline import generator_for, initial_noise
+
+    z = initial_noise(pipe, [3, 4])
+    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    assert z.shape == (2, c, s, s) and z.dtype == torch.float32
+    assert torch.equal(z[1:], torch.randn((1, c, s, s), generator=generator_for(4)))
+    assert torch.equal(initial_noise(pipe, 5, 3), torch.randn((3, c, s, s), generator=generator_for(5)))
+    assert initial_noise(pipe, 0, height=128, width=64).shape == (1, c, 128 // pipe.vae_scale_factor, 64 // pipe.vae_scale_factor)
+    # torch 2.11's float16 CPU sampler draws other numbers than its float32 one: a float16 pipeline must still get
+    # the float32 draw, cast (a sampler that ignores the request's dtype stands in for it here)
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, dtype=None, **k: real_randn(*a, **k).mul(-1.0 if dtype == torch.float16 else 1.0).to(dtype or torch.float32))
+    half = type("Half", (), {"vae_scale_factor": pipe.vae_scale_factor, "device": torch.device("cpu"),
+                             "unet": type("U", (), {"config": pipe.unet.config, "dtype": torch.float16})()})()
+    assert torch.equal(initial_noise(half, [3, 4]), z.half())
+
+
 @pytest.mark.gpu
 def test_fp16_generation_on_cuda_matches_cpu_layout():
     gpu = load_pipeline(device="cuda")
