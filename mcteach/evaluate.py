@@ -311,11 +311,13 @@ def main(argv=None) -> None:
     p.add_argument("--pair-seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--out", type=Path, default=None, help="write the full report as JSON")
+    p.add_argument("--out", type=Path, default=None, help="write the full report as JSON (a folder: <folder>/eval_base.json)")
     p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
                    help="the classes to measure (default: the base model's)")
     a = p.parse_args(argv)
+    if a.out is not None and a.out.is_dir():  # checked before the long run, so its result is never lost
+        a.out = a.out / "eval_base.json"
     report = evaluate_base(a.model, a.seeds, a.pairs, a.pair_seeds, a.steps, a.guidance, a.out, a.judge,
                            world.WORLDS[a.world] if a.world else None)
     print(markdown(report))

@@ -94,3 +94,16 @@ def test_a_new_concept_is_learned_from_its_images(judge):
     others = [world.render_scene([(e, "centre")], seed=5).image for e in world.BASE_CLASSES]
     assert taught.labels_of(others, "centre").count("koala") <= 1
     assert judge.with_concepts([load_concept("koala")]).labels == judge.labels  # known: unchanged
+
+
+
+def test_cli_out_folder_gets_a_file_inside_it_before_the_run(tmp_path, monkeypatch):
+    from mcteach import evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_base", lambda *a: seen.append(a[6]) or {})
+    monkeypatch.setattr(evaluate, "markdown", lambda report: "")
+    evaluate.main(["base", "--out", str(tmp_path)])
+    evaluate.main(["base", "--out", str(tmp_path / "mine.json")])
+    # a folder becomes <folder>/eval_base.json (write_text would refuse the folder itself, after the whole run)
+    assert seen == [tmp_path / "eval_base.json", tmp_path / "mine.json"]
