@@ -117,17 +117,18 @@ def merge(reports: list[dict]) -> dict:
 
 def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, model=None,
         drift_concepts=DRIFT_CONCEPTS, controls=CONTROLS, out: Path | None = None, settings: dict | None = None,
-        shard: tuple[int, int] = (0, 1), ceiling=CEILING_CONCEPTS, log=print) -> dict:
+        shard: tuple[int, int] = (0, 1), ceiling=CEILING_CONCEPTS, log=print, judge_path: Path | None = None) -> dict:
     """The whole benchmark (see the module docstring); writes ``out`` after every row (resumable:
     rows already in ``out`` are kept and skipped). ``settings`` (e.g. ``{"num_vectors": 4}``) override the
     defaults in the method x concept rows, for a sweep; each row records them. ``shard=(i, n)`` runs only
-    jobs i, i+n, i+2n...: n processes with their own ``out`` share the cores, and ``merge`` joins their files."""
+    jobs i, i+n, i+2n...: n processes with their own ``out`` share the cores, and ``merge`` joins their files.
+    ``judge_path``: the judge's weights (default: the shipped judge), e.g. one trained for a candidate model's world."""
     from .judge import Judge
     from .methods import METHODS
 
     methods = list(methods or METHODS)
     concepts = list(concepts or list_concepts())
-    judge = Judge.load()
+    judge = Judge.load(judge_path) if judge_path else Judge.load()
     report = {table: [] for table in TABLES}
     if out and Path(out).is_file():
         report |= json.loads(Path(out).read_text())
@@ -139,7 +140,7 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     if any(m in CONTROL_METHODS for m in methods):
         jobs += [("free_context", c, {}, "ceiling") for c in ceiling]
     jobs = jobs[shard[0]::shard[1]]
-    report |= {"seeds": seeds, "model": str(model or "embedded"), "generation": GEN,
+    report |= {"seeds": seeds, "model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "generation": GEN,
                "torch_threads": torch.get_num_threads()}
     for method, slug, job_settings, table in jobs:
         if _key({"method": method, "concept": slug, "settings": job_settings}) in done:
@@ -287,6 +288,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     p.add_argument("--out", type=Path, default=None, help="JSON report (rows already there are skipped)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override a default in the method x concept rows, e.g. --set num_vectors=4 steps=800")
@@ -307,7 +309,7 @@ def main(argv=None) -> None:
     if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
         raise SystemExit(f"--shard takes I/N with 0 <= I < N, e.g. --shard 0/2; got {a.shard!r}")
     report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, controls, a.out,
-                 parse_settings(a.set), (int(i), int(n)), a.ceiling)
+                 parse_settings(a.set), (int(i), int(n)), a.ceiling, judge_path=a.judge)
     print(markdown(report))
 
 

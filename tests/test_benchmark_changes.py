@@ -140,6 +140,19 @@ def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
     assert seen == [("lora", "koala", {}), ("textual_inversion", "koala", {})]
 
 
+def test_run_scores_with_the_judge_it_is_given(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(benchmark, "run_one", lambda m, slug, judge, *a, drift=False, **kw: {
+        "method": m, "concept": slug, "settings": kw, "fidelity": float(judge == "mine"), "position": 0.0,
+        "train_seconds": 1.0})
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: loaded.append(a) or ("mine" if a else "shipped")))
+    report = benchmark.run(["lora"], ["koala"], controls={}, ceiling=(), judge_path=tmp_path / "j.safetensors",
+                           log=lambda *a: None)
+    assert loaded == [(tmp_path / "j.safetensors",)] and report["rows"][0]["fidelity"] == 1.0
+    assert report["judge"] == str(tmp_path / "j.safetensors")
+    assert benchmark.run(["lora"], ["koala"], controls={}, ceiling=(), log=lambda *a: None)["judge"] == "shipped"
+
+
 def test_controls_train_the_frozen_unet_methods_on_a_rendered_base_class(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     seen = []
