@@ -15,6 +15,7 @@ looking at generated images. This module holds that check:
     python -m mcteach.calibration generate data/calibration                 # 200 generated images, labels = prompts
     python -m mcteach.calibration sheet data/calibration --out sheet.png    # look at it, correct labels.json
     python -m mcteach.calibration agreement data/calibration                # the judge against the labels
+    python -m mcteach.calibration mine <folder> --model <export> --world broad --judge <weights>  # doubtful images
 """
 
 from __future__ import annotations
@@ -194,22 +195,61 @@ def generate_base_set(out: str | Path, model: str | Path | None = None, classes:
     return items
 
 
+def mine_set(out: str | Path, model: str | Path | None = None, classes: list[world.Emoji] | None = None,
+             per_class: int = 6, keep: int = 200, seed: int = 5000, judge_path: str | Path | None = None) -> list[Item]:
+    """The ``keep`` most doubtful of ``per_class`` images per class of a base model, unlabelled (labels = what each
+    prompt asked, to be corrected by eye): where labelling pays. Failures are rare (a tenth of the images), so a random
+    set finds a few per class at most; here every class gets ``per_class`` images (alternately the whole frame and a
+    random half), the judge at ``judge_path`` scores each in its region, and the images it is least sure show the asked
+    class (lowest probability) are kept, sorted by class. Seeds ``seed``, ``seed + 1``, ... (away from the test set's)."""
+    import random
+
+    from .evaluate import GEN
+    from .judge import Judge
+    from .pipeline import generate, load_pipeline
+
+    classes, rng = classes or world.BASE_CLASSES, random.Random(seed)
+    asked = [(e, "centre" if k % 2 == 0 else rng.choice(["left", "right", "top", "bottom"]))
+             for e in classes for k in range(per_class)]
+    prompts = [world.caption([(e, w)]) for e, w in asked]
+    seeds = list(range(seed, seed + len(prompts)))
+    images = generate(load_pipeline(model, device="cpu"), prompts, seed=seeds, batch_size=32, **GEN)
+    judge = Judge.load(judge_path) if judge_path else Judge.load()
+    p_asked = np.zeros(len(images))
+    for region in {w for _, w in asked}:
+        idx = [i for i, (_, w) in enumerate(asked) if w == region]
+        probs = judge.probs([images[i] for i in idx], region)
+        for i, row in zip(idx, probs):
+            p_asked[i] = float(row[judge.labels.index(asked[i][0].name)]) if asked[i][0].name in judge.labels else 0.0
+    picked = sorted(np.argsort(p_asked, kind="stable")[:keep].tolist())  # class order, as generated
+    items = [Item("", asked[i][1], asked[i][0].name, f"base, seed {seeds[i]}, judge p {p_asked[i]:.2f}", prompts[i])
+             for i in picked]
+    save(out, [images[i] for i in picked], items)
+    return items
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mcteach.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["generate", "sheet", "agreement"])
+    p.add_argument("command", choices=["generate", "mine", "sheet", "agreement"])
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, default=Path("sheet.png"))
     p.add_argument("--tau", type=float, default=None, help="default: the best threshold on this set")
     p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     p.add_argument("--model", default=None, help="generate: a base model's images only (e.g. a new export)")
     p.add_argument("--world", choices=sorted(world.WORLDS), default=None, help="generate --model: its classes")
-    p.add_argument("-n", type=int, default=200, help="generate --model: how many images")
+    p.add_argument("-n", type=int, default=200, help="generate --model, mine: how many images")
+    p.add_argument("--per-class", type=int, default=6, help="mine: images generated per class")
+    p.add_argument("--seed", type=int, default=5000, help="mine: the first seed")
     a = p.parse_args(argv)
     if a.command == "generate":
         items = (generate_base_set(a.folder, a.model, world.WORLDS[a.world] if a.world else None, a.n)
                  if a.model else generate_set(a.folder))
         print(f"{len(items)} items -> {a.folder} (labels: what each prompt asked; correct them by eye)")
+        return
+    if a.command == "mine":
+        items = mine_set(a.folder, a.model, world.WORLDS[a.world] if a.world else None, a.per_class, a.n, a.seed, a.judge)
+        print(f"the {len(items)} most doubtful images -> {a.folder} (labels: what each prompt asked; correct them by eye)")
         return
     images, items = load(a.folder)
     if a.command == "sheet":

@@ -106,3 +106,21 @@ def test_the_broad_judge_against_the_eye_on_the_new_models_images():
     assert a["agreement_recognisable"] >= 0.95
     assert a["blob_called_concept"] <= 0.5  # not yet the aim (no blob named a concept)
     assert cal.UNRECOGNISABLE in cal.answers(judge, images, items, tau=0.0)  # it does say it, unlike the shipped judge
+
+
+def test_mining_keeps_the_images_the_judge_doubts_most(tmp_path):
+    classes = [world.EMOJI[n] for n in ("fox", "rocket", "red apple")]
+    items = cal.mine_set(tmp_path, classes=classes, per_class=2, keep=3, seed=7)
+    images, again = cal.load(tmp_path)
+    assert [vars(i) for i in again] == [vars(i) for i in items] and len(images) == 3
+    # labels are what each prompt asked, in class order; the seeds are distinct and start at --seed
+    assert all(it.label in it.prompt for it in items)
+    seeds = [int(it.source.split("seed ")[1].split(",")[0]) for it in items]
+    assert seeds == sorted(seeds) and min(seeds) >= 7 and max(seeds) < 13
+    kept = [float(it.source.rsplit(" ", 1)[1]) for it in items]
+    judge = Judge.load()
+    p = [float(judge.probs([im], it.region)[0, judge.labels.index(it.label)]) for im, it in zip(images, items)]
+    assert np.allclose(p, kept, atol=0.01)  # the judge's doubt is recorded (PNG round trip aside)
+    every = cal.mine_set(tmp_path / "all", classes=classes, per_class=2, keep=6, seed=7)
+    doubt = sorted(float(it.source.rsplit(" ", 1)[1]) for it in every)
+    assert sorted(kept) == doubt[:3] and doubt[3] >= max(kept)  # the three least sure of all six
