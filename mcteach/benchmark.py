@@ -32,7 +32,10 @@ On 2 cores, two processes of one thread each finish sooner than one of two threa
     OMP_NUM_THREADS=1 python -m mcteach.benchmark --shard 1/2 --out bench1.json
     python -m mcteach.benchmark --merge bench0.json bench1.json --out data/bench_methods.json
 
-Adapters go to ``--work`` (default ``~/.cache/mcteach/bench``), not to the repository.
+Adapters go to ``--work`` (default ``~/.cache/mcteach/bench``), not to the repository. They stay there, so another
+judge re-measures a finished run without training (minutes, not hours):
+
+    python -m mcteach.benchmark --rescore --out bench.json --judge <weights>
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     class_word = settings.get("class_word") or concept.class_word
     before = class_scores(pipe, judge, class_word, concept.name, seeds) if drift else None
-    tag = method + "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
+    tag = _tag(method, settings)
     if method == FreeContext.name:  # not a user method: not in METHODS
         result = train(pipe, concept, FreeContext(**settings), out=work / tag / concept.slug, progress=False)
     else:
@@ -97,6 +100,39 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
 
 
 TABLES = ("rows", "drift", "controls", "ceiling")
+
+
+def _tag(method: str, settings: dict) -> str:
+    """The folder under ``work`` a job trains into (one per method and settings)."""
+    return method + "".join(f"-{k}{v}" for k, v in sorted(settings.items()))
+
+
+def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path | None = None, log=print) -> dict:
+    """``report`` scored again by ``judge``, from the adapters its run left under ``work``: no training. A better
+    judge (or a calibrated one) re-measures a benchmark in minutes; the training times and losses are kept."""
+    from .methods import METHODS, check_base, read_adapter
+    from .methods.ceiling import FreeContext
+
+    work = Path(work or DEFAULT_WORK)
+    out = {**report, "judge": str(judge_path or "shipped")}
+    for table in TABLES:
+        rows = []
+        for row in report.get(table, []):
+            folder = work / _tag(row["method"], row["settings"]) / row["concept"]
+            meta = read_adapter(folder) if row["method"] in METHODS else json.loads((folder / "adapter.json").read_text())
+            pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+            before = (class_scores(pipe, judge, meta["class_word"], meta["name"], report.get("seeds", 8))
+                      if table == "drift" else None)
+            check_base(pipe, meta, folder)
+            (FreeContext if row["method"] == FreeContext.name else METHODS[row["method"]]).load(pipe, folder, meta)
+            new = {**row, **concept_scores(pipe, judge, row["phrase"], meta["name"], report.get("seeds", 8))}
+            if before is not None:
+                new["drift"] = {"before": before, "after": class_scores(pipe, judge, meta["class_word"], meta["name"],
+                                                                         report.get("seeds", 8))}
+            log(f"{row['method']:18s} {row['concept']:38s} fidelity {row['fidelity']:.2f} -> {new['fidelity']:.2f}")
+            rows.append(new)
+        out[table] = rows
+    return out
 
 
 def _key(row: dict) -> tuple[str, str, str]:
@@ -297,12 +333,24 @@ def main(argv=None) -> None:
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="FILE",
                    help="join the reports of several shards into --out, then print its tables")
     p.add_argument("--markdown", action="store_true", help="only print the tables of --out")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the rows of --out again with --judge, from the adapters under --work (no training)")
     a = p.parse_args(argv)
     if a.merge:
         atomic_save(json.dumps(merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n", a.out, write_text)
         a.markdown = True
     if a.markdown:
         print(markdown(json.loads(a.out.read_text())))
+        return
+    if a.rescore:
+        from .judge import Judge
+
+        if a.out is None or not a.out.is_file():
+            raise SystemExit("--rescore needs --out: the report whose rows to score again")
+        judge = Judge.load(a.judge) if a.judge else Judge.load()
+        report = rescore(json.loads(a.out.read_text()), judge, a.work, a.model, a.judge)
+        atomic_save(json.dumps(report, indent=1) + "\n", a.out, write_text)
+        print(markdown(report))
         return
     controls = {name: CONTROLS.get(name, "cat") for name in a.controls}
     i, _, n = a.shard.partition("/")

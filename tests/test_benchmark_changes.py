@@ -236,3 +236,33 @@ def test_shards_split_the_jobs_and_merge_joins_them(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["rows"] == merged["rows"]
     with pytest.raises(SystemExit, match="I/N"):
         benchmark.main(["--shard", "2/2", "--out", str(out)])
+
+
+def test_rescore_judges_the_saved_adapters_again_without_training(tmp_path, monkeypatch):
+    from mcteach.methods import train_concept
+    from mcteach.pipeline import load_pipeline
+
+    pipe = load_pipeline(dtype=torch.float32)
+    train_concept(pipe, "koala", "textual_inversion", out=tmp_path / "textual_inversion" / "koala", steps=2,
+                  progress=False)
+    row = {"method": "textual_inversion", "concept": "koala", "settings": {}, "phrase": "<koala>", "fidelity": -1.0,
+           "position": -1.0, "train_seconds": 12.5, "centre_labels": []}
+    report = {"rows": [row], "seeds": 2}
+    def no_training(*a, **k):
+        raise AssertionError("rescore trained")
+
+    monkeypatch.setattr("mcteach.methods.train_concept", no_training)
+    monkeypatch.setattr("mcteach.methods.train", no_training)
+    judge = Judge.load()
+    again = benchmark.rescore(report, judge, tmp_path, log=lambda *a: None)
+    new = again["rows"][0]
+    assert new["train_seconds"] == 12.5 and again["judge"] == "shipped" and report["rows"][0]["fidelity"] == -1.0
+    # the scores are the ones run_one gives the same adapter: the same images, the same judge
+    fresh = load_pipeline(dtype=torch.float32)
+    from mcteach.methods import load_adapter
+    load_adapter(fresh, tmp_path / "textual_inversion" / "koala")
+    expected = benchmark.concept_scores(fresh, judge, "<koala>", "koala", 2)
+    assert (new["fidelity"], new["position"], new["centre_labels"]) == (
+        expected["fidelity"], expected["position"], expected["centre_labels"])
+    with pytest.raises(SystemExit, match="needs --out"):
+        benchmark.main(["--rescore", "--out", str(tmp_path / "none.json")])
