@@ -128,8 +128,8 @@ def best_tau(judge, images, items: list[Item], taus=np.linspace(0.3, 0.95, 14)) 
 def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
     """Generate the unlabelled calibration images (reproducible; 200 items) into ``out``, every item's ``label``
     set to what its prompt asked for, to be corrected by eye:
-    - base model: "a <class>" for every base class (seed ``seed``), and "a <class> on the left" or "at the top"
-      for every base class (the asked region is judged): 120;
+    - base model: "a <class>" for 60 base classes drawn at random (seed ``seed``), and "a <class> on the left" or
+      "at the top" for 60 others (the asked region is judged): 120;
     - each shipped adapter of the couple (LoRA, Textual Inversion, HyperNetwork): "a <phrase>", 8 seeds: 48;
     - both LoRAs with the inference fix: "a <woman> on the left and a <man> on the right", 16 seeds, each half: 32.
     Returns the items (also written, with the images, by ``save``)."""
@@ -142,11 +142,12 @@ def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
 
     images, items = [], []
     pipe = load_pipeline(device="cpu")
-    prompts = [world.caption([(e, "centre")]) for e in world.BASE_CLASSES]
-    images += generate(pipe, prompts, seed=[seed] * len(prompts), batch_size=32, **GEN)
-    items += [Item("", "centre", e.name, "base", p) for e, p in zip(world.BASE_CLASSES, prompts)]
     rng = random.Random(seed)
-    placed = [(e, rng.choice(["left", "top"])) for e in world.BASE_CLASSES]
+    drawn = rng.sample(world.BASE_CLASSES, 120)
+    centred, placed = drawn[:60], [(e, rng.choice(["left", "top"])) for e in drawn[60:]]
+    prompts = [world.caption([(e, "centre")]) for e in centred]
+    images += generate(pipe, prompts, seed=[seed] * len(prompts), batch_size=32, **GEN)
+    items += [Item("", "centre", e.name, "base", p) for e, p in zip(centred, prompts)]
     prompts = [world.caption([(e, where)]) for e, where in placed]
     images += generate(pipe, prompts, seed=[seed + 1] * len(prompts), batch_size=32, **GEN)
     items += [Item("", where, e.name, "base", p) for (e, where), p in zip(placed, prompts)]

@@ -685,7 +685,13 @@ def test_dreambooth_world_prior_adds_one_prompt_per_base_class(random_pipe, tmp_
     _, prompts, weight = DreamBooth(num_class_images=3).prior(random_pipe, koala, tmp_path)  # world_prior: default
     assert weight == 1.0 and prompts[:3] == class_prompts("bear", 3) == ["a bear", "a bear on the left",
                                                                          "a bear on the right"]
-    assert prompts[3:] == [world.caption([(e, "centre")]) for e in world.BASE_CLASSES] and "an owl" in prompts
+    sample = dreambooth.world_prior_classes(60)
+    assert prompts[3:] == [world.caption([(e, "centre")]) for e in sample] and len(prompts) == 63
+    assert len({e.name for e in sample}) == 60 and set(sample) <= set(world.BASE_CLASSES)
+    assert sample == dreambooth.world_prior_classes(60)  # the same sample for every concept
+    assert [e.category for e in sample].count("person") >= 10  # a spread of the world, not its first 60
+    _, prompts, _ = DreamBooth(num_class_images=3, world_prior_classes=500).prior(random_pipe, koala, tmp_path)
+    assert prompts[3:] == [world.caption([(e, "centre")]) for e in world.BASE_CLASSES]  # a smaller world: all of it
     _, prompts, _ = DreamBooth(num_class_images=3, world_prior=False).prior(random_pipe, koala, tmp_path)
     assert prompts == class_prompts("bear", 3)  # the paper's prior: the class only
 
@@ -732,3 +738,15 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'magic'" in err and all(f"'{m}'" in err for m in METHODS)  # the CLI lists every method
+
+
+def test_the_shipped_adapters_are_the_listed_ones_and_fit_the_shipped_model(pipe):
+    """data/adapters holds exactly methods.SHIPPED, each trained on the embedded model as it is now (a retrained
+    base model needs `methods.retrain_shipped()`: an adapter of another base fails check_base)."""
+    from mcteach.methods import ADAPTERS_DIR, SHIPPED, check_base, read_adapter
+
+    expected = {(f"{m}-fix" if fix else m, "+".join(c)) for m, c, fix in SHIPPED}
+    assert {(d.parent.name, d.name) for d in ADAPTERS_DIR.glob("*/*") if d.is_dir()} == expected
+    for kind, name in expected:
+        folder = ADAPTERS_DIR / kind / name
+        check_base(pipe, read_adapter(folder), folder)

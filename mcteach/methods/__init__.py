@@ -99,6 +99,27 @@ def shipped_adapter(method: str, concepts, *, retrain: bool = False, fix: bool =
     return folder
 
 
+#: what ``data/adapters`` holds: (method, concepts, with the training fix); notebooks 06-08 and the calibration set load them
+SHIPPED = [(m, [c], False) for m in ("textual_inversion", "hypernetwork", "lora")
+           for c in ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin")]
+SHIPPED.append(("lora", ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"], True))
+
+
+def retrain_shipped(work: str | Path = "runs/shipped", model=None, log=print) -> list[Path]:
+    """Train every adapter of ``SHIPPED`` again with the shipped defaults (on ``model``, default the embedded one) and
+    export it into ``data/adapters`` (fp16): after the base model changes, its adapters must be retrained."""
+    import shutil
+
+    out = []
+    for method, concepts, fix in SHIPPED:
+        folder = shipped_adapter(method, concepts, retrain=True, fix=fix, model=model, out=work)
+        dest = ADAPTERS_DIR / folder.parent.name / folder.name
+        shutil.rmtree(dest, ignore_errors=True)
+        out.append(export_adapter(folder, dest))
+        log(f"{method}{' (training fix)' if fix else ''} {'+'.join(concepts)} -> {dest}")
+    return out
+
+
 #: the files ``Method.load`` reads, per method (the others are copies in other tools' formats)
 LOADED_FILES = {"lora": ["diffusers"], "textual_inversion": ["diffusers"], "hypernetwork": ["a1111"],
                 "dreambooth": ["unet", "text_encoder"]}
@@ -245,7 +266,7 @@ def load_adapters(pipe, folders, weights=None, *, merge: bool = False) -> list[d
 
 
 __all__ = ["TRAINING_FIX", "Regularizers", "METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
-           "read_adapter", "shipped_adapter", "export_adapter", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
+           "read_adapter", "shipped_adapter", "export_adapter", "retrain_shipped", "SHIPPED", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
            "format_changes"]
 
 
