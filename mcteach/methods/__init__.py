@@ -105,7 +105,7 @@ SHIPPED = [(m, [c], False) for m in ("textual_inversion", "hypernetwork", "lora"
 SHIPPED.append(("lora", ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"], True))
 
 
-def retrain_shipped(work: str | Path = "runs/shipped", model=None, log=print) -> list[Path]:
+def retrain_shipped(work: str | Path = Path.home() / ".cache" / "mcteach" / "shipped", model=None, log=print) -> list[Path]:
     """Train every adapter of ``SHIPPED`` again with the shipped defaults (on ``model``, default the embedded one) and
     export it into ``data/adapters`` (fp16): after the base model changes, its adapters must be retrained."""
     import shutil
