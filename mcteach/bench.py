@@ -64,12 +64,12 @@ class Bench:
     """Runs the jobs; keeps trained adapters under ``work`` and finished rows in ``out`` (resumable)."""
 
     def __init__(self, work: Path = DEFAULT_WORK, seeds: int = 16, fidelity_seeds: int = 8, model=None,
-                 save_images: Path | None = None, progress=print):
+                 save_images: Path | None = None, progress=print, judge_path: Path | None = None):
         from .judge import Judge
 
         self.work, self.seeds, self.fidelity_seeds, self.model = Path(work), seeds, fidelity_seeds, model
         self.save_images, self.log = save_images, progress
-        self.judge = Judge.load()
+        self.judge = Judge.load(judge_path) if judge_path else Judge.load()
 
     # --------------------------------------------------------------- training (cached)
     def trained(self, method: str, slugs: tuple[str, ...], regularized: bool) -> tuple[list[Path], float]:
@@ -261,11 +261,15 @@ def _prompt(phrases: list[str], positions) -> str:
 
 
 def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
-        out: Path | None = None, triple: bool = True, base: bool = True, save_images=None, model=None) -> dict:
-    """Every (method, fix, pair) row not yet in ``out``; the report is rewritten after each row."""
+        out: Path | None = None, triple: bool = True, base: bool = True, save_images=None, model=None,
+        judge_path: Path | None = None) -> dict:
+    """Every (method, fix, pair) row not yet in ``out``; the report is rewritten after each row. ``judge_path``: the
+    judge's weights (default: the shipped judge), e.g. the one trained for a candidate model's world."""
     report = json.loads(Path(out).read_text()) if out and Path(out).is_file() else {"rows": []}
     done = {_key(r) for r in report["rows"]}
-    bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr))
+    bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr),
+                  judge_path=judge_path)
+    report |= {"model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
     jobs = [(m, f, p, PAIRS[p]) for m in methods for p in pairs for f in fixes]
     if triple:
         jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference")]
@@ -513,6 +517,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="trained adapters (a cache)")
     p.add_argument("--save-images", type=Path, default=None, help="write every judged image here")
     p.add_argument("--model", default=None, help="base pipeline (default: the embedded tiny model)")
+    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--ablation", action="store_true", help="also compare every inference fix on LoRA and the couple")
     p.add_argument("--timing", action="store_true", help="also time the single-pass masks (tiny and SD 1.5-size UNet)")
@@ -553,10 +558,10 @@ def main(argv=None) -> int:
         report = json.loads(a.out.read_text()) if a.out and a.out.is_file() else {"rows": []}
     else:
         report = run(a.methods, a.fixes, a.pairs, a.seeds, a.work, a.out, triple=not a.no_triple, base=not a.quick,
-                     save_images=a.save_images, model=a.model)
+                     save_images=a.save_images, model=a.model, judge_path=a.judge)
     if a.ablation:
         bench = Bench(a.work, a.seeds, model=a.model, save_images=a.save_images,
-                      progress=lambda m: print(m, file=sys.stderr))
+                      progress=lambda m: print(m, file=sys.stderr), judge_path=a.judge)
         report["ablation"] = ablation(bench)
     if a.timing:
         report["timing"] = timing_report()

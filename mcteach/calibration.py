@@ -125,13 +125,17 @@ def best_tau(judge, images, items: list[Item], taus=np.linspace(0.3, 0.95, 14)) 
     return -max(scores)[1]
 
 
-def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
+def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None, adapters: str | Path | None = None,
+                 classes: list[world.Emoji] | None = None) -> list[Item]:
     """Generate the unlabelled calibration images (reproducible; 200 items) into ``out``, every item's ``label``
     set to what its prompt asked for, to be corrected by eye:
-    - base model: "a <class>" for 60 base classes drawn at random (seed ``seed``), and "a <class> on the left" or
-      "at the top" for 60 others (the asked region is judged): 120;
+    - base model: "a <class>" for every base class (seed ``seed``), and "a <class> on the left" or "at the top"
+      for every base class (the asked region is judged): 120; a world of more than 60 classes gives 60 drawn at
+      random to each half (120 different classes);
     - each shipped adapter of the couple (LoRA, Textual Inversion, HyperNetwork): "a <phrase>", 8 seeds: 48;
     - both LoRAs with the inference fix: "a <woman> on the left and a <man> on the right", 16 seeds, each half: 32.
+    ``model``, ``adapters``, ``classes``: another base model (default: the embedded one), the folder of its adapters
+    laid out as ``data/adapters`` (written by ``methods.retrain_shipped``), its world (default: the base classes).
     Returns the items (also written, with the images, by ``save``)."""
     import random
 
@@ -140,14 +144,19 @@ def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
     from .methods import ADAPTERS_DIR, load_adapters, phrases
     from .pipeline import generate, load_pipeline
 
+    classes, adapters = classes or world.BASE_CLASSES, Path(adapters or ADAPTERS_DIR)
     images, items = [], []
-    pipe = load_pipeline(device="cpu")
+    pipe = load_pipeline(model, device="cpu")
     rng = random.Random(seed)
-    drawn = rng.sample(world.BASE_CLASSES, 120)
-    centred, placed = drawn[:60], [(e, rng.choice(["left", "top"])) for e in drawn[60:]]
+    if len(classes) <= 60:  # the shipped set: every class twice
+        centred, placed_classes = classes, classes
+    else:
+        drawn = rng.sample(classes, 120)
+        centred, placed_classes = drawn[:60], drawn[60:]
     prompts = [world.caption([(e, "centre")]) for e in centred]
     images += generate(pipe, prompts, seed=[seed] * len(prompts), batch_size=32, **GEN)
     items += [Item("", "centre", e.name, "base", p) for e, p in zip(centred, prompts)]
+    placed = [(e, rng.choice(["left", "top"])) for e in placed_classes]
     prompts = [world.caption([(e, where)]) for e, where in placed]
     images += generate(pipe, prompts, seed=[seed + 1] * len(prompts), batch_size=32, **GEN)
     items += [Item("", where, e.name, "base", p) for (e, where), p in zip(placed, prompts)]
@@ -155,13 +164,13 @@ def generate_set(out: str | Path, seed: int = 0) -> list[Item]:
     names = {s: world.HELDOUT_CONCEPTS[s][0].name for s in couple}
     for method in ("lora", "textual_inversion", "hypernetwork"):
         for slug in couple:
-            p = load_pipeline(device="cpu")
-            meta = load_adapters(p, [ADAPTERS_DIR / method / slug])[0]
+            p = load_pipeline(model, device="cpu")
+            meta = load_adapters(p, [adapters / method / slug])[0]
             prompt = f"a {phrases(meta)[slug]}"
             images += generate(p, [prompt] * 8, seed=list(range(seed, seed + 8)), **GEN)
             items += [Item("", "centre", names[slug], method, prompt) for _ in range(8)]
-    p = load_pipeline(device="cpu")
-    metas = load_adapters(p, [ADAPTERS_DIR / "lora" / s for s in couple])
+    p = load_pipeline(model, device="cpu")
+    metas = load_adapters(p, [adapters / "lora" / s for s in couple])
     said = [phrases(m)[s] for m, s in zip(metas, couple)]
     regions = [Region(where, f"a {ph}", phrase=ph, adapter=m["adapter_name"])
                for where, ph, m in zip(("left", "right"), said, metas)]
@@ -241,11 +250,17 @@ def main(argv=None) -> None:
     p.add_argument("--world", choices=sorted(world.WORLDS), default=None, help="generate --model: its classes")
     p.add_argument("-n", type=int, default=200, help="generate --model, mine: how many images")
     p.add_argument("--per-class", type=int, default=6, help="mine: images generated per class")
+    p.add_argument("--adapters", type=Path, default=None,
+                   help="generate: the full set (base model + the couple's adapters) with the adapters in this folder "
+                        "(laid out as data/adapters, e.g. written by methods.retrain_shipped) on --model")
     p.add_argument("--seed", type=int, default=5000, help="mine: the first seed")
     a = p.parse_args(argv)
     if a.command == "generate":
-        items = (generate_base_set(a.folder, a.model, world.WORLDS[a.world] if a.world else None, a.n)
-                 if a.model else generate_set(a.folder))
+        classes = world.WORLDS[a.world] if a.world else None
+        if a.adapters:
+            items = generate_set(a.folder, model=a.model, adapters=a.adapters, classes=classes)
+        else:
+            items = generate_base_set(a.folder, a.model, classes, a.n) if a.model else generate_set(a.folder)
         print(f"{len(items)} items -> {a.folder} (labels: what each prompt asked; correct them by eye)")
         return
     if a.command == "mine":

@@ -59,3 +59,11 @@ def test_sampling_ratio_times_pipelines_in_turns():
     r = bench.sampling_ratio([None, None], images=2, repeats=1)  # the embedded model against itself
     assert r["models"] == ["embedded", "embedded"] and len(r["seconds_per_image"]) == 2
     assert r["ratio_to_first"][0] == 1.0 and 0.3 < r["ratio_to_first"][1] < 3
+
+
+def test_the_bench_judges_with_the_judge_it_is_given(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: loaded.append(a) or "judge"))
+    assert bench.Bench(tmp_path, judge_path=tmp_path / "j.safetensors").judge == "judge"
+    bench.Bench(tmp_path)
+    assert loaded == [(tmp_path / "j.safetensors",), ()]

@@ -105,18 +105,20 @@ SHIPPED = [(m, [c], False) for m in ("textual_inversion", "hypernetwork", "lora"
 SHIPPED.append(("lora", ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"], True))
 
 
-def retrain_shipped(work: str | Path = Path.home() / ".cache" / "mcteach" / "shipped", model=None, log=print) -> list[Path]:
+def retrain_shipped(work: str | Path = Path.home() / ".cache" / "mcteach" / "shipped", model=None,
+                    dest: str | Path = ADAPTERS_DIR, log=print) -> list[Path]:
     """Train every adapter of ``SHIPPED`` again with the shipped defaults (on ``model``, default the embedded one) and
-    export it into ``data/adapters`` (fp16): after the base model changes, its adapters must be retrained."""
+    export it into ``dest`` (default ``data/adapters``; fp16): after the base model changes, its adapters must be
+    retrained."""
     import shutil
 
     out = []
     for method, concepts, fix in SHIPPED:
         folder = shipped_adapter(method, concepts, retrain=True, fix=fix, model=model, out=work)
-        dest = ADAPTERS_DIR / folder.parent.name / folder.name
-        shutil.rmtree(dest, ignore_errors=True)
-        out.append(export_adapter(folder, dest))
-        log(f"{method}{' (training fix)' if fix else ''} {'+'.join(concepts)} -> {dest}")
+        dest_folder = Path(dest) / folder.parent.name / folder.name
+        shutil.rmtree(dest_folder, ignore_errors=True)
+        out.append(export_adapter(folder, dest_folder))
+        log(f"{method}{' (training fix)' if fix else ''} {'+'.join(concepts)} -> {dest_folder}")
     return out
 
 
