@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from . import world
 from .concepts import load_concept
 from .evaluate import GEN, bootstrap_ci, judge_instances, summarize_pairs
 from .files import atomic_save, write_text
@@ -250,8 +251,6 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
 
 
 def _where(position: str) -> str:
-    from . import world
-
     return " " + world.POSITIONS[position][0] if position in world.POSITIONS else ""
 
 
@@ -484,7 +483,6 @@ def sampling_ratio(models: list, images: int = 16, repeats: int = 3, seed: int =
     the median of ``repeats`` rounds, and each model's time over the first's."""
     import numpy as np
 
-    from . import world
     from .evaluate import GEN
     from .pipeline import generate, load_pipeline
 
@@ -518,6 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--save-images", type=Path, default=None, help="write every judged image here")
     p.add_argument("--model", default=None, help="base pipeline (default: the embedded tiny model)")
     p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
+    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
+                   help="the base model's world, for a --model trained on another one (world.use_world)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--ablation", action="store_true", help="also compare every inference fix on LoRA and the couple")
     p.add_argument("--timing", action="store_true", help="also time the single-pass masks (tiny and SD 1.5-size UNet)")
@@ -530,6 +530,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampling-ratio", nargs="+", default=None, metavar="MODEL",
                    help="time sampling per image of these pipelines in turns ('embedded' = the shipped one)")
     a = p.parse_args(argv)
+    if a.world:
+        world.use_world(a.world)
     if a.sampling_ratio:
         models = [None if m == "embedded" else m for m in a.sampling_ratio]
         print(json.dumps(sampling_ratio(models), indent=1))

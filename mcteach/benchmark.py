@@ -325,6 +325,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
+    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
+                   help="the base model's world, for a --model trained on another one (world.use_world)")
     p.add_argument("--out", type=Path, default=None, help="JSON report (rows already there are skipped)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override a default in the method x concept rows, e.g. --set num_vectors=4 steps=800")
@@ -336,6 +338,8 @@ def main(argv=None) -> None:
     p.add_argument("--rescore", action="store_true",
                    help="score the rows of --out again with --judge, from the adapters under --work (no training)")
     a = p.parse_args(argv)
+    if a.world:
+        world.use_world(a.world)
     if a.merge:
         atomic_save(json.dumps(merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n", a.out, write_text)
         a.markdown = True

@@ -257,6 +257,17 @@ BROAD_CLASSES: list[Emoji] = (
 #: the classes the shipped base model was trained on (switches to BROAD_CLASSES with its retraining)
 BASE_CLASSES: list[Emoji] = CLASSIC_CLASSES
 WORLDS = {"classic": CLASSIC_CLASSES, "broad": BROAD_CLASSES}
+
+
+def use_world(name: str) -> list[Emoji]:
+    """Make world ``name``'s classes this process's base classes, to measure a model trained on another world than
+    the shipped one (its DreamBooth world prior, the drift table's "all base classes" come from them); returns them.
+    The benchmarks' ``--world`` calls it."""
+    global BASE_CLASSES
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; choose one of {sorted(WORLDS)}")
+    BASE_CLASSES = WORLDS[name]
+    return BASE_CLASSES
 EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} | {
     e.name: e for e, _ in HELDOUT_CONCEPTS.values()
 }

@@ -169,3 +169,14 @@ def test_a_pillow_without_text_shaping_is_caught_with_a_fix(monkeypatch):
         world.glyph("\U0001F468\U0001F3FE\u200d\U0001F9B0")  # man, medium-dark skin, red hair
     assert world.glyph("\U0001F98A").size[0] < world.FONT_SIZE * 1.5  # a single code point still renders
     world.glyph.cache_clear()
+
+
+def test_use_world_switches_the_base_classes_for_a_candidate_model(monkeypatch):
+    from mcteach.methods import dreambooth
+
+    monkeypatch.setattr(world, "BASE_CLASSES", world.BASE_CLASSES)  # put back after the test
+    assert world.use_world("broad") is world.BROAD_CLASSES and world.BASE_CLASSES is world.BROAD_CLASSES
+    sample = dreambooth.world_prior_classes(60)  # read at call time: the broad world's sample
+    assert len(sample) == 60 and not set(sample) <= set(world.CLASSIC_CLASSES)
+    with pytest.raises(ValueError, match="unknown world"):
+        world.use_world("tiny")
