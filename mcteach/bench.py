@@ -268,7 +268,7 @@ def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, 
     done = {_key(r) for r in report["rows"]}
     bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr),
                   judge_path=judge_path)
-    report |= {"model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
+    report |= {"seeds": seeds, "generation": GEN, "model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
     jobs = [(m, f, p, PAIRS[p]) for m in methods for p in pairs for f in fixes]
     if triple:
         jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference")]
@@ -287,7 +287,6 @@ def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, 
                    "train_s": float("nan"), "image_s": float("nan"), "n": 0}
             print(f"  not measurable: {err}", file=sys.stderr)
         report["rows"].append(row)
-        report |= {"seeds": seeds, "generation": GEN, "model": str(model or "embedded")}
         if out:
             atomic_save(json.dumps(report, indent=1) + "\n", Path(out), write_text)
     return report

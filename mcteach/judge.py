@@ -568,10 +568,7 @@ def main(argv=None):
         info = {"finetuned_from": str(args.base or JUDGE_PATH), "labelled": [str(f) for f in args.labelled],
                 "steps": args.steps, "seed": args.seed, "train_minutes": round((time.time() - t0) / 60, 1),
                 **report(judge)}
-        atomic_save(json.dumps(info, indent=1) + "\n", info_path, write_text)
-        print(json.dumps(info, indent=1))
-        return
-    if args.command == "train":
+    elif args.command == "train":
         t0 = time.time()
         classes = world.WORLDS[args.world] if args.world else world.BASE_CLASSES
         failures = None

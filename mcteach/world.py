@@ -257,6 +257,9 @@ BROAD_CLASSES: list[Emoji] = (
 #: the classes the shipped base model was trained on (switches to BROAD_CLASSES with its retraining)
 BASE_CLASSES: list[Emoji] = CLASSIC_CLASSES
 WORLDS = {"classic": CLASSIC_CLASSES, "broad": BROAD_CLASSES}
+EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} | {
+    e.name: e for e, _ in HELDOUT_CONCEPTS.values()
+}
 
 
 def use_world(name: str) -> list[Emoji]:
@@ -268,9 +271,6 @@ def use_world(name: str) -> list[Emoji]:
         raise ValueError(f"unknown world {name!r}; choose one of {sorted(WORLDS)}")
     BASE_CLASSES = WORLDS[name]
     return BASE_CLASSES
-EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} | {
-    e.name: e for e, _ in HELDOUT_CONCEPTS.values()
-}
 
 
 @functools.lru_cache(maxsize=512)

@@ -685,10 +685,10 @@ def test_dreambooth_world_prior_adds_one_prompt_per_base_class(random_pipe, tmp_
     _, prompts, weight = DreamBooth(num_class_images=3).prior(random_pipe, koala, tmp_path)  # world_prior: default
     assert weight == 1.0 and prompts[:3] == class_prompts("bear", 3) == ["a bear", "a bear on the left",
                                                                          "a bear on the right"]
-    sample = dreambooth.world_prior_classes(60)
+    sample = dreambooth.world_prior_sample(60)
     assert prompts[3:] == [world.caption([(e, "centre")]) for e in sample] and len(prompts) == 63
     assert len({e.name for e in sample}) == 60 and set(sample) <= set(world.BASE_CLASSES)
-    assert sample == dreambooth.world_prior_classes(60)  # the same sample for every concept
+    assert sample == dreambooth.world_prior_sample(60)  # the same sample for every concept
     assert [e.category for e in sample].count("person") >= 10  # a spread of the world, not its first 60
     _, prompts, _ = DreamBooth(num_class_images=3, world_prior_classes=500).prior(random_pipe, koala, tmp_path)
     assert prompts[3:] == [world.caption([(e, "centre")]) for e in world.BASE_CLASSES]  # a smaller world: all of it

@@ -176,7 +176,7 @@ def test_use_world_switches_the_base_classes_for_a_candidate_model(monkeypatch):
 
     monkeypatch.setattr(world, "BASE_CLASSES", world.BASE_CLASSES)  # put back after the test
     assert world.use_world("broad") is world.BROAD_CLASSES and world.BASE_CLASSES is world.BROAD_CLASSES
-    sample = dreambooth.world_prior_classes(60)  # read at call time: the broad world's sample
+    sample = dreambooth.world_prior_sample(60)  # read at call time: the broad world's sample
     assert len(sample) == 60 and not set(sample) <= set(world.CLASSIC_CLASSES)
     with pytest.raises(ValueError, match="unknown world"):
         world.use_world("tiny")

@@ -77,7 +77,7 @@ def class_images(pipe, prompts: list[str], folder: Path, *, seed: int = 0, steps
     return [Image.open(folder / f"{i:02d}.png").convert("RGB") for i in range(len(prompts))]  # same pixels either way
 
 
-def world_prior_classes(n: int, seed: int = 0) -> list[world.Emoji]:
+def world_prior_sample(n: int, seed: int = 0) -> list[world.Emoji]:
     """The base classes of the world prior: all of them when there are at most ``n``, else a seeded sample of ``n`` in
     the world's order (the same for every concept). The 199-class world would otherwise add 199 images to draw and
     train on, against 60 for the first one (the benchmark's drift table measures what the sample keeps of all 199)."""
@@ -116,7 +116,7 @@ class DreamBooth(Method):
         words = dict.fromkeys(self.class_word_for(c) for c in (concept.parts or [concept]))  # joint: each class
         prompts = [p for w in words for p in class_prompts(w, self.num_class_images)]
         if self.world_prior:
-            prompts += [world.caption([(e, "centre")]) for e in world_prior_classes(self.world_prior_classes)]
+            prompts += [world.caption([(e, "centre")]) for e in world_prior_sample(self.world_prior_classes)]
         images = class_images(pipe, prompts, Path(out) / "class_images", seed=self.class_seed, steps=self.class_steps,
                               batch=self.class_batch)
         return images, prompts, self.prior_weight
