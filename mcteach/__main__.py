@@ -8,7 +8,7 @@ Two concepts in one image (notebooks 06-07): one adapter each, one region each, 
 
     python -m mcteach generate --adapter runs/woman --adapter runs/man \
         --prompt "a cpd woman on the left and a tkb man on the right" \
-        --region "left=a cpd woman" --region "right=a tkb man" --fix inference --out couple.png
+        --region "left=a cpd woman on the left" --region "right=a tkb man on the right" --fix inference --out couple.png
     python -m mcteach train --method lora --concept woman_with_red_hair_and_medium_skin \
         --concept man_with_curly_hair_and_light_skin --fix training --out runs/couple   # joint, with the training fix
 
@@ -61,7 +61,7 @@ def parse_region(text: str, metas: list[dict]):
 
     where, sep, prompt = text.partition("=")
     if not sep or not prompt.strip():
-        raise ValueError(f"--region {text!r}: write PLACE=SUB-PROMPT, e.g. 'left=a cpd woman' (places: "
+        raise ValueError(f"--region {text!r}: write PLACE=SUB-PROMPT, e.g. 'left=a cpd woman on the left' (places: "
                          f"{', '.join(NAMED_REGIONS)}, or a box x0,y0,x1,y1 in [0, 1])")
     where = where.strip()
     place = where if where in NAMED_REGIONS else parse_box(where)
@@ -74,7 +74,7 @@ def _regional(pipe, a, metas):
     from .masking import INFERENCE_FIX, NO_FIX, regional_generate
 
     if not a.region:
-        raise ValueError("--fix inference needs one --region per concept, e.g. --region 'left=a cpd woman'")
+        raise ValueError("--fix inference needs one --region per concept, e.g. --region 'left=a cpd woman on the left'")
     regions = [parse_region(r, metas) for r in a.region]
     fix = INFERENCE_FIX if a.fix == "inference" else NO_FIX
     seeds = [a.seed + i for i in range(a.num_images)]
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                    help="folder written by `train`: applies the learned concept (repeat for several)")
     g.add_argument("--region", action="append", default=[],
                    help="PLACE=SUB-PROMPT, one per concept: a named region (left, right, top-left, middle-third, ...) "
-                        "or a box x0,y0,x1,y1 in [0, 1]; e.g. --region 'left=a cpd woman'")
+                        "or a box x0,y0,x1,y1 in [0, 1]; e.g. --region 'left=a cpd woman on the left'")
     g.add_argument("--fix", choices=["none", "inference"], default="none",
                    help="inference: each region drawn by its own pass, adapter and sub-prompt (masking.INFERENCE_FIX)")
     t = sub.add_parser("train", help="teach the model a concept (Textual Inversion, HyperNetwork, DreamBooth, LoRA)")

@@ -114,13 +114,14 @@ class Bench:
 
     # --------------------------------------------------------------- one row
     def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
-        from .masking import INFERENCE_FIX, NO_FIX, Region, regional_generate
+        from .masking import INFERENCE_FIX, NO_FIX, Region, regional_generate, sub_prompt
 
         pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in ("training", "both"))
         masks = INFERENCE_FIX if fix in ("inference", "both") else NO_FIX
         positions = THIRDS if len(slugs) == 3 else LAYOUT
         prompt = _prompt([said[s] for s in slugs], positions)
-        regions = [Region(p, f"a {said[s]}", phrase=said[s], adapter=adapter_of[s]) for s, p in zip(slugs, positions)]
+        regions = [Region(p, sub_prompt(said[s], p), phrase=said[s], adapter=adapter_of[s])
+                   for s, p in zip(slugs, positions)]
         seeds = list(range(self.seeds))
         t0 = time.time()
         images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **GEN)
@@ -183,13 +184,14 @@ def ablation_fixes() -> dict:
         "(b+c+d) every single-pass mask": Fix("regional", True, True),
         "(d) one pass per region": Fix("none", False, False, passes=True),
         "(d) passes, bootstrapped": Fix("none", False, False, passes=True, bootstrap=0.5),
-        "(d) passes, bootstrapped, recentred (the fix)": INFERENCE_FIX,
+        "(d) passes, bootstrapped, recentred": Fix("none", False, False, passes=True, bootstrap=0.5, recentre=True),
+        "(d) passes, bootstrapped, guidance 2.5 inside (the fix)": INFERENCE_FIX,
     }
 
 
 def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[dict]:
     """Every fix of ``ablation_fixes`` on one pair's separately trained adapters: rows as in ``Bench.row``."""
-    from .masking import Region, regional_generate
+    from .masking import Region, regional_generate, sub_prompt
 
     slugs = PAIRS[pair]
     pipe, said, adapter_of, concepts, judge, _ = bench.loaded(method, slugs, False)
@@ -197,8 +199,7 @@ def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[d
     seeds = list(range(bench.seeds))
     rows = []
     for name, fix in ablation_fixes().items():
-        centred = fix.passes and fix.recentre  # recentred passes draw "a <phrase>"; the others need the place
-        regions = [Region(p, f"a {said[s]}{'' if centred else _where(p)}", phrase=said[s], adapter=adapter_of[s])
+        regions = [Region(p, sub_prompt(said[s], p, fix), phrase=said[s], adapter=adapter_of[s])
                    for s, p in zip(slugs, LAYOUT)]
         t0 = time.time()
         images = regional_generate(pipe, prompt, regions, fix=fix, seed=seeds, **GEN)

@@ -12,9 +12,9 @@ looking at generated images. This module holds that check:
    ``tau``, else ``UNRECOGNISABLE``; it reports the agreement, how often an unrecognisable image was still
    given a concept (a blob scored as a concept), and the confusion; ``best_tau`` picks the threshold.
 
-    python -m mcteach.calibration generate data/calibration                 # 200 generated images, labels = prompts
-    python -m mcteach.calibration sheet data/calibration --out sheet.png    # look at it, correct labels.json
-    python -m mcteach.calibration agreement data/calibration                # the judge against the labels
+    python -m mcteach.calibration generate <folder>                     # 200 generated images, labels = prompts
+    python -m mcteach.calibration sheet <folder> --out sheet.png        # look at it, correct labels.json
+    python -m mcteach.calibration agreement data/calibration_broad_full  # the judge against the labels (the default)
     python -m mcteach.calibration mine <folder> --model <export> --world broad --judge <weights>  # doubtful images
 """
 
@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from . import world
 from .judge import NOTHING, UNRECOGNISABLE, region_box
 #: the shipped set: 200 images of the shipped model and its adapters, labelled by eye
-DEFAULT_SET = Path(__file__).resolve().parent.parent / "data" / "calibration"
+DEFAULT_SET = Path(__file__).resolve().parent.parent / "data" / "calibration_broad_full"
 
 
 @dataclass
@@ -140,7 +140,7 @@ def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None
     import random
 
     from .evaluate import GEN
-    from .masking import INFERENCE_FIX, Region, regional_generate
+    from .masking import INFERENCE_FIX, Region, regional_generate, sub_prompt
     from .methods import ADAPTERS_DIR, load_adapters, phrases
     from .pipeline import generate, load_pipeline
 
@@ -172,7 +172,7 @@ def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None
     p = load_pipeline(model, device="cpu")
     metas = load_adapters(p, [adapters / "lora" / s for s in couple])
     said = [phrases(m)[s] for m, s in zip(metas, couple)]
-    regions = [Region(where, f"a {ph}", phrase=ph, adapter=m["adapter_name"])
+    regions = [Region(where, sub_prompt(ph, where), phrase=ph, adapter=m["adapter_name"])
                for where, ph, m in zip(("left", "right"), said, metas)]
     prompt = f"a {said[0]} on the left and a {said[1]} on the right"
     pairs = regional_generate(p, prompt, regions, fix=INFERENCE_FIX, seed=list(range(seed, seed + 16)), **GEN)

@@ -59,8 +59,8 @@ def labels_for(classes, unrecognisable: bool = True) -> list[str]:
             + [UNRECOGNISABLE] * unrecognisable + [NOTHING])
 
 
-#: the shipped judge's labels (the base model's world; it predates the "unrecognisable" label)
-LABELS = labels_for(world.BASE_CLASSES, unrecognisable=False)
+#: the shipped judge's labels: the base model's world, the held-out concepts, "unrecognisable" and "nothing"
+LABELS = labels_for(world.BASE_CLASSES)
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 CATEGORIES = ("animal", "person", "food", "object", UNRECOGNISABLE, NOTHING)
 EVAL_SEED, EVAL_SAMPLES = 0, 3000

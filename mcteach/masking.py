@@ -26,7 +26,8 @@ Masks act on every UNet resolution (a region spec becomes a mask at 16x16, 8x8, 
 SD 1.5), optionally only at some resolutions (``resolutions``) and some part of the denoising process
 (``steps``: fractions, 0 = pure noise, 1 = the end).
 
-    regions = [Region("left", "a sks woman", adapter="woman_..."), Region("right", "a zqv man", adapter="man_...")]
+    regions = [Region("left", "a sks woman on the left", adapter="woman_..."),
+               Region("right", "a zqv man on the right", adapter="man_...")]
     images = regional_generate(pipe, "a sks woman on the left and a zqv man on the right", regions,
                                fix=Fix(), seed=[0, 1])
 """
@@ -165,6 +166,7 @@ class Fix:
     passes: bool = False  # one UNet pass per region, noise predictions pasted by region (``region_passes``)
     bootstrap: float = 0.0  # passes: for this first part of the process, each pass sees plain background outside
     recentre: bool = False  # passes: each pass sees its region moved to the centre of the canvas
+    cfg: float | None = None  # passes: classifier-free guidance scale inside each pass (None: the call's)
     resolutions: tuple[int, ...] | None = None  # UNet grid sides where masks act (None: all)
     steps: tuple[float, float] = (0.0, 1.0)  # part of the denoising process where masks act
 
@@ -184,9 +186,10 @@ class Fix:
 
 NO_FIX = Fix(cross="none", self_attention=False, bind_adapters=False)
 #: the course's inference fix, chosen by the ablation in notebook 07 / ``python -m mcteach.bench --ablation``:
-#: one pass per region with its own adapter and sub-prompt, recentred, bootstrapped for the first half
-INFERENCE_FIX = Fix(cross="none", self_attention=False, bind_adapters=False, passes=True, bootstrap=0.5,
-                    recentre=True)
+#: one pass per region with its own adapter and sub-prompt (which names the region's place: "a cpd woman on the
+#: left"), bootstrapped for the first half, each pass at guidance 2.5. At the call's 5 the pasted predictions
+#: push skin tones and speckle the background (a cpd woman of medium skin comes out medium-light)
+INFERENCE_FIX = Fix(cross="none", self_attention=False, bind_adapters=False, passes=True, bootstrap=0.5, cfg=2.5)
 #: every single-pass attention mask at once (regional prompts, self-attention masks, region-bound LoRA)
 SINGLE_PASS_FIX = Fix(cross="regional", self_attention=True, bind_adapters=True)
 
@@ -381,6 +384,29 @@ def make_masker(pipe, prompt: str, regions: list[Region], fix: Fix, guidance: bo
     return RegionMasker(masks, fix, spans=spans, eot=eot, chunk=pipe.tokenizer.model_max_length, guidance=guidance)
 
 
+def place_words(where) -> str | None:
+    """The words of the place a region spec is mostly in ("on the left", "at the top"...): the named half whose
+    box overlaps it best (intersection over union at least 0.5), else None (a middle third, a small corner box)."""
+    from .world import POSITIONS
+
+    m = region_mask(where, 24) > 0.5
+    iou = {}
+    for name in ("left", "right", "top", "bottom"):  # ties (a quarter) go to the first: left or right
+        half = region_mask(POSITIONS[name][1], 24) > 0.5
+        iou[name] = (m & half).sum() / (m | half).sum()
+    name = max(iou, key=iou.get)
+    return POSITIONS[name][0] if iou[name] >= 0.5 else None
+
+
+def sub_prompt(phrase: str, where, fix: Fix | None = None) -> str:
+    """A region's sub-prompt for ``fix`` (default ``INFERENCE_FIX``): "a cpd woman on the left" where the region
+    is mostly in a half (its pass is drawn on the whole canvas, so the sub-prompt says where), "a cpd woman"
+    elsewhere and for recentred passes (each sees its region at the centre)."""
+    fix = INFERENCE_FIX if fix is None else fix
+    words = None if fix.recentre else place_words(where)
+    return f"a {phrase} {words}" if words else f"a {phrase}"
+
+
 def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fix(), seed=0, steps: int = 25,
                       guidance_scale: float = 5.0, store=None, **kwargs):
     """Images of ``prompt`` with ``fix`` applied to ``regions`` (one per concept); ``seed``: an int or a
@@ -466,8 +492,10 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
 
     MultiDiffusion's bootstrapping (``fix.bootstrap``, a fraction of the steps): early on, pass r sees
     ``z_t^r = m_r z_t + (1 - m_r) noised(plain background)``, so its concept can only form inside its region
-    (the model otherwise places objects where it likes: the embedded model puts "a fox on the left" in the left
-    half only about 17% of the time). Afterwards ``z_t^r = z_t``. Cost: one UNet call per region per step.
+    (without it a pass may draw its concept across the seam, or where a model that ignores "on the left" likes).
+    Afterwards ``z_t^r = z_t``. ``fix.recentre``: pass r sees its region
+    rolled to the canvas centre (for a model that cannot place "on the left"); ``fix.cfg``: each pass's guidance
+    scale. Cost: one UNet call per region per step.
     Attention masks of ``fix`` (cross, self) act inside every pass."""
     import random
 
@@ -496,6 +524,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
     sched.set_timesteps(steps, device=device)
     n = len(seeds)
     masker = RegionMasker(masks, fix, chunk=pipe.tokenizer.model_max_length) if (fix.self_attention) else None
+    scale = guidance_scale if fix.cfg is None else fix.cfg
 
     shifts = []
     for r in range(len(regions)):  # latent cells that move region r's centre of mass to the canvas centre
@@ -517,7 +546,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
         e_u, e_c = unet(x, t, ctx).sample.chunk(2)
         if has_lora and not adapter:
             pipe.enable_lora()
-        return e_u + guidance_scale * (e_c - e_u)
+        return e_u + scale * (e_c - e_u)
 
     try:
         with ExitStack() as stack:

@@ -189,7 +189,7 @@ def _emojis(category: str, chars: str) -> list[Emoji]:
 
 W, M = "\U0001F469", "\U0001F468"  # woman, man
 FEMALE, MALE = "\u2640\ufe0f", "\u2642\ufe0f"
-#: the classes of the first embedded model (60), the one shipped in data/tiny-sd today
+#: the classes of the first embedded model (60); the shipped model's world (BROAD_CLASSES) holds them all
 CLASSIC_CLASSES: list[Emoji] = (
     _emojis("animal", "🦊 🐱 🐶 🐯 🦁 🐸 🐵 🐮 🐷 🐰 🐭 🐻 🐼 🐺 🐴 🦄 🐔 🐧 🐙 🐢 🦉 🐝 🐟 🦋")
     + _emojis("person", f"{W} {M} 👦 👧 👴 👵 👶 {W}{ZWJ}🦱 {M}{ZWJ}🦰 {W}🏿 {M}🏾 {W}{ZWJ}🦳")
@@ -254,8 +254,8 @@ BROAD_CLASSES: list[Emoji] = (
     + CLASSIC_CLASSES[48:]
     + _emojis("object", "🎹 🥁 🎻 🚲 🚌 🚁 ⛵ 🏠 ⌚ 📷 🔨 🎒 👑 🌂 🌈 ⭐ 🌙 🌲 🌷 🧸")
 )
-#: the classes the shipped base model was trained on (switches to BROAD_CLASSES with its retraining)
-BASE_CLASSES: list[Emoji] = CLASSIC_CLASSES
+#: the classes the shipped base model (data/tiny-sd) was trained on; CLASSIC_CLASSES were the first model's
+BASE_CLASSES: list[Emoji] = BROAD_CLASSES
 WORLDS = {"classic": CLASSIC_CLASSES, "broad": BROAD_CLASSES}
 EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} | {
     e.name: e for e, _ in HELDOUT_CONCEPTS.values()

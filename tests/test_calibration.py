@@ -52,25 +52,23 @@ def test_agreement_counts_blobs_called_a_concept_and_a_threshold_refuses_them(la
     never_refuse = cal.agreement(judge, images, items, tau=0.0)
     assert never_refuse["agreement_recognisable"] >= 5 / 6  # clean renders: the judge sees what the label says
     assert never_refuse["n_unrecognisable"] == 6
-    # with no threshold the judge must name something for every blob: a concept or "nothing"
+    # with no threshold every answer is the judge's own top label (its "unrecognisable" included), never a refusal
     said = cal.answers(judge, images, items, tau=0.0)
-    assert cal.UNRECOGNISABLE not in said
+    assert set(said) <= set(judge.labels)
     tau = cal.best_tau(judge, images, items)
     best = cal.agreement(judge, images, items, tau)
     assert best["agreement"] >= never_refuse["agreement"] and best["blob_called_concept"] <= never_refuse["blob_called_concept"]
     json.dumps(best)  # the report is plain data
 
 
-def test_the_shipped_calibration_set_is_well_formed_and_the_judge_agrees_on_what_a_person_names():
-    """data/calibration: 200 generated images labelled by eye. The shipped judge agrees on the recognisable
-    ones (measured 0.85 at tau 0.5), but names most blobs a concept (measured 0.75): the next judge must not."""
+def test_the_shipped_calibration_set_is_the_shipped_models_and_the_judge_agrees_with_it():
+    """DEFAULT_SET (data/calibration_broad_full): images of the shipped model and of its shipped adapters, labelled by
+    eye. The shipped judge at tau 0.5 agrees on 0.885 of them (measured; 0.915 at tau 0)."""
     images, items = cal.load(cal.DEFAULT_SET)
     judge = Judge.load()
-    assert len(items) >= 200 and sum(it.label == cal.UNRECOGNISABLE for it in items) >= 15
-    assert {it.label for it in items} <= set(judge.labels) | {cal.UNRECOGNISABLE}
-    assert {it.source for it in items} >= {"base", "lora", "textual_inversion", "hypernetwork"}
-    report = cal.agreement(judge, images, items, tau=0.5)
-    assert report["agreement_recognisable"] >= 0.8
+    assert len(items) >= 200 and {it.label for it in items} <= set(judge.labels)
+    assert {it.source.split(" (")[0] for it in items} >= {"base", "lora", "textual_inversion", "hypernetwork"}
+    assert cal.agreement(judge, images, items, tau=0.5)["agreement_recognisable"] >= 0.85
 
 
 @pytest.mark.parametrize("folder, n", [("calibration_broad", 200), ("calibration_broad_train", 300),
@@ -101,7 +99,7 @@ def test_the_broad_judge_against_the_eye_on_the_new_models_images():
     generated images of other seeds) on the held-out hand-labelled set. Measured: 0.962 of the recognisable images
     agreed, 7 of 16 blobs named a concept (it was 15 of 16 before the labelled images). The floors guard that."""
     images, items = cal.load(cal.DEFAULT_SET.parent / "calibration_broad")
-    judge = Judge.load(cal.DEFAULT_SET.parent / "judge_broad.safetensors")
+    judge = Judge.load()
     a = cal.agreement(judge, images, items, tau=0.0)
     assert a["agreement_recognisable"] >= 0.95
     assert a["blob_called_concept"] <= 0.5  # not yet the issue's aim (no blob named a concept)
@@ -137,7 +135,7 @@ def test_the_next_models_full_set_covers_base_and_adapters_and_the_broad_judge_a
     assert len(items) == 200 and {it.label for it in items} <= set(labels_for(world.BROAD_CLASSES))
     sources = {it.source.split(" (")[0] for it in items}
     assert sources == {"base", "lora", "textual_inversion", "hypernetwork", "lora+inference fix"}
-    judge = Judge.load(cal.DEFAULT_SET.parent / "judge_broad.safetensors")
+    judge = Judge.load()
     said = cal.answers(judge, images, items, tau=0.0)
     base = [s == it.label for s, it in zip(said, items) if it.source.startswith("base")]
     methods = [s == it.label for s, it in zip(said, items) if it.source.split(" (")[0] in ("lora", "textual_inversion")]

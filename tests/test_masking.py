@@ -4,8 +4,8 @@ import torch
 
 from mcteach import generate
 from mcteach.attention import record_attention
-from mcteach.masking import (NO_FIX, Fix, Region, RegionError, RegionMasker, make_masker, masks_at, region_masks,
-                             regional_generate)
+from mcteach.masking import (INFERENCE_FIX, NO_FIX, Fix, Region, RegionError, RegionMasker, make_masker, masks_at,
+                             region_masks, regional_generate, sub_prompt)
 
 PROMPT = "a cat on the left and a dog on the right"
 REGIONS = [Region("left", "a cat"), Region("right", "a dog")]
@@ -203,6 +203,28 @@ def test_region_passes_with_one_full_region_are_a_plain_generation(random_pipe):
     fix = Fix("none", False, False, passes=True, bootstrap=0.5, recentre=True)
     one = regional_generate(random_pipe, "a cat", [Region((0, 0, 1, 1), "a cat")], fix=fix, seed=3, steps=3)[0]
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
+
+
+def test_region_passes_take_the_fix_guidance_scale(random_pipe):
+    """``Fix.cfg`` is each pass's guidance scale: one full region at cfg 3 is the pipeline at guidance 3, not 5."""
+    at3 = generate(random_pipe, "a cat", seed=3, steps=3, guidance_scale=3.0)[0]
+    at5 = generate(random_pipe, "a cat", seed=3, steps=3, guidance_scale=5.0)[0]
+    fix = Fix("none", False, False, passes=True, cfg=3.0)
+    one = regional_generate(random_pipe, "a cat", [Region((0, 0, 1, 1), "a cat")], fix=fix, seed=3, steps=3,
+                            guidance_scale=5.0)[0]
+    assert np.abs(np.asarray(at3, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
+    assert np.abs(np.asarray(at5, dtype=int) - np.asarray(one, dtype=int)).max() > 2
+
+
+def test_sub_prompts_name_the_place_unless_the_passes_are_recentred():
+    assert sub_prompt("cpd woman", "left") == "a cpd woman on the left"  # INFERENCE_FIX draws on the whole canvas
+    assert sub_prompt("tkb man", "right", INFERENCE_FIX) == "a tkb man on the right"
+    assert sub_prompt("cpd woman", (0.0, 0.0, 0.6, 1.0)) == "a cpd woman on the left"  # mostly the left half
+    assert sub_prompt("cpd woman", "0.3,0,1,1") == "a cpd woman on the right"
+    assert sub_prompt("tkb man", "bottom") == "a tkb man at the bottom"
+    assert sub_prompt("cpd woman", "middle-third") == "a cpd woman"  # in no half: no words
+    assert sub_prompt("cpd woman", "0.4,0.4,0.6,0.6") == "a cpd woman"
+    assert sub_prompt("cpd woman", "left", Fix("none", False, False, passes=True, recentre=True)) == "a cpd woman"
 
 
 def test_command_line_regions():
