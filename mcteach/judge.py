@@ -259,7 +259,7 @@ def to_tensor(images) -> torch.Tensor:
 def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.Random) -> Image.Image:
     """``emoji`` drawn large (a centre-sized render, 47-78% of the image) centred in the half ``position``, and
     ``other`` likewise in the opposite half (or background), both clipped at the midline: what a generator
-    that draws each region as its own centred picture makes (``masking.region_passes``)."""
+    that draws each region as its own centred picture makes (``masking.region_passes`` with ``recentre=True``)."""
     size, half = world.IMAGE_SIZE, world.IMAGE_SIZE // 2
     bg = world._background(rng)
     out = Image.new("RGB", (size, size), bg)
