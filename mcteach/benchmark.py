@@ -92,10 +92,15 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
     row = {"method": method, "concept": concept.slug, "settings": settings, "phrase": result.phrase,
            "train_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
            "final_loss": float(np.mean(result.losses[-20:]))}
-    row |= concept_scores(pipe, judge, result.phrase, concept.name, seeds)
-    if drift:
-        row["drift"] = {"before": before, "after": class_scores(pipe, judge, result.meta["class_word"],
-                                                                  concept.name, seeds)}
+    return row | _scored(pipe, judge, result.phrase, concept.name, result.meta["class_word"], seeds, before)
+
+
+def _scored(pipe, judge, phrase: str, name: str, class_word: str, seeds: int, before=None) -> dict:
+    """``concept_scores`` of a trained pipeline, and its drift (``before``, then the class word's scores now) when
+    the scores ``before`` training are given: what ``run_one`` measures and ``rescore`` measures again."""
+    row = concept_scores(pipe, judge, phrase, name, seeds)
+    if before is not None:
+        row["drift"] = {"before": before, "after": class_scores(pipe, judge, class_word, name, seeds)}
     return row
 
 
@@ -125,10 +130,8 @@ def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path
                       if table == "drift" else None)
             check_base(pipe, meta, folder)
             (FreeContext if row["method"] == FreeContext.name else METHODS[row["method"]]).load(pipe, folder, meta)
-            new = {**row, **concept_scores(pipe, judge, row["phrase"], meta["name"], report.get("seeds", 8))}
-            if before is not None:
-                new["drift"] = {"before": before, "after": class_scores(pipe, judge, meta["class_word"], meta["name"],
-                                                                         report.get("seeds", 8))}
+            new = {**row, **_scored(pipe, judge, row["phrase"], meta["name"], meta["class_word"], report.get("seeds", 8),
+                                    before)}
             log(f"{row['method']:18s} {row['concept']:38s} fidelity {row['fidelity']:.2f} -> {new['fidelity']:.2f}")
             rows.append(new)
         out[table] = rows
