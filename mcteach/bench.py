@@ -185,7 +185,7 @@ def ablation_fixes() -> dict:
         "(d) one pass per region": Fix("none", False, False, passes=True),
         "(d) passes, bootstrapped": Fix("none", False, False, passes=True, bootstrap=0.5),
         "(d) passes, bootstrapped, recentred": Fix("none", False, False, passes=True, bootstrap=0.5, recentre=True),
-        "(d) passes, bootstrapped, guidance 2.5 inside (the fix)": INFERENCE_FIX,
+        "(d) passes, bootstrapped, half the guidance inside (the fix)": INFERENCE_FIX,
     }
 
 

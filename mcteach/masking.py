@@ -166,7 +166,7 @@ class Fix:
     passes: bool = False  # one UNet pass per region, noise predictions pasted by region (``region_passes``)
     bootstrap: float = 0.0  # passes: for this first part of the process, each pass sees plain background outside
     recentre: bool = False  # passes: each pass sees its region moved to the centre of the canvas
-    cfg: float | None = None  # passes: classifier-free guidance scale inside each pass (None: the call's)
+    pass_guidance: float = 1.0  # passes: each pass's classifier-free guidance scale, as a fraction of the call's
     resolutions: tuple[int, ...] | None = None  # UNet grid sides where masks act (None: all)
     steps: tuple[float, float] = (0.0, 1.0)  # part of the denoising process where masks act
 
@@ -187,9 +187,11 @@ class Fix:
 NO_FIX = Fix(cross="none", self_attention=False, bind_adapters=False)
 #: the course's inference fix, chosen by the ablation in notebook 07 / ``python -m mcteach.bench --ablation``:
 #: one pass per region with its own adapter and sub-prompt (which names the region's place: "a cpd woman on the
-#: left"), bootstrapped for the first half, each pass at guidance 2.5. At the call's 5 the pasted predictions
-#: push skin tones and speckle the background (a cpd woman of medium skin comes out medium-light)
-INFERENCE_FIX = Fix(cross="none", self_attention=False, bind_adapters=False, passes=True, bootstrap=0.5, cfg=2.5)
+#: left"), bootstrapped for the first half, each pass at half the call's guidance (2.5 for the course's 5). At the
+#: full scale the pasted predictions push skin tones and speckle the background (a cpd woman of medium skin comes
+#: out medium-light)
+INFERENCE_FIX = Fix(cross="none", self_attention=False, bind_adapters=False, passes=True, bootstrap=0.5,
+                    pass_guidance=0.5)
 #: every single-pass attention mask at once (regional prompts, self-attention masks, region-bound LoRA)
 SINGLE_PASS_FIX = Fix(cross="regional", self_attention=True, bind_adapters=True)
 
@@ -494,8 +496,8 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
     ``z_t^r = m_r z_t + (1 - m_r) noised(plain background)``, so its concept can only form inside its region
     (without it a pass may draw its concept across the seam, or where a model that ignores "on the left" likes).
     Afterwards ``z_t^r = z_t``. ``fix.recentre``: pass r sees its region
-    rolled to the canvas centre (for a model that cannot place "on the left"); ``fix.cfg``: each pass's guidance
-    scale. Cost: one UNet call per region per step.
+    rolled to the canvas centre (for a model that cannot place "on the left"); ``fix.pass_guidance``: each pass's guidance
+    scale, as a fraction of ``guidance_scale``. Cost: one UNet call per region per step.
     Attention masks of ``fix`` (cross, self) act inside every pass."""
     import random
 
@@ -524,7 +526,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
     sched.set_timesteps(steps, device=device)
     n = len(seeds)
     masker = RegionMasker(masks, fix, chunk=pipe.tokenizer.model_max_length) if (fix.self_attention) else None
-    scale = guidance_scale if fix.cfg is None else fix.cfg
+    scale = guidance_scale * fix.pass_guidance
 
     shifts = []
     for r in range(len(regions)):  # latent cells that move region r's centre of mass to the canvas centre

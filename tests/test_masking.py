@@ -205,11 +205,11 @@ def test_region_passes_with_one_full_region_are_a_plain_generation(random_pipe):
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
 
 
-def test_region_passes_take_the_fix_guidance_scale(random_pipe):
-    """``Fix.cfg`` is each pass's guidance scale: one full region at cfg 3 is the pipeline at guidance 3, not 5."""
+def test_region_passes_scale_the_guidance_by_the_fix(random_pipe):
+    """``Fix.pass_guidance`` scales each pass's guidance: one full region at 0.6 of 5 is the pipeline at 3, not 5."""
     at3 = generate(random_pipe, "a cat", seed=3, steps=3, guidance_scale=3.0)[0]
     at5 = generate(random_pipe, "a cat", seed=3, steps=3, guidance_scale=5.0)[0]
-    fix = Fix("none", False, False, passes=True, cfg=3.0)
+    fix = Fix("none", False, False, passes=True, pass_guidance=0.6)
     one = regional_generate(random_pipe, "a cat", [Region((0, 0, 1, 1), "a cat")], fix=fix, seed=3, steps=3,
                             guidance_scale=5.0)[0]
     assert np.abs(np.asarray(at3, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
