@@ -495,10 +495,11 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: 
     MultiDiffusion's bootstrapping (``fix.bootstrap``, a fraction of the steps): early on, pass r sees
     ``z_t^r = m_r z_t + (1 - m_r) noised(plain background)``, so its concept can only form inside its region
     (without it a pass may draw its concept across the seam, or where a model that ignores "on the left" likes).
-    Afterwards ``z_t^r = z_t``. ``fix.recentre``: pass r sees its region
-    rolled to the canvas centre (for a model that cannot place "on the left"); ``fix.pass_guidance``: each pass's guidance
-    scale, as a fraction of ``guidance_scale``. Cost: one UNet call per region per step.
-    Attention masks of ``fix`` (cross, self) act inside every pass."""
+    Afterwards ``z_t^r = z_t``.
+
+    ``fix.recentre``: pass r sees its region rolled to the canvas centre (for a model that cannot place "on the
+    left"). ``fix.pass_guidance``: each pass's guidance scale, as a fraction of ``guidance_scale``. Attention masks
+    of ``fix`` (cross, self) act inside every pass. Cost: one UNet call per region per step."""
     import random
 
     from PIL import Image
