@@ -81,6 +81,7 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
     from .methods.ceiling import FreeContext
 
     concept = load_concept(slug)
+    judge = judge_for(judge, concept.name, slug)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     class_word = settings.get("class_word") or concept.class_word
     before = class_scores(pipe, judge, class_word, concept.name, seeds) if drift else None
@@ -90,9 +91,17 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
     else:
         result = train_concept(pipe, concept, method, out=work / tag / concept.slug, progress=False, **settings)
     row = {"method": method, "concept": concept.slug, "settings": settings, "phrase": result.phrase,
+           **({} if str(slug) == concept.slug else {"folder": str(slug)}),
            "train_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
            "final_loss": float(np.mean(result.losses[-20:]))}
     return row | _scored(pipe, judge, result.phrase, concept.name, result.meta["class_word"], seeds, before)
+
+
+def judge_for(judge, name: str, folder) -> "Judge":
+    """``judge``, or for a concept it has no label for (``name``: a folder of your own) a copy that learned it from
+    the images in ``folder`` (``Judge.with_concepts``): without it every image of a new concept would count as a
+    miss."""
+    return judge if name in judge.labels else judge.with_concepts([load_concept(folder)])
 
 
 def _scored(pipe, judge, phrase: str, name: str, class_word: str, seeds: int, before=None) -> dict:
@@ -129,8 +138,9 @@ def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path
             before = (class_scores(pipe, judge, meta["class_word"], meta["name"], report.get("seeds", 8))
                       if table == "drift" else None)
             check_base(pipe, meta, folder)
+            judge_row = judge_for(judge, meta["name"], row.get("folder", row["concept"]))
             (FreeContext if row["method"] == FreeContext.name else METHODS[row["method"]]).load(pipe, folder, meta)
-            new = {**row, **_scored(pipe, judge, row["phrase"], meta["name"], meta["class_word"], report.get("seeds", 8),
+            new = {**row, **_scored(pipe, judge_row, row["phrase"], meta["name"], meta["class_word"], report.get("seeds", 8),
                                     before)}
             log(f"{row['method']:18s} {row['concept']:38s} fidelity {row['fidelity']:.2f} -> {new['fidelity']:.2f}")
             rows.append(new)
@@ -341,6 +351,9 @@ def main(argv=None) -> None:
     p.add_argument("--rescore", action="store_true",
                    help="score the rows of --out again with --judge, from the adapters under --work (no training)")
     a = p.parse_args(argv)
+    for name in ("drift_concepts", "controls", "ceiling"):  # "--controls none" skips, as an empty "--controls" does
+        if getattr(a, name) == ["none"]:
+            setattr(a, name, [])
     if a.world:
         world.use_world(a.world)
     if a.merge:

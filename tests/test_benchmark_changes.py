@@ -266,3 +266,25 @@ def test_rescore_judges_the_saved_adapters_again_without_training(tmp_path, monk
         expected["fidelity"], expected["position"], expected["centre_labels"])
     with pytest.raises(SystemExit, match="needs --out"):
         benchmark.main(["--rescore", "--out", str(tmp_path / "none.json")])
+
+
+def test_a_concept_the_judge_has_no_label_for_is_imprinted_from_its_images(tmp_path):
+    """A user's own folder is scored by a judge that learned it from its images, not by one that calls every image a
+    miss; a shipped concept keeps the shipped judge as it is."""
+    from mcteach.concepts import make_concept_set
+
+    judge = Judge.load()
+    assert benchmark.judge_for(judge, "koala", "koala") is judge
+    folder = make_concept_set(world.Emoji("🦘", "animal"), "deer", tmp_path / "kangaroo")
+    taught = benchmark.judge_for(judge, "kangaroo", folder)
+    assert taught.labels == judge.labels + ["kangaroo"]
+    renders = [world.render_scene([(world.Emoji("🦘", "animal"), "centre")], seed=200 + i).image for i in range(4)]
+    assert taught.labels_of(renders, "centre").count("kangaroo") >= 3
+
+
+def test_none_skips_the_controls_and_the_ceiling(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(benchmark, "run", lambda *a, **kw: seen.update(controls=a[6], ceiling=a[10]) or {})
+    monkeypatch.setattr(benchmark, "markdown", lambda report: "")
+    benchmark.main(["--controls", "none", "--ceiling", "none"])
+    assert seen == {"controls": {}, "ceiling": []}
