@@ -18,7 +18,7 @@ Saved files (``out/``):
 - ``<slug>.pt``: AUTOMATIC1111's layout ``{"string_to_param": {"*": (num_vectors, d)}, "name", "step"}``
   (``pipe.load_textual_inversion("out/koala.pt")`` reads it too; in the webui the file name is the word).
 
-Defaults: 500 steps of 2 images at lr 1e-3. How they were chosen, with the measurements: the
+Defaults: 500 steps of 2 images at lr 5e-3. How they were chosen, with the measurements: the
 README's "How the methods' defaults were chosen".
 """
 
@@ -76,7 +76,7 @@ def save_a1111(embeds: torch.Tensor, path: Path, name: str, step: int) -> None:
 class TextualInversion(Method):
     name: ClassVar[str] = "textual_inversion"
     steps: int = 500
-    lr: float = 1e-3
+    lr: float = 5e-3
     batch_size: int = 2
     token: str | None = None  # default "<slug>"
     num_vectors: int = 1
