@@ -28,7 +28,7 @@ Saved files (``out/``):
 Loading a text-encoder LoRA with diffusers goes through transformers' peft integration, which (transformers 5)
 needs peft >= 0.22; UNet-only LoRAs (the default) load with any supported peft.
 
-Defaults: rank 4, alpha 4, 800 steps of 2 images at lr 2e-3, kohya's layer set. How they were chosen, with the measurements: the
+Defaults: rank 4, alpha 4, 400 steps of 4 images at lr 2e-3, kohya's layer set. How they were chosen, with the measurements: the
 README's "How the methods' defaults were chosen". For SD 1.5 the usual rate is 1e-4.
 """
 
@@ -88,9 +88,9 @@ def disabled(pipe):
 @dataclass
 class LoRA(Method):
     name: ClassVar[str] = "lora"
-    steps: int = 800
+    steps: int = 400
     lr: float = 2e-3
-    batch_size: int = 2
+    batch_size: int = 4  # 400 steps of 4 images: the same images as 800 of 2, 20% faster on a CPU (README)
     rank: int = 4
     alpha: float = 4.0
     identifier: str | None = None  # default: three consonants made from the concept's slug
