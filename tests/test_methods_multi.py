@@ -147,3 +147,19 @@ def test_load_adapters_rules(random_pipe, tmp_path):
         other.unet.conv_in.weight.add_(0.1)  # another base model of the same architecture
     with pytest.raises(ValueError, match="another base model"):
         load_adapters(other, [a.out])
+
+
+def test_lora_trains_one_concept_and_several_on_their_own_schedules(random_pipe, tmp_path):
+    """One concept: 400 steps of 4 images by default; several jointly: 800 steps of 2 (``LoRA.schedule``). An explicit
+    ``steps`` or ``batch_size`` wins over both."""
+    from mcteach.methods import LoRA, train
+
+    assert LoRA().schedule(1) == (400, 4) and LoRA().schedule(2) == (800, 2)
+    small = lambda: LoRA(steps=3, batch_size=1, joint_steps=2, joint_batch_size=2)  # noqa: E731
+    one = train(copy.deepcopy(random_pipe), COUPLE[0], small(), out=tmp_path / "one", progress=False)
+    two = train(copy.deepcopy(random_pipe), COUPLE, small(), out=tmp_path / "two", progress=False)
+    assert (one.meta["training"]["steps"], one.meta["training"]["batch_size"]) == (3, 1) and len(one.losses) == 3
+    assert (two.meta["training"]["steps"], two.meta["training"]["batch_size"]) == (2, 2) and len(two.losses) == 2
+    assert "joint_steps" not in two.meta["settings"]  # the steps used are in "training"
+    three = train(copy.deepcopy(random_pipe), COUPLE, small(), out=tmp_path / "three", steps=1, progress=False)
+    assert len(three.losses) == 1

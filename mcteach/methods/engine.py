@@ -94,8 +94,12 @@ class Method:
 
     def settings(self) -> dict:
         """The method's own settings (adapter.json's "training" has the steps, lr and batch size used)."""
-        skip = ("steps", "lr", "batch_size")
+        skip = ("steps", "lr", "batch_size", "joint_steps", "joint_batch_size")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in skip}
+
+    def schedule(self, concepts: int = 1) -> tuple[int, int]:
+        """The default (steps, batch size) for training ``concepts`` concepts at once (one, unless joint)."""
+        return self.steps, self.batch_size
 
     def class_word_for(self, concept: Concept) -> str:
         word = self.class_word or concept.class_word
@@ -516,9 +520,10 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
         raise ValueError(f"two concepts would answer to the same phrase {phrases}: give them different class words "
                          "or identifiers")
     concept = parts[0] if len(parts) == 1 else joint_concept(parts)
-    steps = method.steps if steps is None else steps
+    default_steps, default_batch = method.schedule(len(parts))
+    steps = default_steps if steps is None else steps
     lr = method.lr if lr is None else lr
-    batch_size = method.batch_size if batch_size is None else batch_size
+    batch_size = default_batch if batch_size is None else batch_size
     if steps < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
         raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, checkpoint_every >= 1; got "
                          f"{steps}, {batch_size}, {lr}, {checkpoint_every}")
