@@ -29,8 +29,8 @@ Loading a text-encoder LoRA with diffusers goes through transformers' peft integ
 needs peft >= 0.22; UNet-only LoRAs (the default) load with any supported peft.
 
 Defaults: rank 4, alpha 4, 400 steps of 4 images at lr 2e-3 (several concepts trained jointly: 800 steps of 2),
-kohya's layer set. How they were chosen, with the measurements: the
-README's "How the methods' defaults were chosen". For SD 1.5 the usual rate is 1e-4.
+kohya's layer set. How they were chosen, with the measurements: the README's "How the methods' defaults were
+chosen". For SD 1.5 the usual rate is 1e-4.
 """
 
 from __future__ import annotations
