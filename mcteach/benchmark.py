@@ -135,13 +135,13 @@ def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path
             folder = work / _tag(row["method"], row["settings"]) / row["concept"]
             meta = read_adapter(folder) if row["method"] in METHODS else json.loads((folder / "adapter.json").read_text())
             pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
-            before = (class_scores(pipe, judge, meta["class_word"], meta["name"], report.get("seeds", 8))
+            judge_row = judge_for(judge, meta["name"], row.get("folder", row["concept"]))
+            before = (class_scores(pipe, judge_row, meta["class_word"], meta["name"], report.get("seeds", 8))
                       if table == "drift" else None)
             check_base(pipe, meta, folder)
-            judge_row = judge_for(judge, meta["name"], row.get("folder", row["concept"]))
             (FreeContext if row["method"] == FreeContext.name else METHODS[row["method"]]).load(pipe, folder, meta)
-            new = {**row, **_scored(pipe, judge_row, row["phrase"], meta["name"], meta["class_word"], report.get("seeds", 8),
-                                    before)}
+            new = {**row, **_scored(pipe, judge_row, row["phrase"], meta["name"], meta["class_word"],
+                                    report.get("seeds", 8), before)}
             log(f"{row['method']:18s} {row['concept']:38s} fidelity {row['fidelity']:.2f} -> {new['fidelity']:.2f}")
             rows.append(new)
         out[table] = rows

@@ -86,6 +86,8 @@ class Method:
     settings (written to ``adapter.json``), including the default ``steps``, ``lr`` and ``batch_size``."""
 
     name: ClassVar[str]
+    #: fields that set how training runs, not what is learned: adapter.json records the values used under "training"
+    schedule_fields: ClassVar[tuple[str, ...]] = ("steps", "lr", "batch_size")
     steps: int = 500
     lr: float = 1e-3
     batch_size: int = 2
@@ -94,8 +96,7 @@ class Method:
 
     def settings(self) -> dict:
         """The method's own settings (adapter.json's "training" has the steps, lr and batch size used)."""
-        skip = ("steps", "lr", "batch_size", "joint_steps", "joint_batch_size")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in skip}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in self.schedule_fields}
 
     def schedule(self, concepts: int = 1) -> tuple[int, int]:
         """The default (steps, batch size) for training ``concepts`` concepts at once (one, unless joint)."""

@@ -89,6 +89,7 @@ def disabled(pipe):
 @dataclass
 class LoRA(Method):
     name: ClassVar[str] = "lora"
+    schedule_fields: ClassVar[tuple[str, ...]] = Method.schedule_fields + ("joint_steps", "joint_batch_size")
     steps: int = 400
     lr: float = 2e-3
     batch_size: int = 4  # 400 steps of 4 images: the same images as 800 of 2, faster on a CPU (README)
