@@ -16,6 +16,11 @@ looking at generated images. This module holds that check:
     python -m mcteach.calibration sheet <folder> --out sheet.png        # look at it, correct labels.json
     python -m mcteach.calibration agreement data/calibration_broad_full  # the judge against the labels (the default)
     python -m mcteach.calibration mine <folder> --model <export> --world broad --judge <weights>  # doubtful images
+    python -m mcteach.calibration sample <folder> --mined <mined> --seed <its seed>  # a random sample of the rest
+    python -m mcteach.calibration rate <sample> --mined <mined> --population N       # the by-eye rate over all
+
+A mined set alone says how the judge does where it doubts; with a labelled random sample of the images it was sure of
+(``sample_rest``), ``stratified_rate`` says how often the base model drew what was asked, by eye, over every class.
 """
 
 from __future__ import annotations
@@ -212,17 +217,11 @@ def mine_set(out: str | Path, model: str | Path | None = None, classes: list[wor
     set finds a few per class at most; here every class gets ``per_class`` images (alternately the whole frame and a
     random half), the judge at ``judge_path`` scores each in its region, and the images it is least sure show the asked
     class (lowest probability) are kept, sorted by class. Seeds ``seed``, ``seed + 1``, ... (away from the test set's)."""
-    import random
-
     from .evaluate import GEN
     from .judge import Judge
     from .pipeline import generate, load_pipeline
 
-    classes, rng = classes or world.BASE_CLASSES, random.Random(seed)
-    asked = [(e, "centre" if k % 2 == 0 else rng.choice(["left", "right", "top", "bottom"]))
-             for e in classes for k in range(per_class)]
-    prompts = [world.caption([(e, w)]) for e, w in asked]
-    seeds = list(range(seed, seed + len(prompts)))
+    asked, prompts, seeds = mine_population(classes, per_class, seed)
     images = generate(load_pipeline(model, device="cpu"), prompts, seed=seeds, batch_size=32, **GEN)
     judge = Judge.load(judge_path) if judge_path else Judge.load()
     p_asked = np.zeros(len(images))
@@ -238,10 +237,92 @@ def mine_set(out: str | Path, model: str | Path | None = None, classes: list[wor
     return items
 
 
+def mine_population(classes: list[world.Emoji] | None = None, per_class: int = 6, seed: int = 5000):
+    """What ``mine_set`` generates before it keeps the doubtful: (class, region) pairs, their prompts and seeds."""
+    import random
+
+    classes, rng = classes or world.BASE_CLASSES, random.Random(seed)
+    asked = [(e, "centre" if k % 2 == 0 else rng.choice(["left", "right", "top", "bottom"]))
+             for e in classes for k in range(per_class)]
+    return asked, [world.caption([(e, w)]) for e, w in asked], list(range(seed, seed + len(asked)))
+
+
+def _seed_of(item: Item) -> int:
+    return int(item.source.split("seed ")[1].split(",")[0])
+
+
+def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | Path | None = None,
+                classes: list[world.Emoji] | None = None, per_class: int = 6, seed: int = 5000,
+                sample_seed: int = 0) -> list[Item]:
+    """``n`` images drawn at random (``sample_seed``) from the part of a ``mine_set`` population that was *not*
+    kept (the images the judge was sure of), unlabelled (labels = what each prompt asked, to be checked by eye).
+
+    A mined set is a census of the doubtful stratum, and this sample estimates the confident one: together
+    (``stratified_rate``) they give the by-eye rate over the whole population at the cost of labelling the two.
+    The population is rebuilt from what the set was mined with (``classes``, ``per_class``, first ``seed``) and
+    checked against the mined set's prompts and seeds."""
+    import random
+
+    from .evaluate import GEN
+    from .pipeline import generate, load_pipeline
+
+    _, kept = load(mined)
+    asked, prompts, seeds = mine_population(classes, per_class, seed)
+    index = {s: i for i, s in enumerate(seeds)}
+    if not all(_seed_of(it) in index and prompts[index[_seed_of(it)]] == it.prompt for it in kept):
+        raise ValueError(f"{mined} is not a mine_set of these classes with per_class={per_class}; pass the ones it was "
+                         "mined with (--world, --per-class, --seed)")
+    taken = {index[_seed_of(it)] for it in kept}
+    rest = [i for i in range(len(asked)) if i not in taken]
+    picked = sorted(random.Random(sample_seed).sample(rest, min(n, len(rest))))
+    images = generate(load_pipeline(model, device="cpu"), [prompts[i] for i in picked],
+                      seed=[seeds[i] for i in picked], batch_size=32, **GEN)
+    items = [Item("", asked[i][1], asked[i][0].name, f"base, seed {seeds[i]}, not among the mined {len(kept)} of "
+                  f"{len(asked)}", prompts[i]) for i in picked]
+    save(out, images, items)
+    return items
+
+
+def asked_label(item: Item) -> str:
+    """The class a one-object prompt asked for ("a fox on the left" -> "fox"), from the world's own captions."""
+    for position in ("centre", *world.POSITIONS):
+        for e in world.BROAD_CLASSES + [c for c, _ in world.HELDOUT_CONCEPTS.values()]:
+            if world.caption([(e, position)]) == item.prompt:
+                return e.name
+    raise ValueError(f"{item.prompt!r} is not a one-object caption of the world")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (95% for z = 1.96): sound at k = n, where the normal one is not."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def stratified_rate(census: list[Item], sample: list[Item], population: int) -> dict:
+    """The by-eye rate of "the asked object is drawn" over a population of ``population`` images, from a labelled
+    census of one stratum (``mine_set``'s doubtful images) and a labelled random sample of the rest (``sample_rest``).
+
+    rate = (right in the census + (population - census) x right share of the sample) / population; the interval
+    carries the sample's Wilson interval (the census has no sampling error)."""
+    rest = population - len(census)
+    if rest < len(sample) or not sample:
+        raise ValueError(f"a population of {population} with a census of {len(census)} leaves {rest} images; the "
+                         f"sample has {len(sample)}")
+    k_census = sum(it.label == asked_label(it) for it in census)
+    k_sample = sum(it.label == asked_label(it) for it in sample)
+    lo, hi = wilson(k_sample, len(sample))
+    return {"rate": (k_census + rest * k_sample / len(sample)) / population,
+            "interval": [(k_census + rest * lo) / population, (k_census + rest * hi) / population],
+            "census": [k_census, len(census)], "sample": [k_sample, len(sample)], "population": population}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mcteach.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["generate", "mine", "sheet", "agreement"])
+    p.add_argument("command", choices=["generate", "mine", "sample", "sheet", "agreement", "rate"])
     p.add_argument("folder", type=Path)
     p.add_argument("--out", type=Path, default=Path("sheet.png"))
     p.add_argument("--tau", type=float, default=None, help="default: the best threshold on this set")
@@ -253,7 +334,10 @@ def main(argv=None) -> None:
     p.add_argument("--adapters", type=Path, default=None,
                    help="generate: the full set (base model + the couple's adapters) with the adapters in this folder "
                         "(laid out as data/adapters, e.g. written by methods.retrain_shipped) on --model")
-    p.add_argument("--seed", type=int, default=5000, help="mine: the first seed")
+    p.add_argument("--seed", type=int, default=5000, help="mine, sample: the mine's first seed")
+    p.add_argument("--mined", type=Path, default=None,
+                   help="sample: the mined set (its population's other images are sampled); rate: the census")
+    p.add_argument("--population", type=int, default=None, help="rate: the mined population's size (classes x per class)")
     a = p.parse_args(argv)
     if a.command == "generate":
         classes = world.WORLDS[a.world] if a.world else None
@@ -267,7 +351,19 @@ def main(argv=None) -> None:
         items = mine_set(a.folder, a.model, world.WORLDS[a.world] if a.world else None, a.per_class, a.n, a.seed, a.judge)
         print(f"the {len(items)} most doubtful images -> {a.folder} (labels: what each prompt asked; correct them by eye)")
         return
+    if a.command == "sample":
+        if a.mined is None:
+            raise SystemExit("sample needs --mined: the mine_set folder whose population to sample")
+        items = sample_rest(a.folder, a.mined, a.n, a.model, world.WORLDS[a.world] if a.world else None, a.per_class,
+                            a.seed)
+        print(f"{len(items)} images the judge was sure of -> {a.folder} (labels: what each prompt asked; check by eye)")
+        return
     images, items = load(a.folder)
+    if a.command == "rate":
+        if a.mined is None or a.population is None:
+            raise SystemExit("rate needs --mined (the labelled census) and --population; the folder is the sample")
+        print(json.dumps(stratified_rate(load(a.mined)[1], items, a.population), indent=1))
+        return
     if a.command == "sheet":
         contact_sheet(images, [it.region for it in items]).save(a.out)
         print(f"{len(images)} images -> {a.out}")
