@@ -61,6 +61,18 @@ def _key(row: dict) -> tuple:
     return row["method"], row["fix"], row["pair"]
 
 
+def _stale(folder: Path, method: str, n_concepts: int) -> str:
+    """How a cached adapter's training differs from ``method``'s defaults for ``n_concepts`` concepts (steps, batch
+    size, learning rate), e.g. "steps 400 (default 800), batch_size 4 (default 2)"; "" when it does not."""
+    from .methods import make_method
+
+    m = make_method(method)
+    steps, batch_size = m.schedule(n_concepts)
+    done = json.loads((folder / "adapter.json").read_text())["training"]
+    want = {"steps": steps, "batch_size": batch_size, "lr": m.lr}
+    return ", ".join(f"{k} {done.get(k)} (default {v})" for k, v in want.items() if done.get(k) != v)
+
+
 class Bench:
     """Runs the jobs; keeps trained adapters under ``work`` and finished rows in ``out`` (resumable)."""
 
@@ -94,6 +106,10 @@ class Bench:
                 r = train_concept(pipe, list(group) if len(group) > 1 else group[0], method, out=folder,
                                   regularizers=reg, progress=False)
                 atomic_save(json.dumps({"seconds": r.seconds, "threads": torch.get_num_threads()}), info, write_text)
+            stale = _stale(folder, method, len(group))
+            if stale:
+                raise ValueError(f"the cached adapter {folder} was trained with {stale}, not the defaults this bench "
+                                 "measures: delete the folder (it is trained again) or give another --work")
             folders.append(folder)
             seconds += json.loads(info.read_text())["seconds"]
         return folders, seconds

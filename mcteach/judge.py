@@ -10,19 +10,27 @@ half and classify each crop:
     >>> judge.classify(image, "left")[0], judge.classify(image, "right")[0]
     ('fox', 'red apple')
 
-Labels are the 60 base classes, the 10 held-out concepts and "nothing" (plain background).
+Labels are the base classes, the held-out concepts, "unrecognisable" and "nothing" (plain background).
 A region is judged at native resolution: "left"/"right" give a (3, 64, 32) crop, "top"/"bottom"
 (3, 32, 64), "centre" the whole (3, 64, 64) image; convolutions + global average pooling take
 any of these shapes.
 
+The shipped judge is two networks of this design whose log-probabilities add (``Judge.with_shape``, a product of
+experts): one sees colours, the other only the luminance (``grey``). A label wins where both see it: an orange
+tangle has a croissant's colours but no croissant's shape, and the pair stops calling it a croissant.
+
 Limits: the judge is trained on renders of the emoji world (with blur, noise, brightness and
-contrast jitter and small shifts to stand in for a generator's defects), so it measures
-"looks like that render", not image quality, and it always answers one of its labels, even
-for garbage. It judges a region, not an image: a fox drawn across the middle is half a fox in
+contrast jitter and small shifts to stand in for a generator's defects) and fine-tuned on generated images labelled
+by eye (``finetune``, ``mcteach.calibration``), so it measures "looks like that render", not image quality. It says
+"unrecognisable" for many failures, but not all: a near miss with the class's outline (a snail's shell without
+its eyes) is still named. It judges a region, not an image: a fox drawn across the middle is half a fox in
 each half, and an object in the wrong half is simply not seen by the right crop.
 
-    python -m mcteach.judge train [--steps N] [--seed S] [--out PATH]   # ~6 min on 1 CPU thread
-    python -m mcteach.judge evaluate                                    # held-out accuracy
+    python -m mcteach.judge train [--steps N] [--seed S] [--out PATH] [--grey]   # 12 min on 2 cores (3000 steps)
+    python -m mcteach.judge finetune --base PATH --labelled FOLDER ... --out PATH  # 2 min
+    python -m mcteach.judge pair --base COLOUR --shape GREY --out PATH             # the two as one judge
+    python -m mcteach.judge evaluate                                             # held-out accuracy
+(data/judge.json holds the shipped judge's full recipe.)
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ LABELS = labels_for(world.BASE_CLASSES)
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 CATEGORIES = ("animal", "person", "food", "object", UNRECOGNISABLE, NOTHING)
 EVAL_SEED, EVAL_SAMPLES = 0, 3000
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: a grey judge sees the luminance only
 
 
 def category(label: str) -> str:
@@ -83,22 +92,43 @@ class Judge(nn.Module):
     ends as (4, 2) features of ``widths[-1]`` channels, averaged and mapped to the labels.
     """
 
-    def __init__(self, labels: list[str] = LABELS, widths: tuple[int, ...] = (32, 64, 128, 192)):
+    def __init__(self, labels: list[str] = LABELS, widths: tuple[int, ...] = (32, 64, 128, 192), grey: bool = False):
         super().__init__()
-        self.labels, self.widths = list(labels), tuple(widths)
+        self.labels, self.widths, self.grey = list(labels), tuple(widths), grey
         layers, c = [], 3
         for w in self.widths:
             layers += [_conv(c, w, stride=2), _conv(w, w)]
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, len(self.labels))
+        self.shape: Judge | None = None  # a second opinion on the shape alone (``with_shape``)
+        self.shape_weight = 1.0
 
     def pool(self, crops: torch.Tensor) -> torch.Tensor:
-        """Globally average-pooled features (B, widths[-1]) of crops (B, 3, h, w) in [0, 1]."""
+        """Globally average-pooled features (B, widths[-1]) of crops (B, 3, h, w) in [0, 1] (of their luminance,
+        for a ``grey`` judge)."""
+        if self.grey:
+            crops = torch.einsum("bchw,c->bhw", crops, crops.new_tensor(LUMA))[:, None].expand(-1, 3, -1, -1)
         return self.features((crops - 0.5) / 0.25).mean(dim=(2, 3))
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(crops))
+        logits = self.head(self.pool(crops))
+        if self.shape is None:
+            return logits
+        return F.log_softmax(logits, -1) + self.shape_weight * F.log_softmax(self.shape(crops), -1)
+
+    def with_shape(self, shape: "Judge", weight: float = 1.0) -> "Judge":
+        """This judge with a second opinion: a ``grey`` judge of the same labels (luminance only). Their
+        log-probabilities add (a product of experts, the grey one's raised to ``weight``): a label wins where both
+        see it. Returns a new judge; ``save`` keeps both."""
+        import copy
+
+        if not shape.grey or shape.labels != self.labels or shape.shape is not None:
+            raise ValueError("the second opinion must be a grey judge (train --grey) with the same labels, in the "
+                             "same order, and no second opinion of its own")
+        judge = copy.deepcopy(self).eval()
+        judge.shape, judge.shape_weight = copy.deepcopy(shape).eval(), float(weight)
+        return judge
 
     def region_logits(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
         """Crop each (3, 64, 64) image of ``images`` (B, 3, 64, 64) to its position's region and
@@ -126,6 +156,8 @@ class Judge(nn.Module):
         judge = copy.deepcopy(self).eval()
         if not new:
             return judge
+        if self.shape is not None:  # the second opinion learns the new labels the same way, from its own features
+            judge.shape = self.shape.with_concepts(concepts, copies, negatives, steps, seed)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             feats, ys = [], []
@@ -156,6 +188,26 @@ class Judge(nn.Module):
             head.bias.copy_(torch.cat([old_b, b.detach()]))
         judge.head, judge.labels = head, self.labels + [c.name for c in new]
         return judge.eval()
+
+    def without(self, labels) -> "Judge":
+        """A copy that no longer knows ``labels`` (their head rows dropped, from both halves of a pair): a judge
+        blind to a concept, to check that ``with_concepts`` teaches it back."""
+        import copy
+
+        drop = set(labels)
+        unknown = drop - set(self.labels)
+        if unknown:
+            raise ValueError(f"the judge has no label {sorted(unknown)[0]!r} to drop")
+        keep = [i for i, label in enumerate(self.labels) if label not in drop]
+        judge = copy.deepcopy(self).eval()
+        judge.head = nn.Linear(self.head.in_features, len(keep))
+        with torch.no_grad():
+            judge.head.weight.copy_(self.head.weight[keep])
+            judge.head.bias.copy_(self.head.bias[keep])
+        judge.labels = [self.labels[i] for i in keep]
+        if self.shape is not None:
+            judge.shape = self.shape.without(labels)
+        return judge
 
     def region_pool(self, images: torch.Tensor, positions: list[str]) -> torch.Tensor:
         """``pool`` of each image's position region: (B, widths[-1])."""
@@ -203,7 +255,9 @@ class Judge(nn.Module):
     def save(self, path: Path = JUDGE_PATH) -> None:
         """fp16 safetensors with labels and widths in the metadata, written atomically."""
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in self.state_dict().items()}
-        meta = {"labels": json.dumps(self.labels), "widths": json.dumps(self.widths)}
+        meta = {"labels": json.dumps(self.labels), "widths": json.dumps(self.widths), "grey": json.dumps(self.grey)}
+        if self.shape is not None:
+            meta.update(shape_widths=json.dumps(self.shape.widths), shape_weight=json.dumps(self.shape_weight))
         atomic_save(tensors, path, lambda t, tmp: save_file(t, tmp, metadata=meta))
 
     @classmethod
@@ -216,7 +270,10 @@ class Judge(nn.Module):
             )
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        judge = cls(json.loads(meta["labels"]), tuple(json.loads(meta["widths"])))
+        judge = cls(json.loads(meta["labels"]), tuple(json.loads(meta["widths"])), json.loads(meta.get("grey", "false")))
+        if "shape_widths" in meta:
+            judge.shape = cls(judge.labels, tuple(json.loads(meta["shape_widths"])), grey=True)
+            judge.shape_weight = json.loads(meta["shape_weight"])
         state = load_file(path)
         judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         return judge.eval()
@@ -468,12 +525,12 @@ def evaluate(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augment
 
 
 def train(steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
-          labels: list[str] = LABELS, failures: torch.Tensor | None = None) -> Judge:
+          labels: list[str] = LABELS, failures: torch.Tensor | None = None, grey: bool = False) -> Judge:
     """Train a judge for ``labels`` (default: the base model's world) on the augmented "train" stream: AdamW,
     cross-entropy with 0.05 label smoothing, one-cycle learning rate (5% warm-up, cosine decay). Deterministic
     for a seed."""
     torch.manual_seed(seed)
-    judge = Judge(labels)
+    judge = Judge(labels, grey=grey)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
@@ -510,6 +567,9 @@ def finetune(judge: Judge, images, regions: list[str], labels: list[str], steps:
         weights = torch.where(blob, blob_share / int(blob.sum()), (1 - blob_share) / int((~blob).sum()))
     else:
         weights = torch.ones(len(y_all))
+    if judge.shape is not None:
+        raise ValueError("this judge is a pair (with_shape): fine-tune the colour judge and the grey judge each on its "
+                         "own, then pair them again (python -m mcteach.judge pair)")
     judge = copy.deepcopy(judge).train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -541,7 +601,7 @@ def report(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mcteach.judge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "evaluate", "finetune"])
+    p.add_argument("command", choices=["train", "evaluate", "finetune", "pair"])
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=JUDGE_PATH, help="weights; accuracy goes beside it (.json)")
@@ -549,12 +609,22 @@ def main(argv=None):
                    help="the classes to judge (default: the base model's; 'broad' for the next model)")
     p.add_argument("--failures-from", default=None, metavar="MODEL",
                    help="also train 'unrecognisable' on this generator's 2-step images (failure_bank; cached beside --out)")
-    p.add_argument("--base", type=Path, default=None, help="finetune: the judge to start from")
+    p.add_argument("--grey", action="store_true", help="train: a judge of the luminance only (shapes, not colours)")
+    p.add_argument("--base", type=Path, default=None, help="finetune: the judge to start from; pair: the colour judge")
+    p.add_argument("--shape", type=Path, default=None, help="pair: the grey judge (train --grey, then finetune)")
+    p.add_argument("--weight", type=float, default=1.0, help="pair: the grey judge's weight in the product")
     p.add_argument("--labelled", type=Path, nargs="+", default=None,
                    help="finetune: labelled sets of generated images (mcteach.calibration folders)")
     args = p.parse_args(argv)
     info_path = args.out.with_suffix(".json")
-    if args.command == "finetune":
+    if args.command == "pair":
+        if args.base is None or args.shape is None:
+            raise SystemExit("pair needs --base (the colour judge) and --shape (the grey judge)")
+        judge = Judge.load(args.base).with_shape(Judge.load(args.shape), args.weight)
+        judge.save(args.out)
+        recipe = lambda path: json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else str(path)  # noqa: E731
+        info = {"colour": recipe(args.base), "shape": recipe(args.shape), "weight": args.weight, **report(judge)}
+    elif args.command == "finetune":
         from .calibration import load
 
         images, items = [], []
@@ -577,11 +647,12 @@ def main(argv=None):
             if not bank.exists():
                 atomic_save(failure_bank(args.failures_from, classes=classes), bank)
             failures = torch.load(bank, weights_only=True)
-        judge = train(args.steps, args.seed, labels=labels_for(classes) if args.world else LABELS, failures=failures)
+        judge = train(args.steps, args.seed, labels=labels_for(classes) if args.world else LABELS, failures=failures,
+                      grey=args.grey)
         minutes = round((time.time() - t0) / 60, 1)
         judge.save(args.out)
         info = {"steps": args.steps, "seed": args.seed, "train_minutes": minutes, "world": args.world or "base",
-                "failures_from": args.failures_from,
+                "failures_from": args.failures_from, "grey": args.grey,
                 "parameters": sum(q.numel() for q in judge.parameters()), **report(judge)}
     else:
         judge = Judge.load(args.out)

@@ -67,3 +67,24 @@ def test_the_bench_judges_with_the_judge_it_is_given(tmp_path, monkeypatch):
     assert bench.Bench(tmp_path, judge_path=tmp_path / "j.safetensors").judge == "judge"
     bench.Bench(tmp_path)
     assert loaded == [(tmp_path / "j.safetensors",), ()]
+
+
+def test_a_cached_adapter_trained_otherwise_than_the_defaults_is_refused(tmp_path):
+    """The bench reuses adapters under --work; one left there by an experiment (another schedule) would be measured as
+    if it were the defaults. It is refused, with what differs."""
+    import json
+
+    from mcteach import bench
+    from mcteach.methods import make_method
+
+    lora = make_method("lora")
+    folder = tmp_path / "lora" / "fix" / "koala+hamster"
+    folder.mkdir(parents=True)
+    (folder / "bench_train.json").write_text(json.dumps({"seconds": 1.0, "threads": 1}))
+    steps, batch_size = lora.schedule(2)
+    (folder / "adapter.json").write_text(json.dumps({"training": {"steps": 400, "batch_size": 4, "lr": lora.lr}}))
+    b = bench.Bench(tmp_path)
+    with pytest.raises(ValueError, match=f"steps 400 \\(default {steps}\\), batch_size 4 \\(default {batch_size}\\)"):
+        b.trained("lora", ("koala", "hamster"), regularized=True)
+    (folder / "adapter.json").write_text(json.dumps({"training": {"steps": steps, "batch_size": batch_size, "lr": lora.lr}}))
+    assert b.trained("lora", ("koala", "hamster"), regularized=True) == ([folder], 1.0)

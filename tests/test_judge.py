@@ -195,3 +195,47 @@ def test_finetuning_on_labelled_generated_images_moves_the_judge_towards_them():
     assert tuned.labels == base.labels and base is not tuned
     with pytest.raises(ValueError, match="none of the labels"):
         J.finetune(base, images[:1], ["centre"], ["a label it lacks"], steps=1)
+
+
+def test_a_grey_judge_sees_only_the_luminance_and_pairs_with_a_colour_judge(tmp_path):
+    """The shipped judge is a pair: a colour judge and a grey one (luminance only), their log-probabilities added."""
+    torch.manual_seed(0)
+    colour, grey = J.Judge(widths=(8, 16)).eval(), J.Judge(widths=(8, 16), grey=True).eval()
+    x = torch.rand(3, 3, 64, 64)
+    luma = (x * torch.tensor(J.LUMA)[:, None, None]).sum(1, keepdim=True).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(grey.pool(x), grey.pool(luma))  # colours with the same luminance look alike to it
+    assert not torch.allclose(colour.pool(x), colour.pool(luma))
+    pair = colour.with_shape(grey)
+    expected = colour(x).log_softmax(-1) + grey(x).log_softmax(-1)
+    torch.testing.assert_close(pair(x), expected)
+    assert pair.labels_of(x) == [pair.labels[int(i)] for i in expected.argmax(-1)]
+    assert colour.shape is None and pair.shape is not grey  # copies: the halves are left as they were
+    # kept in one file, both halves and the weight
+    pair2 = colour.with_shape(grey, 0.5)
+    pair2.save(tmp_path / "pair.safetensors")
+    loaded = J.Judge.load(tmp_path / "pair.safetensors")
+    assert loaded.shape is not None and loaded.shape.grey and loaded.shape_weight == 0.5 and not loaded.grey
+    torch.testing.assert_close(loaded.probs(x, "left"), pair2.half().float().probs(x, "left"), atol=1e-3, rtol=1e-2)
+    # what cannot be paired, or fine-tuned as a pair, says so
+    with pytest.raises(ValueError, match="grey judge"):
+        colour.with_shape(colour)
+    with pytest.raises(ValueError, match="same labels"):
+        colour.with_shape(J.Judge(J.LABELS[:-1], widths=(8, 16), grey=True))
+    with pytest.raises(ValueError, match="is a pair"):
+        J.finetune(pair, [Image.new("RGB", (64, 64))], ["centre"], [J.NOTHING], steps=1)
+
+
+def test_a_pair_imprints_new_concepts_in_both_halves():
+    from mcteach.concepts import load_concept
+
+    torch.manual_seed(0)
+    pair = J.Judge(widths=(8, 16)).eval().with_shape(J.Judge(widths=(8, 16), grey=True).eval())
+    koala = load_concept("koala")
+    koala.name = "a koala nobody labelled"
+    wider = pair.with_concepts([koala], copies=2, negatives=32, steps=5)
+    assert wider.labels[-1] == wider.shape.labels[-1] == "a koala nobody labelled"
+    assert wider.probs(koala.images[:2], "centre").shape == (2, len(J.LABELS) + 1)
+
+
+def test_the_shipped_judge_is_a_colour_and_grey_pair(judge):
+    assert judge.shape is not None and judge.shape.grey and not judge.grey and judge.shape_weight == 1.0
