@@ -87,7 +87,8 @@ def test_the_broad_models_labelled_sets_are_whole_and_speak_the_broad_judges_lab
 
 
 def test_the_judges_training_images_are_not_its_test_images():
-    seen = {im.tobytes() for folder in ("calibration_broad", "calibration_broad_mined2", "calibration_broad_full")
+    seen = {im.tobytes() for folder in ("calibration_broad", "calibration_broad_mined2", "calibration_broad_full",
+                                        "calibration_broad_confident")
             for im in cal.load(cal.DEFAULT_SET.parent / folder)[0]}
     for folder in ("calibration_broad_train", "calibration_broad_mined"):
         train, _ = cal.load(cal.DEFAULT_SET.parent / folder)
