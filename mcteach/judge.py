@@ -253,7 +253,8 @@ class Judge(nn.Module):
         return self.labels[i], p.item()
 
     def save(self, path: Path = JUDGE_PATH) -> None:
-        """fp16 safetensors with labels and widths in the metadata, written atomically."""
+        """fp16 safetensors with labels and widths in the metadata (and, for a pair, the grey half's weights under
+        ``shape.`` with its widths and weight), written atomically."""
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in self.state_dict().items()}
         meta = {"labels": json.dumps(self.labels), "widths": json.dumps(self.widths), "grey": json.dumps(self.grey)}
         if self.shape is not None:
