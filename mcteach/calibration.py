@@ -26,6 +26,7 @@ A mined set alone says how the judge does where it doubts; with a labelled rando
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -269,10 +270,11 @@ def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | P
     _, kept = load(mined)
     asked, prompts, seeds = mine_population(classes, per_class, seed)
     index = {s: i for i, s in enumerate(seeds)}
-    if not all(_seed_of(it) in index and prompts[index[_seed_of(it)]] == it.prompt for it in kept):
+    where = [index.get(_seed_of(it)) for it in kept]
+    if any(i is None or prompts[i] != it.prompt for i, it in zip(where, kept)):
         raise ValueError(f"{mined} is not a mine_set of these classes with per_class={per_class}; pass the ones it was "
                          "mined with (--world, --per-class, --seed)")
-    taken = {index[_seed_of(it)] for it in kept}
+    taken = set(where)
     rest = [i for i in range(len(asked)) if i not in taken]
     picked = sorted(random.Random(sample_seed).sample(rest, min(n, len(rest))))
     images = generate(load_pipeline(model, device="cpu"), [prompts[i] for i in picked],
@@ -283,13 +285,19 @@ def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | P
     return items
 
 
+@functools.cache
+def _one_object_captions() -> dict[str, str]:
+    """Every one-object caption of the world (each class and held-out concept at each position) -> its name."""
+    return {world.caption([(e, position)]): e.name for position in ("centre", *world.POSITIONS)
+            for e in world.BROAD_CLASSES + [c for c, _ in world.HELDOUT_CONCEPTS.values()]}
+
+
 def asked_label(item: Item) -> str:
     """The class a one-object prompt asked for ("a fox on the left" -> "fox"), from the world's own captions."""
-    for position in ("centre", *world.POSITIONS):
-        for e in world.BROAD_CLASSES + [c for c, _ in world.HELDOUT_CONCEPTS.values()]:
-            if world.caption([(e, position)]) == item.prompt:
-                return e.name
-    raise ValueError(f"{item.prompt!r} is not a one-object caption of the world")
+    name = _one_object_captions().get(item.prompt)
+    if name is None:
+        raise ValueError(f"{item.prompt!r} is not a one-object caption of the world")
+    return name
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -72,9 +72,6 @@ def test_the_bench_judges_with_the_judge_it_is_given(tmp_path, monkeypatch):
 def test_a_cached_adapter_trained_otherwise_than_the_defaults_is_refused(tmp_path):
     """The bench reuses adapters under --work; one left there by an experiment (another schedule) would be measured as
     if it were the defaults. It is refused, with what differs."""
-    import json
-
-    from mcteach import bench
     from mcteach.methods import make_method
 
     lora = make_method("lora")
