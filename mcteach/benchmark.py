@@ -65,6 +65,23 @@ CEILING_CONCEPTS = ("koala", "croissant")  # the frozen-UNet ceiling (FreeContex
 PRIORS = ({"world_prior": True}, {"world_prior": False}, {"prior_weight": 0.0})
 
 
+#: fresh variants of what the base model draws, none of them in a shipped set or the world (``--concepts variants``):
+#: people the world has, in a skin tone it never drew them in, and a colour, a model or a kind close to a base class.
+#: What a user's own face or pet is for Stable Diffusion 1.5. emoji -> (category, class word)
+VARIANTS = {
+    "\U0001F475\U0001F3FF": ("person", "older woman"), "\U0001F466\U0001F3FD": ("person", "boy"),
+    "\U0001F469\U0001F3FE\u200d\U0001F33E": ("person", "woman farmer"), "\U0001F46E\U0001F3FB": ("person", "police officer"),
+    "\U0001F476\U0001F3FF": ("person", "baby"), "\U0001F34F": ("food", "red apple"), "\U0001F695": ("object", "automobile"),
+    "\U0001F339": ("object", "tulip"), "\U0001F9A7": ("animal", "gorilla"), "\U0001F406": ("animal", "tiger"),
+}
+
+
+def variant_sets(work: Path = DEFAULT_WORK) -> list[Path]:
+    """Render the few-shot set of every one of ``VARIANTS`` under ``work/variants/`` (the same files every time)."""
+    emojis = [(world.Emoji(chars, category), word) for chars, (category, word) in VARIANTS.items()]
+    return [make_concept_set(e, word, Path(work) / "variants" / e.slug) for e, word in emojis]
+
+
 def control_set(name: str, class_word: str, work: Path = DEFAULT_WORK) -> Path:
     """Render a few-shot set of base class ``name`` (class word ``class_word``) under ``work/controls/``."""
     emoji = next((e for e in world.BASE_CLASSES if e.name == name), None)
@@ -135,7 +152,10 @@ def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path
             folder = work / _tag(row["method"], row["settings"]) / row["concept"]
             meta = read_adapter(folder) if row["method"] in METHODS else json.loads((folder / "adapter.json").read_text())
             pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
-            judge_row = judge_for(judge, meta["name"], row.get("folder", row["concept"]))
+            concept = row.get("folder", row["concept"])
+            if "folder" in row and not Path(concept).is_absolute():  # a set rendered under work (variants/rose)
+                concept = work / concept
+            judge_row = judge_for(judge, meta["name"], concept)
             before = (class_scores(pipe, judge_row, meta["class_word"], meta["name"], report.get("seeds", 8))
                       if table == "drift" else None)
             check_base(pipe, meta, folder)
@@ -197,6 +217,8 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
         t0 = time.time()
         concept = control_set(slug, controls[slug], work) if table == "controls" else slug
         row = run_one(method, concept, judge, Path(work), seeds, model, drift=table == "drift", **job_settings)
+        if "folder" in row and Path(row["folder"]).resolve().is_relative_to(Path(work).resolve()):
+            row["folder"] = str(Path(row["folder"]).resolve().relative_to(Path(work).resolve()))  # e.g. variants/rose
         report[table].append(row)
         log(f"{method:18s} {slug:38s} {job_settings or ''} fidelity {row['fidelity']:.2f} position {row['position']:.2f} "
             f"train {row['train_seconds']:.0f} s ({time.time() - t0:.0f} s with scoring)")
@@ -328,7 +350,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mcteach.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", default=None, help="default: all four")
-    p.add_argument("--concepts", nargs="*", default=None, help="default: every folder in data/concepts")
+    p.add_argument("--concepts", nargs="*", default=None,
+                   help="default: every folder in data/concepts; 'variants': the fresh VARIANTS, rendered under --work")
     p.add_argument("--drift-concepts", nargs="*", default=list(DRIFT_CONCEPTS))
     p.add_argument("--controls", nargs="*", default=list(CONTROLS),
                    help=f"base classes for the frozen-UNet control (default {list(CONTROLS)}; none: skip)")
@@ -372,6 +395,8 @@ def main(argv=None) -> None:
         atomic_save(json.dumps(report, indent=1) + "\n", a.out, write_text)
         print(markdown(report))
         return
+    if a.concepts == ["variants"]:
+        a.concepts = [str(folder) for folder in variant_sets(a.work)]
     controls = {name: CONTROLS.get(name, "cat") for name in a.controls}
     i, _, n = a.shard.partition("/")
     if not (i.isdigit() and n.isdigit() and int(i) < int(n)):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,31 @@ def test_none_skips_the_controls_and_the_ceiling(monkeypatch):
     monkeypatch.setattr(benchmark, "markdown", lambda report: "")
     benchmark.main(["--controls", "none", "--ceiling", "none"])
     assert seen == {"controls": {}, "ceiling": []}
+
+
+def test_variants_are_new_to_the_world_and_render_as_few_shot_sets(tmp_path):
+    """The fresh variants: none is a base class or a shipped concept, each starts from a base class word, and
+    ``--concepts variants`` gets a loadable folder of six images for each."""
+    known = {e.chars for e in world.BASE_CLASSES} | {e.chars for e, _ in world.HELDOUT_CONCEPTS.values()}
+    base_names = {e.name for e in world.BASE_CLASSES}
+    assert not known & set(benchmark.VARIANTS)
+    assert all(word in base_names for _, word in benchmark.VARIANTS.values())
+    folders = benchmark.variant_sets(tmp_path)
+    concepts = [load_concept(f) for f in folders]
+    assert len({c.name for c in concepts}) == len(benchmark.VARIANTS)
+    assert not {c.name for c in concepts} & base_names  # the judge learns each from its images (judge_for)
+    assert all(len(c) == 6 and c.class_word in base_names for c in concepts)
+
+
+def test_run_records_a_set_rendered_under_work_relative_to_it(tmp_path, monkeypatch):
+    """A row of a folder under ``work`` (``--concepts variants``) names it relative to ``work``, so the report holds
+    no machine's paths and ``rescore --work`` finds it again; a folder elsewhere keeps its path."""
+    elsewhere = tmp_path / "mine" / "rose"
+    monkeypatch.setattr(benchmark, "run_one", lambda m, slug, judge, *a, drift=False, **kw: {
+        "method": m, "concept": Path(slug).name, "settings": kw, "folder": str(slug), "fidelity": 1.0,
+        "position": 1.0, "train_seconds": 1.0})
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    work = tmp_path / "work"
+    report = benchmark.run(["lora"], [str(work / "variants" / "taxi"), str(elsewhere)], work=work, controls={},
+                           ceiling=(), log=lambda *a: None)
+    assert [r["folder"] for r in report["rows"]] == [str(Path("variants") / "taxi"), str(elsewhere)]
