@@ -750,3 +750,16 @@ def test_the_shipped_adapters_are_the_listed_ones_and_fit_the_shipped_model(pipe
     for kind, name in expected:
         folder = ADAPTERS_DIR / kind / name
         check_base(pipe, read_adapter(folder), folder)
+
+
+def test_denoising_loss_is_repeatable_and_splits_by_timestep(random_pipe):
+    """The same phrase and seed give the same loss; the parts (nearly clean first) average to it; another phrase
+    conditions the UNet differently; a schedule that does not split evenly is refused."""
+    from mcteach.methods import denoising_loss
+
+    total, parts = denoising_loss(random_pipe, "koala", "bear", timesteps=8)
+    assert denoising_loss(random_pipe, "koala", "bear", timesteps=8) == (total, parts)
+    assert len(parts) == 4 and np.isclose(np.mean(parts), total)
+    assert denoising_loss(random_pipe, "koala", "cat", timesteps=8)[0] != total
+    with pytest.raises(ValueError, match="equal parts"):
+        denoising_loss(random_pipe, "koala", "bear", timesteps=10)

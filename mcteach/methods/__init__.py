@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .changes import changes, format_changes, snapshot
 from .dreambooth import DreamBooth
-from .engine import TRAINING_FIX, Method, Regularizers, TrainResult, base_fingerprint, train
+from .engine import TRAINING_FIX, Method, Regularizers, TrainResult, base_fingerprint, denoising_loss, train
 from .hypernetwork import HypernetworkMethod
 from .lora import LoRA
 from .textual_inversion import TextualInversion
@@ -268,7 +268,7 @@ def load_adapters(pipe, folders, weights=None, *, merge: bool = False) -> list[d
 
 
 __all__ = ["TRAINING_FIX", "Regularizers", "METHODS", "Method", "TrainResult", "train", "train_concept", "make_method", "load_adapter",
-           "read_adapter", "shipped_adapter", "export_adapter", "retrain_shipped", "SHIPPED", "load_adapters", "phrases", "base_fingerprint", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
+           "read_adapter", "shipped_adapter", "export_adapter", "retrain_shipped", "SHIPPED", "load_adapters", "phrases", "base_fingerprint", "denoising_loss", "TextualInversion", "HypernetworkMethod", "DreamBooth", "LoRA", "snapshot", "changes",
            "format_changes"]
 
 

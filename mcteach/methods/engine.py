@@ -245,6 +245,34 @@ def training_captions(concept: Concept, phrase: str) -> list[str]:
     return [c.replace(concept.name, phrase) for c in concept.captions or [f"a {concept.name}"] * len(concept)]
 
 
+@torch.no_grad()
+def denoising_loss(pipe, concept: Concept | str | Path, phrase: str, timesteps: int = 48, seed: int = 0,
+                   parts: int = 4) -> tuple[float, list[float]]:
+    """How well ``phrase`` explains a concept's images to ``pipe`` (with whatever adapter it carries): the training
+    loss, made repeatable. Each image (its caption with the concept's name replaced by ``phrase``) is noised at
+    ``timesteps`` evenly spaced t with noise fixed by ``seed``, the same for every phrase; returns the mean squared
+    error of the predicted noise and its mean over ``parts`` equal ranges of t, nearly clean first. For example
+    ``denoising_loss(pipe, "koala", "bear")`` is what the class word already explains, and the same call with
+    "<koala>" on a pipeline carrying the learned word is what training reached."""
+    concept = concept if isinstance(concept, Concept) else load_concept(concept)
+    if timesteps % parts:
+        raise ValueError(f"timesteps ({timesteps}) must split into {parts} equal parts")
+    ex = encode_examples(pipe, concept.images, training_captions(concept, phrase))
+    n, device = len(ex.mean), pipe.unet.device
+    z0 = (ex.mean * ex.scaling_factor).repeat_interleave(timesteps, 0)
+    t = torch.linspace(0, pipe.scheduler.config.num_train_timesteps - 1, timesteps).long().repeat(n)
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    z_t = pipe.scheduler.add_noise(z0, eps, t)
+    ids = ex.input_ids.repeat_interleave(timesteps, 0)
+    errors = []
+    for i in range(0, len(z0), 64):
+        context = pipe.text_encoder(ids[i:i + 64].to(device))[0]
+        pred = pipe.unet(z_t[i:i + 64].to(device, pipe.unet.dtype), t[i:i + 64].to(device), context).sample
+        errors.append((pred.float().cpu() - eps[i:i + 64]).pow(2).mean(dim=(1, 2, 3)))
+    per_t = torch.cat(errors).view(n, timesteps).mean(0)
+    return float(per_t.mean()), [float(x) for x in per_t.view(parts, -1).mean(1)]
+
+
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """The CPU generator of one step: a pure function of (seed, step, rank). The engine uses rank 0 on every
     process: all draw the same global batch (``step_loss``'s ``shard`` picks each one's slice)."""
