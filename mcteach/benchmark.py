@@ -212,7 +212,7 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     report |= {"seeds": seeds, "model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "generation": GEN,
                "torch_threads": torch.get_num_threads()}
     for method, slug, job_settings, table in jobs:
-        if _key({"method": method, "concept": slug, "settings": job_settings}) in done:
+        if _key({"method": method, "concept": Path(str(slug)).name, "settings": job_settings}) in done:  # a folder: its slug
             continue
         t0 = time.time()
         concept = control_set(slug, controls[slug], work) if table == "controls" else slug

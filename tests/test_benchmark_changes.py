@@ -317,3 +317,17 @@ def test_run_records_a_set_rendered_under_work_relative_to_it(tmp_path, monkeypa
     report = benchmark.run(["lora"], [str(work / "variants" / "taxi"), str(elsewhere)], work=work, controls={},
                            ceiling=(), log=lambda *a: None)
     assert [r["folder"] for r in report["rows"]] == [str(Path("variants") / "taxi"), str(elsewhere)]
+
+
+def test_run_skips_a_folder_concept_already_in_the_report(tmp_path, monkeypatch):
+    """Resuming ``--concepts <folders>`` (or ``variants``): a row is keyed by the folder's slug, so it is not trained
+    again."""
+    out, seen = tmp_path / "bench.json", []
+    monkeypatch.setattr(benchmark, "run_one", lambda m, slug, judge, *a, drift=False, **kw: seen.append(slug) or {
+        "method": m, "concept": Path(slug).name, "settings": kw, "folder": str(slug), "fidelity": 1.0,
+        "position": 1.0, "train_seconds": 1.0})
+    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: None))
+    folder = str(tmp_path / "work" / "variants" / "taxi")
+    for _ in range(2):
+        benchmark.run(["lora"], [folder], work=tmp_path / "work", out=out, controls={}, ceiling=(), log=lambda *a: None)
+    assert seen == [folder]
