@@ -218,9 +218,10 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
         t0 = time.time()
         concept = control_set(slug, controls[slug], work) if table == "controls" else slug
         row = run_one(method, concept, judge, Path(work), seeds, model, drift=table == "drift", **job_settings)
-        folder, root = (Path(os.path.abspath(x)) for x in (row.get("folder", ""), work))  # symlinks kept as given
-        if "folder" in row and folder.is_relative_to(root):
-            row["folder"] = str(folder.relative_to(root))  # e.g. variants/rose
+        if "folder" in row:  # a set under work is named relative to it (variants/rose); symlinks kept as given
+            folder, root = Path(os.path.abspath(row["folder"])), Path(os.path.abspath(work))
+            if folder.is_relative_to(root):
+                row["folder"] = str(folder.relative_to(root))
         report[table].append(row)
         log(f"{method:18s} {slug:38s} {job_settings or ''} fidelity {row['fidelity']:.2f} position {row['position']:.2f} "
             f"train {row['train_seconds']:.0f} s ({time.time() - t0:.0f} s with scoring)")

@@ -36,6 +36,7 @@ each half, and an object in the wrong half is simply not seen by the right crop.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -121,8 +122,6 @@ class Judge(nn.Module):
         """This judge with a second opinion: a ``grey`` judge of the same labels (luminance only). Their
         log-probabilities add (a product of experts, the grey one's raised to ``weight``): a label wins where both
         see it. Returns a new judge; ``save`` keeps both."""
-        import copy
-
         if not shape.grey or shape.labels != self.labels or shape.shape is not None:
             raise ValueError("the second opinion must be a grey judge (train --grey) with the same labels, in the "
                              "same order, and no second opinion of its own")
@@ -150,8 +149,6 @@ class Judge(nn.Module):
         the position it was rendered at, else the whole frame) against ``negatives`` renders of the world.
         The row starts from the features' mean direction (weight imprinting, Qi et al. 2018). Labels it
         already has are left as they are; deterministic for a ``seed``. About a second on a CPU."""
-        import copy
-
         new = [c for c in concepts if c.name not in self.labels]
         judge = copy.deepcopy(self).eval()
         if not new:
@@ -192,8 +189,6 @@ class Judge(nn.Module):
     def without(self, labels) -> "Judge":
         """A copy that no longer knows ``labels`` (their head rows dropped, from both halves of a pair): a judge
         blind to a concept, to check that ``with_concepts`` teaches it back."""
-        import copy
-
         drop = set(labels)
         unknown = drop - set(self.labels)
         if unknown:
@@ -555,8 +550,9 @@ def finetune(judge: Judge, images, regions: list[str], labels: list[str], steps:
     judged, the label): each batch is ``share`` labelled images, ``blob_share`` of them "unrecognisable" ones
     (there are few), and the rest the judge's own stream of renders, all augmented alike; AdamW, cosine decay.
     Labels the judge does not have are skipped. Deterministic for a seed. Returns a new judge."""
-    import copy
-
+    if judge.shape is not None:
+        raise ValueError("this judge is a pair (with_shape): fine-tune the colour judge and the grey judge each on its "
+                         "own, then pair them again (python -m mcteach.judge pair)")
     keep = [i for i, label in enumerate(labels) if label in judge.labels]
     if not keep:
         raise ValueError(f"none of the labels {sorted(set(labels))[:5]}... is one of the judge's")
@@ -568,9 +564,6 @@ def finetune(judge: Judge, images, regions: list[str], labels: list[str], steps:
         weights = torch.where(blob, blob_share / int(blob.sum()), (1 - blob_share) / int((~blob).sum()))
     else:
         weights = torch.ones(len(y_all))
-    if judge.shape is not None:
-        raise ValueError("this judge is a pair (with_shape): fine-tune the colour judge and the grey judge each on its "
-                         "own, then pair them again (python -m mcteach.judge pair)")
     judge = copy.deepcopy(judge).train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=0.02)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

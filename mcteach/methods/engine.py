@@ -264,10 +264,9 @@ def denoising_loss(pipe, concept: Concept | str | Path, phrase: str, timesteps: 
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     z_t = pipe.scheduler.add_noise(z0, eps, t)
     ids = ex.input_ids.repeat_interleave(timesteps, 0)
-    errors = []
+    model, errors = Denoiser(pipe.unet, pipe.text_encoder), []
     for i in range(0, len(z0), 64):
-        context = pipe.text_encoder(ids[i:i + 64].to(device))[0]
-        pred = pipe.unet(z_t[i:i + 64].to(device, pipe.unet.dtype), t[i:i + 64].to(device), context).sample
+        pred = model(z_t[i:i + 64].to(device, pipe.unet.dtype), t[i:i + 64].to(device), ids[i:i + 64].to(device))
         errors.append((pred.float().cpu() - eps[i:i + 64]).pow(2).mean(dim=(1, 2, 3)))
     per_t = torch.cat(errors).view(n, timesteps).mean(0)
     return float(per_t.mean()), [float(x) for x in per_t.view(parts, -1).mean(1)]
