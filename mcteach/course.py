@@ -1,8 +1,8 @@
 """Run the course: execute every notebook top to bottom on the embedded model and keep the outputs.
 
-    python -m mcteach.course            # all notebooks, in order
-    python -m mcteach.course 01         # the notebooks whose name starts with 01
-    python -m mcteach.course --sync     # only rewrite every notebook's Colab badge and install cell
+    mcteach course            # all notebooks, in order
+    mcteach course 01         # the notebooks whose name starts with 01
+    mcteach course --sync     # only rewrite every notebook's Colab badge and install cell
 
 Outputs are saved in place (readers see them on GitHub) with noisy metadata stripped
 (execution timestamps, widget state), so re-running with unchanged code gives a small diff.
@@ -16,27 +16,27 @@ install cell are generated from it (``sync``), and a test checks they match.
 
 from __future__ import annotations
 
-import argparse
 import html
 import re
 import sys
 import time
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+from .paths import NOTEBOOKS
+
 REPO_URL = "https://github.com/mcteach/mcteach"
 BRANCH = "main"
 BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 INSTALL_CELL = """\
-REPO = "{repo}"  # written by `python -m mcteach.course --sync` from mcteach.course.REPO_URL
+REPO = "{repo}"  # written by `mcteach course --sync` from mcteach.course.REPO_URL
 import sys, subprocess
 if "google.colab" in sys.modules:  # only on Colab: fetch the course and install it (Colab's GPU torch is kept)
     subprocess.run(f"git clone -q --depth 1 {{REPO}} course && make -C course setup", shell=True, check=True)
     sys.path.insert(0, "course")
     import os; os.chdir("course/notebooks")
 
-import mcteach
-print(mcteach.describe_environment())"""
+from mcteach.sd.pipeline import describe_environment
+print(describe_environment())"""
 TIME_RE = re.compile(r"\*\*Time:\*\* (\d+) s on 2 CPU cores")
 
 
@@ -137,22 +137,18 @@ def run_notebook(path: Path, timeout: int = 1800, stamp: bool = True) -> float:
     return seconds
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mcteach.course", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prefixes", nargs="*", help="run only notebooks whose file name starts with one of these")
-    p.add_argument("--sync", action="store_true", help="only rewrite the Colab badges and install cells")
-    p.add_argument("--no-stamp", action="store_true",
-                   help="keep the headers' times (for a run that shares the CPU with other work)")
-    a = p.parse_args(argv)
+def run(prefixes=(), *, sync_only: bool = False, stamp: bool = True) -> int:
+    """Execute the notebooks whose names start with one of ``prefixes`` (all when empty), in order, outputs kept;
+    ``stamp``: write each one's CPU time into its header and the README's syllabus. ``sync_only``: only rewrite
+    every notebook's Colab badge and install cell."""
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-    if a.prefixes:
-        paths = [q for q in paths if q.name.startswith(tuple(a.prefixes))]
+    if prefixes:
+        paths = [q for q in paths if q.name.startswith(tuple(prefixes))]
     if not paths:
-        print(f"no notebooks match {a.prefixes} in {NOTEBOOKS}", file=sys.stderr)
+        print(f"no notebooks match {list(prefixes)} in {NOTEBOOKS}", file=sys.stderr)
         return 2
-    if a.sync:
-        import nbformat
+    if sync_only:
+        import nbformat  # the notebooks' extra (pip install -e .[notebooks])
 
         for path in paths:
             nb = nbformat.read(path, as_version=4)
@@ -162,14 +158,10 @@ def main(argv=None) -> int:
     times = {}
     for path in paths:
         print(f"{path.name}: running ...", flush=True)
-        times[path.name[:2]] = seconds = run_notebook(path, stamp=not a.no_stamp)
+        times[path.name[:2]] = seconds = run_notebook(path, stamp=stamp)
         print(f"{path.name}: done in {seconds:.0f} s", flush=True)
-    if not a.no_stamp:
+    if stamp:
         stamp_readme(times)
-    print(f"total {sum(times.values()) / 60:.1f} min" + ("" if a.no_stamp else "; times written into the headers "
-                                                         "and the README's syllabus"), flush=True)
+    print(f"total {sum(times.values()) / 60:.1f} min" + ("; times written into the headers and the README's syllabus"
+                                                         if stamp else ""), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,8 +68,6 @@ def show_images(images, titles=None, ncols: int | None = None, size: float = 1.8
 
 def show_attention(image, attn_map, ax=None, title: str | None = None, alpha: float = 0.55, cmap: str = "jet"):
     """Overlay one attention map (h x w, any resolution) on ``image``, upsampled to its size."""
-    import matplotlib.pyplot as plt
-
     ax = show_image(image, ax=ax, title=title)
     a = to_array(image)
     m = torch.as_tensor(np.asarray(attn_map, dtype=np.float32))[None, None]

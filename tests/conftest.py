@@ -11,9 +11,10 @@ matplotlib.use("Agg")
 @pytest.fixture(scope="session")
 def random_pipe():
     """The tiny architecture with random weights (seeded): for unit tests that need no training."""
-    from mcteach import pretrain, tiny, world
+    from mcteach.sd import pretrain, tiny
+    from mcteach.world import regions, scenes
 
-    tokenizer = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+    tokenizer = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, seed=0)
     pipe = pretrain.assemble(tokenizer, vae, text_encoder, unet)
     pipe.set_progress_bar_config(disable=True)
@@ -23,7 +24,7 @@ def random_pipe():
 @pytest.fixture(scope="session")
 def pipe():
     """The embedded model shipped in data/tiny-sd, on CPU."""
-    from mcteach import load_pipeline
+    from mcteach.sd.pipeline import load_pipeline
 
     return load_pipeline(device="cpu")
 

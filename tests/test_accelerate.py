@@ -43,10 +43,11 @@ def train_lora(out):
     BATCH; the main process writes out/run.json (losses, number of processes) beside the adapter."""
     from accelerate import Accelerator
 
-    from mcteach import pretrain, tiny, world
-    from mcteach.methods import train_concept
+    from mcteach.methods.catalog import train_concept
+    from mcteach.sd import pretrain, tiny
+    from mcteach.world import regions, scenes
 
-    tokenizer = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+    tokenizer = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, seed=0)
     pipe = pretrain.assemble(tokenizer, vae, text_encoder, unet)
     accelerator = Accelerator()
@@ -110,7 +111,7 @@ def test_two_processes_train_the_weights_of_one(tmp_path):
 def test_a_batch_that_does_not_split_is_refused(random_pipe, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from mcteach.methods import train_concept
+    from mcteach.methods.catalog import train_concept
 
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
     with pytest.raises(ValueError, match="batch_size 3 does not split over 2 processes"):

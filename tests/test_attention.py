@@ -3,8 +3,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from mcteach import generate, tiny, world
-from mcteach.attention import AttentionStore, prompt_tokens, record_attention, token_indices
+from mcteach.sd import tiny
+from mcteach.sd.attention import AttentionStore, prompt_tokens, record_attention, token_indices
+from mcteach.sd.pipeline import generate
+from mcteach.world import regions, scenes
 
 PROMPT = "a cat on the left and a dog on the right"
 
@@ -79,7 +81,7 @@ def test_foreign_processors_are_not_silently_replaced(random_pipe):
 @pytest.mark.slow
 def test_recording_on_sd15_architecture():
     """Full-size SD 1.5 UNet (random weights): same maps API, same outputs as the default processor."""
-    tok = tiny.build_tokenizer(world.vocabulary_words())
+    tok = tiny.build_tokenizer(scenes.vocabulary_words())
     _, text_encoder, unet, _ = tiny.build_components(tok, architecture="sd15")
     assert sum(p.numel() for p in unet.parameters()) > 8e8
     ids = tok(["", PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mcteach import calibration as cal
-from mcteach import world
-from mcteach.judge import Judge
+from mcteach.measure import calibration as cal
+from mcteach.measure.judge import Judge
+from mcteach.world import regions, scenes
 
 
 def blob(seed: int) -> Image.Image:
@@ -24,7 +24,7 @@ def labelled():
     names = ["fox", "cat", "panda", "woman", "red apple", "rocket"]
     images, items = [], []
     for i, n in enumerate(names):
-        images.append(world.render_scene([(world.EMOJI[n], "left")], seed=i).image)
+        images.append(scenes.render_scene([(scenes.EMOJI[n], "left")], seed=i).image)
         items.append(cal.Item("", "left", n, "render", f"a {n} on the left"))
     for i in range(6):
         images.append(blob(i))
@@ -75,11 +75,11 @@ def test_the_shipped_calibration_set_is_the_shipped_models_and_the_judge_agrees_
                                        ("calibration_broad_mined", 192), ("calibration_broad_mined2", 200)])
 def test_the_broad_models_labelled_sets_are_whole_and_speak_the_broad_judges_labels(folder, n):
     """The hand labels of the new model's images: every label one a broad-world judge can give, some of each kind."""
-    from mcteach.judge import labels_for
+    from mcteach.measure.judge import labels_for
 
     images, items = cal.load(cal.DEFAULT_SET.parent / folder)
     assert len(images) == len(items) == n and all(im.size == (64, 64) for im in images)
-    allowed = set(labels_for(world.BROAD_CLASSES))
+    allowed = set(labels_for(scenes.BROAD_CLASSES))
     assert {it.label for it in items} <= allowed
     assert sum(it.label == cal.UNRECOGNISABLE for it in items) >= 10
     assert {it.region for it in items} == {"centre", "left", "right", "top", "bottom"}
@@ -109,7 +109,7 @@ def test_the_broad_judge_against_the_eye_on_the_new_models_images():
 
 
 def test_mining_keeps_the_images_the_judge_doubts_most(tmp_path):
-    classes = [world.EMOJI[n] for n in ("fox", "rocket", "red apple")]
+    classes = [scenes.EMOJI[n] for n in ("fox", "rocket", "red apple")]
     items = cal.mine_set(tmp_path, classes=classes, per_class=2, keep=3, seed=7)
     images, again = cal.load(tmp_path)
     assert [vars(i) for i in again] == [vars(i) for i in items] and len(images) == 3
@@ -131,10 +131,10 @@ def test_the_next_models_full_set_covers_base_and_adapters_and_the_broad_judge_a
     LoRA with the inference fix, each half), 200 labelled by eye. Measured with the shipped judge at tau 0: base
     118/120, LoRA 16/16, TI 16/16, HN 14/16, LoRA + inference fix 20/32 (it calls the fix's noisy women
     unrecognisable)."""
-    from mcteach.judge import labels_for
+    from mcteach.measure.judge import labels_for
 
     images, items = cal.load(cal.DEFAULT_SET.parent / "calibration_broad_full")
-    assert len(items) == 200 and {it.label for it in items} <= set(labels_for(world.BROAD_CLASSES))
+    assert len(items) == 200 and {it.label for it in items} <= set(labels_for(scenes.BROAD_CLASSES))
     sources = {it.source.split(" (")[0] for it in items}
     assert sources == {"base", "lora", "textual_inversion", "hypernetwork", "lora+inference fix"}
     judge = Judge.load()
@@ -145,7 +145,7 @@ def test_the_next_models_full_set_covers_base_and_adapters_and_the_broad_judge_a
 
 
 def test_a_sample_of_what_a_mine_left_out_and_the_stratified_by_eye_rate(tmp_path):
-    classes = [world.EMOJI[n] for n in ("fox", "rocket", "red apple")]
+    classes = [scenes.EMOJI[n] for n in ("fox", "rocket", "red apple")]
     mined = cal.mine_set(tmp_path / "mined", classes=classes, per_class=2, keep=3, seed=7)
     sample = cal.sample_rest(tmp_path / "rest", tmp_path / "mined", n=2, classes=classes, per_class=2, seed=7)
     _, prompts, seeds = cal.mine_population(classes, per_class=2, seed=7)

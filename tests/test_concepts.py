@@ -5,31 +5,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcteach import world
-from mcteach.concepts import (
-    CONCEPTS_DIR,
-    ConceptError,
-    list_concepts,
-    load_concept,
-    make_concept_sets,
-)
+from mcteach.world import regions, scenes
+from mcteach.world.concepts import CONCEPTS_DIR, ConceptError, list_concepts, load_concept, make_concept_sets
 
-BASE_NAMES = {e.name for e in world.BASE_CLASSES}
+BASE_NAMES = {e.name for e in scenes.BASE_CLASSES}
 
 
 def test_every_held_out_concept_is_shipped():
-    assert list_concepts() == sorted(world.HELDOUT_CONCEPTS)
+    assert list_concepts() == sorted(scenes.HELDOUT_CONCEPTS)
 
 
-@pytest.mark.parametrize("slug", sorted(world.HELDOUT_CONCEPTS))
+@pytest.mark.parametrize("slug", sorted(scenes.HELDOUT_CONCEPTS))
 def test_shipped_set(slug):
     c = load_concept(slug)
-    emoji, class_word = world.HELDOUT_CONCEPTS[slug]
+    emoji, class_word = scenes.HELDOUT_CONCEPTS[slug]
     assert (c.slug, c.name, c.class_word, c.category) == (
         slug, emoji.name, class_word, emoji.category
     )
-    assert emoji.chars not in {e.chars for e in world.BASE_CLASSES}
-    assert c.class_word in world.EMOJI and c.class_word in BASE_NAMES
+    assert emoji.chars not in {e.chars for e in scenes.BASE_CLASSES}
+    assert c.class_word in scenes.EMOJI and c.class_word in BASE_NAMES
     assert 4 <= len(c) <= 8 and len(c.masks) == len(c.captions) == len(c)
     for im, mask, cap in zip(c.images, c.masks, c.captions):
         assert im.mode == "RGB" and im.size == (64, 64)
@@ -42,7 +36,7 @@ def test_shipped_set(slug):
         assert cap.startswith(f"a {c.name}")
     assert 0.05 < np.mean(c.masks) < 0.6
     positions = {entry["position"] for entry in _meta(slug)["images"]}
-    assert positions == set(world.POSITIONS)
+    assert positions == set(regions.POSITIONS)
 
 
 def _meta(slug):
@@ -213,7 +207,7 @@ def test_own_concept_writes_its_card_and_refuses_too_few_photos(tmp_path):
 
     from PIL import Image
 
-    from mcteach.concepts import ConceptError, own_concept
+    from mcteach.world.concepts import ConceptError, own_concept
 
     folder = tmp_path / "my_dog"
     folder.mkdir()

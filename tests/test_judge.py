@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mcteach import judge as J
-from mcteach import world
+from mcteach.measure import judge as J
+from mcteach.world import regions, scenes
 
-E = world.EMOJI
+E = scenes.EMOJI
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def judge():
 
 def test_labels_cover_every_class_unrecognisable_and_nothing(judge):
     assert judge.labels == J.LABELS
-    assert len(judge.labels) == len(world.BASE_CLASSES) + len(world.HELDOUT_CONCEPTS) + 2
+    assert len(judge.labels) == len(scenes.BASE_CLASSES) + len(scenes.HELDOUT_CONCEPTS) + 2
     assert judge.labels[-2:] == [J.UNRECOGNISABLE, "nothing"]
 
 
@@ -27,7 +27,7 @@ def test_accuracy_on_fresh_renders(judge):
     images, positions, labels = J.batch("test", 0, 0, 100)
     pred = judge.probs(images, positions).argmax(-1)
     assert (pred == labels).float().mean() >= 0.9
-    assert set(positions) == set(world.POSITIONS)
+    assert set(positions) == set(regions.POSITIONS)
     # blurred, noisy, shifted like a generator's output
     blurred = J.augment(images, torch.Generator().manual_seed(0))
     assert (judge.probs(blurred, positions).argmax(-1) == labels).float().mean() >= 0.85
@@ -35,22 +35,22 @@ def test_accuracy_on_fresh_renders(judge):
 
 def test_empty_background_is_nothing(judge):
     blank = Image.new("RGB", (64, 64), (200, 220, 240))
-    for pos in world.POSITIONS:
+    for pos in regions.POSITIONS:
         assert judge.classify(blank, pos)[0] == "nothing"
-    scene = world.render_scene([(E["cat"], "top")], seed=3)
+    scene = scenes.render_scene([(E["cat"], "top")], seed=3)
     assert judge.classify(scene.image, "bottom")[0] == "nothing"
 
 
 def test_two_object_scene(judge):
-    scene = world.render_scene([(E["fox"], "left"), (E["red apple"], "right")], seed=12345)
+    scene = scenes.render_scene([(E["fox"], "left"), (E["red apple"], "right")], seed=12345)
     label, p = judge.classify(scene.image, "left")
     assert label == "fox" and p > 0.5
     assert judge.classify(scene.image, "right")[0] == "red apple"
 
 
 def test_probs_shape_sum_and_input_types_agree(judge):
-    scenes = [world.random_scene(10_000 + i) for i in range(4)]
-    pil = [s.image for s in scenes]
+    drawn = [scenes.random_scene(10_000 + i) for i in range(4)]
+    pil = [s.image for s in drawn]
     tensor = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in pil])).permute(0, 3, 1, 2)
     positions = ["left", "top", "centre", "right"]
     a, b = judge.probs(pil, positions), judge.probs(tensor, positions)
@@ -63,8 +63,8 @@ def test_probs_shape_sum_and_input_types_agree(judge):
 
 
 def test_bad_inputs_raise_helpful_errors(judge):
-    image = world.random_scene(0).image
-    with pytest.raises(ValueError, match="unknown position"):
+    image = scenes.random_scene(0).image
+    with pytest.raises(ValueError, match="unknown region"):
         judge.probs([image], "middle")
     with pytest.raises(ValueError, match="64x64"):
         judge.classify(image.resize((32, 32)), "left")
@@ -75,7 +75,7 @@ def test_bad_inputs_raise_helpful_errors(judge):
 
 
 def test_missing_file_says_how_to_train(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m mcteach.judge train"):
+    with pytest.raises(FileNotFoundError, match="mcteach judge train"):
         J.Judge.load(tmp_path / "nope.safetensors")
 
 
@@ -99,7 +99,7 @@ def test_crops_have_native_region_shapes():
             seen[tuple(crops.shape[2:])] = True
             return super().forward(crops)
 
-    Spy(widths=(8,)).eval().region_logits(torch.rand(5, 3, 64, 64), list(world.POSITIONS))
+    Spy(widths=(8,)).eval().region_logits(torch.rand(5, 3, 64, 64), list(regions.POSITIONS))
     assert set(seen) == {(64, 32), (32, 64), (64, 64)}
 
 
@@ -107,11 +107,11 @@ def test_sample_example_is_deterministic_and_nothing_means_an_empty_region():
     a, b = J.sample_example(random.Random(7)), J.sample_example(random.Random(7))
     assert a[1:] == b[1:] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
     images, positions, labels = J.batch("train", 0, 0, 200)
-    assert images.shape == (200, 3, 64, 64) and set(positions) == set(world.POSITIONS)
+    assert images.shape == (200, 3, 64, 64) and set(positions) == set(regions.POSITIONS)
     nothing = J.LABELS.index("nothing")
     assert 5 < (labels == nothing).sum() < 50
     for image, pos, label in zip(images, positions, labels):
-        x0, y0, x1, y1 = world.region_box(pos)
+        x0, y0, x1, y1 = regions.region_box(pos, 64)
         empty = image[:, y0:y1, x0:x1].flatten(1).std(1).max() == 0  # one flat colour
         assert empty == (label == nothing)
 
@@ -128,13 +128,13 @@ def test_augment_keeps_range_and_blur_with_zero_sigma_is_identity():
 
 
 def test_a_judge_for_the_broad_world_trains_on_its_own_labels():
-    from mcteach import judge as J
-    from mcteach import world
+    from mcteach.measure import judge as J
+    from mcteach.world import regions, scenes
 
-    labels = J.labels_for(world.BROAD_CLASSES)
-    assert len(labels) == len(world.BROAD_CLASSES) + len(world.HELDOUT_CONCEPTS) + 2 and labels[-1] == J.NOTHING
+    labels = J.labels_for(scenes.BROAD_CLASSES)
+    assert len(labels) == len(scenes.BROAD_CLASSES) + len(scenes.HELDOUT_CONCEPTS) + 2 and labels[-1] == J.NOTHING
     assert J.UNRECOGNISABLE in labels and labels == J.LABELS  # the shipped model's world
-    assert J.UNRECOGNISABLE not in J.labels_for(world.CLASSIC_CLASSES, unrecognisable=False)  # the first judge's
+    assert J.UNRECOGNISABLE not in J.labels_for(scenes.CLASSIC_CLASSES, unrecognisable=False)  # the first judge's
     images, positions, targets = J.batch("train", 0, 0, 16, labels)
     assert images.shape == (16, 3, 64, 64) and int(targets.max()) < len(labels)
     # the default stream is the shipped judge's labels
@@ -147,18 +147,18 @@ def test_a_judge_for_the_broad_world_trains_on_its_own_labels():
 def test_every_blob_kind_is_a_deterministic_defaced_render(kind):
     """An "unrecognisable" example keeps a render's colours in its region but not its shape."""
     for position in ("centre", "left", "bottom"):
-        a = J.blob(world.BROAD_CLASSES, position, random.Random(3), kind)
-        b = J.blob(world.BROAD_CLASSES, position, random.Random(3), kind)
+        a = J.blob(scenes.BROAD_CLASSES, position, random.Random(3), kind)
+        b = J.blob(scenes.BROAD_CLASSES, position, random.Random(3), kind)
         assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
         x = np.asarray(a, dtype=np.float32)
-        x0, y0, x1, y1 = world.region_box(position)
+        x0, y0, x1, y1 = regions.region_box(position, 64)
         assert x[y0:y1, x0:x1].std() > 5  # something is there, not a blank background
     with pytest.raises(ValueError, match="unknown blob kind"):
-        J.blob(world.BROAD_CLASSES, "centre", random.Random(0), "melt")
+        J.blob(scenes.BROAD_CLASSES, "centre", random.Random(0), "melt")
 
 
 def test_a_judge_with_the_unrecognisable_label_sees_blobs_in_its_stream():
-    labels = J.labels_for(world.BROAD_CLASSES)
+    labels = J.labels_for(scenes.BROAD_CLASSES)
     _, _, targets = J.batch("train", 0, 0, 300, labels)
     share = float((targets == labels.index(J.UNRECOGNISABLE)).float().mean())
     assert 0.05 < share < 0.16  # p_blob = 0.1
@@ -173,7 +173,7 @@ def test_a_failure_bank_holds_unfinished_generations_and_feeds_the_unrecognisabl
     assert not torch.equal(bank, finished)
     left = np.asarray(J.failure_example(bank, "left", random.Random(0)), dtype=int)
     assert left[:, 32:].std(axis=(0, 1)).max() == 0  # shrunk into the left half: the right half is plain
-    labels = J.labels_for(world.BROAD_CLASSES)
+    labels = J.labels_for(scenes.BROAD_CLASSES)
     unrec = labels.index(J.UNRECOGNISABLE)
     with_bank = J.batch("train", 0, 0, 200, labels, failures=bank)[2]
     without = J.batch("train", 0, 0, 200, labels)[2]
@@ -182,11 +182,11 @@ def test_a_failure_bank_holds_unfinished_generations_and_feeds_the_unrecognisabl
 
 def test_finetuning_on_labelled_generated_images_moves_the_judge_towards_them():
     """A handful of hand-labelled images (here: blobs labelled unrecognisable) in every batch shift the judge."""
-    labels = J.labels_for(world.BROAD_CLASSES)
+    labels = J.labels_for(scenes.BROAD_CLASSES)
     base = J.train(steps=2, batch_size=8, labels=labels)
     from test_calibration import blob as smooth_blob
 
-    images = [smooth_blob(i) for i in range(4)] + [world.render_scene([(world.EMOJI["fox"], "left")], seed=0).image]
+    images = [smooth_blob(i) for i in range(4)] + [scenes.render_scene([(scenes.EMOJI["fox"], "left")], seed=0).image]
     regions, said = ["centre"] * 4 + ["left"], [J.UNRECOGNISABLE] * 4 + ["fox"]
     tuned = J.finetune(base, images, regions, said, steps=30, batch_size=16, lr=3e-3)
     unrec = labels.index(J.UNRECOGNISABLE)
@@ -226,7 +226,7 @@ def test_a_grey_judge_sees_only_the_luminance_and_pairs_with_a_colour_judge(tmp_
 
 
 def test_a_pair_imprints_new_concepts_in_both_halves():
-    from mcteach.concepts import load_concept
+    from mcteach.world.concepts import load_concept
 
     torch.manual_seed(0)
     pair = J.Judge(widths=(8, 16)).eval().with_shape(J.Judge(widths=(8, 16), grey=True).eval())

@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from mcteach import generate
-from mcteach.attention import record_attention
-from mcteach.masking import (INFERENCE_FIX, NO_FIX, Fix, Region, RegionError, RegionMasker, make_masker, masks_at,
-                             region_masks, regional_generate, sub_prompt)
+from mcteach.mixing.generate import regional_generate
+from mcteach.mixing.masking import NO_FIX, AttentionMasks, Region, RegionMasker, make_masker
+from mcteach.mixing.passes import INFERENCE_FIX, RegionPasses, sub_prompt
+from mcteach.sd.attention import record_attention
+from mcteach.sd.pipeline import generate
+from mcteach.world.regions import RegionError, masks_at, region_masks
 
 PROMPT = "a cat on the left and a dog on the right"
 REGIONS = [Region("left", "a cat"), Region("right", "a dog")]
@@ -26,7 +28,7 @@ def test_named_regions_boxes_and_masks_at_every_unet_resolution():
 
 @pytest.mark.parametrize("specs, match", [
     ([], "no regions"),
-    (["middle"], "neither a name"),
+    (["middle"], "unknown region"),
     (["0.5,0,1.5,1"], "out of range"),
     (["0.6,0,0.4,1"], "out of range"),
     ([np.zeros((8, 8))], "all zero"),
@@ -40,9 +42,9 @@ def test_bad_regions_are_clear_errors(specs, match):
 
 def test_fix_settings_are_checked():
     with pytest.raises(ValueError, match="cross mode"):
-        Fix(cross="everything")
+        AttentionMasks(cross="everything")
     with pytest.raises(ValueError, match="steps"):
-        Fix(steps=(0.5, 0.2))
+        AttentionMasks(steps=(0.5, 0.2))
 
 
 def test_no_fix_is_bit_identical_to_the_default_processor(random_pipe):
@@ -53,7 +55,7 @@ def test_no_fix_is_bit_identical_to_the_default_processor(random_pipe):
 
 
 def test_a_masked_token_gets_zero_attention_outside_its_region(random_pipe):
-    fix = Fix(cross="tokens", self_attention=False, bind_adapters=False)
+    fix = AttentionMasks(cross="tokens", self_attention=False, bind_adapters=False)
     with record_attention(random_pipe) as store:
         regional_generate(random_pipe, PROMPT, REGIONS, fix=fix, seed=0, steps=2)
     cat, dog = 2, 8  # token positions ("<start> a cat on ...")
@@ -66,7 +68,7 @@ def test_a_masked_token_gets_zero_attention_outside_its_region(random_pipe):
 
 
 def test_regional_prompts_read_only_their_own_sub_prompt(random_pipe):
-    fix = Fix(cross="regional", self_attention=False, bind_adapters=False)
+    fix = AttentionMasks(cross="regional", self_attention=False, bind_adapters=False)
     with record_attention(random_pipe) as store:
         regional_generate(random_pipe, PROMPT, REGIONS, fix=fix, seed=0, steps=2)
     for name, m in store.layer_maps().items():  # (1, N, 3T): global | left's | right's
@@ -77,7 +79,7 @@ def test_regional_prompts_read_only_their_own_sub_prompt(random_pipe):
 
 
 def test_self_attention_masking_removes_the_cross_region_mass(random_pipe):
-    fix = Fix(cross="none", self_attention=True, bind_adapters=False)
+    fix = AttentionMasks(cross="none", self_attention=True, bind_adapters=False)
     with record_attention(random_pipe, self_attention=True) as store:
         regional_generate(random_pipe, PROMPT, REGIONS, fix=fix, seed=0, steps=2)
     for m in store.layer_maps(cross=False).values():  # (1, N, N)
@@ -89,7 +91,7 @@ def test_self_attention_masking_removes_the_cross_region_mass(random_pipe):
 
 
 def test_masks_act_only_in_their_timestep_range(random_pipe):
-    masker = make_masker(random_pipe, PROMPT, REGIONS, Fix(steps=(0.0, 0.3)))
+    masker = make_masker(random_pipe, PROMPT, REGIONS, AttentionMasks(steps=(0.0, 0.3)))
     like = torch.zeros(1)
     masker.progress = 0.1
     assert masker.bias("x", 256, 96, 2, True, like) is not None
@@ -100,7 +102,7 @@ def test_masks_act_only_in_their_timestep_range(random_pipe):
 def test_a_phrase_missing_from_the_prompt_is_a_clear_error(random_pipe):
     with pytest.raises(ValueError, match="not in the prompt"):
         regional_generate(random_pipe, PROMPT, [Region("left", "a fox"), Region("right", "a dog")],
-                          fix=Fix(cross="tokens"), steps=1)
+                          fix=AttentionMasks(cross="tokens"), steps=1)
 
 
 def test_lora_binding_confines_the_update_to_its_region(random_pipe):
@@ -109,8 +111,8 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
     attention, which the other parts of the fix address)."""
     import copy
 
-    from mcteach.masking import bind_lora
     from mcteach.methods.lora import lora_config
+    from mcteach.mixing.masking import bind_lora
 
     pipe = copy.deepcopy(random_pipe)
     pipe.unet.add_adapter(lora_config(4, 4, ["to_q", "to_out.0", "proj_in"]), adapter_name="a")
@@ -118,7 +120,7 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
         for n, p in pipe.unet.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    masker = make_masker(pipe, PROMPT, [Region("left", "a cat", adapter="a")], Fix(cross="none", self_attention=False))
+    masker = make_masker(pipe, PROMPT, [Region("left", "a cat", adapter="a")], AttentionMasks(cross="none", self_attention=False))
     block = pipe.unet.down_blocks[0].attentions[0]
     x = torch.randn(2, block.proj_in.base_layer.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     tokens = torch.randn(2, 256, block.transformer_blocks[0].attn1.to_q.base_layer.in_features)
@@ -145,11 +147,12 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
 def test_masks_on_an_sd15_size_unet():
     """SD 1.5's UNet from config (random weights), 32x32 latents: an inactive masker changes nothing, bit for bit;
     the masks act at every resolution (32, 16, 8, 4) and cost little."""
-    from mcteach import tiny, world
-    from mcteach.attention import with_parts
-    from mcteach.bench import processor_timing
+    from mcteach.bench.mixing import processor_timing
+    from mcteach.sd import tiny
+    from mcteach.sd.attention import with_parts
+    from mcteach.world import regions, scenes
 
-    tok = tiny.build_tokenizer(world.vocabulary_words())
+    tok = tiny.build_tokenizer(scenes.vocabulary_words())
     unet = tiny.build_components(tok, architecture="sd15")[2].eval()
     unet.register_to_config(sample_size=32)
     g = torch.Generator().manual_seed(0)
@@ -157,7 +160,7 @@ def test_masks_on_an_sd15_size_unet():
     masks = region_masks(["left", "right"], 128)
     with torch.no_grad():
         ref = unet(z, 500, ctx).sample
-        masker = RegionMasker(masks, Fix("tokens", True, False), spans=[[2], [8]], eot=list(range(12, 77)), chunk=77)
+        masker = RegionMasker(masks, AttentionMasks("tokens", True, False), spans=[[2], [8]], eot=list(range(12, 77)), chunk=77)
         masker.progress = 2.0  # outside its steps: inactive
         previous = with_parts(unet, masker=masker)
         same = unet(z, 500, ctx).sample
@@ -176,11 +179,11 @@ def test_masks_on_an_sd15_size_unet():
 def test_masks_compose_with_a_hypernetwork_and_textual_inversion(random_pipe):
     import copy
 
-    from mcteach.methods.hypernetwork import Hypernetwork, HypernetworkProcessor, attach, context_dims
+    from mcteach.methods.hypernetwork import HypernetworkLayers, HypernetworkProcessor, attach, context_dims
     from mcteach.methods.textual_inversion import add_placeholder
 
     pipe = copy.deepcopy(random_pipe)
-    hn = Hypernetwork(context_dims(pipe))
+    hn = HypernetworkLayers(context_dims(pipe))
     for p in hn.parameters():
         p.data.normal_(0, 0.1)
     attach(pipe, hn)
@@ -190,7 +193,7 @@ def test_masks_compose_with_a_hypernetwork_and_textual_inversion(random_pipe):
     plain = generate(pipe, prompt, seed=0, steps=2)[0]
     same = regional_generate(pipe, prompt, regions, fix=NO_FIX, seed=0, steps=2)[0]
     assert np.array_equal(np.asarray(plain), np.asarray(same))  # the hypernetwork still rewrites, nothing else
-    for fix in (Fix("tokens", True, False), Fix("regional", True, False), Fix("none", False, False, passes=True,
+    for fix in (AttentionMasks("tokens", True, False), AttentionMasks("regional", True, False), RegionPasses(
                                                                               bootstrap=0.5, recentre=True)):
         out = regional_generate(pipe, prompt, regions, fix=fix, seed=0, steps=2)[0]
         assert not np.array_equal(np.asarray(plain), np.asarray(out)), fix
@@ -200,16 +203,16 @@ def test_masks_compose_with_a_hypernetwork_and_textual_inversion(random_pipe):
 def test_region_passes_with_one_full_region_are_a_plain_generation(random_pipe):
     """One region covering the image: the passes reduce to the pipeline's own loop (up to float rounding)."""
     plain = generate(random_pipe, "a cat", seed=3, steps=3)[0]
-    fix = Fix("none", False, False, passes=True, bootstrap=0.5, recentre=True)
+    fix = RegionPasses(bootstrap=0.5, recentre=True)
     one = regional_generate(random_pipe, "a cat", [Region((0, 0, 1, 1), "a cat")], fix=fix, seed=3, steps=3)[0]
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
 
 
 def test_region_passes_scale_the_guidance_by_the_fix(random_pipe):
-    """``Fix.pass_guidance`` scales each pass's guidance: one full region at 0.6 of 5 is the pipeline at 3, not 5."""
+    """``AttentionMasks.pass_guidance`` scales each pass's guidance: one full region at 0.6 of 5 is the pipeline at 3, not 5."""
     at3 = generate(random_pipe, "a cat", seed=3, steps=3, guidance_scale=3.0)[0]
     at5 = generate(random_pipe, "a cat", seed=3, steps=3, guidance_scale=5.0)[0]
-    fix = Fix("none", False, False, passes=True, pass_guidance=0.6)
+    fix = RegionPasses(pass_guidance=0.6)
     one = regional_generate(random_pipe, "a cat", [Region((0, 0, 1, 1), "a cat")], fix=fix, seed=3, steps=3,
                             guidance_scale=5.0)[0]
     assert np.abs(np.asarray(at3, dtype=int) - np.asarray(one, dtype=int)).max() <= 2
@@ -224,11 +227,11 @@ def test_sub_prompts_name_the_place_unless_the_passes_are_recentred():
     assert sub_prompt("tkb man", "bottom") == "a tkb man at the bottom"
     assert sub_prompt("cpd woman", "middle-third") == "a cpd woman"  # in no half: no words
     assert sub_prompt("cpd woman", "0.4,0.4,0.6,0.6") == "a cpd woman"
-    assert sub_prompt("cpd woman", "left", Fix("none", False, False, passes=True, recentre=True)) == "a cpd woman"
+    assert sub_prompt("cpd woman", "left", RegionPasses(recentre=True)) == "a cpd woman"
 
 
 def test_command_line_regions():
-    from mcteach.__main__ import parse_region
+    from mcteach.cli import parse_region
 
     metas = [{"concept": "w", "phrase": "cpd woman", "adapter_name": "w"}, {"concept": "m", "phrase": "tkb man",
                                                                              "adapter_name": "m"}]
@@ -238,15 +241,15 @@ def test_command_line_regions():
     assert r.where == (0.5, 0.0, 1.0, 1.0) and r.adapter == "m"
     with pytest.raises(ValueError, match="PLACE=SUB-PROMPT"):
         parse_region("left", metas)
-    with pytest.raises(RegionError, match="neither a name"):
+    with pytest.raises(RegionError, match="unknown region"):
         parse_region("middle=a cat", metas)
 
 
 def test_command_line_two_adapters_with_the_fix(tmp_path, capsys):
     from PIL import Image
 
-    from mcteach.__main__ import main
-    from mcteach.methods import ADAPTERS_DIR
+    from mcteach.cli import main
+    from mcteach.paths import ADAPTERS_DIR
 
     a, b = (str(ADAPTERS_DIR / "lora" / s) for s in ("woman_with_red_hair_and_medium_skin",
                                                       "man_with_curly_hair_and_light_skin"))
@@ -262,7 +265,7 @@ def test_command_line_two_adapters_with_the_fix(tmp_path, capsys):
 
 
 def test_overlapping_regions_are_refused_but_a_thin_shared_edge_is_not():
-    from mcteach.masking import RegionError, region_masks
+    from mcteach.world.regions import RegionError, region_masks
 
     with pytest.raises(RegionError, match="overlap on .* trim the boxes"):
         region_masks(["left", "0.4,0,1,1"])  # shares a fifth of the right box with the left half

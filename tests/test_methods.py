@@ -18,12 +18,14 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from packaging.version import Version
 from PIL import Image
 
-from mcteach import sd, world
-from mcteach.concepts import Concept, ConceptError, load_concept
-from mcteach.methods import METHODS, engine, hypernetwork, load_adapter, lora, train_concept
-from mcteach.methods import ceiling, dreambooth
+from mcteach.methods import ceiling, dreambooth, engine, hypernetwork, lora
+from mcteach.methods.adapters import load_adapter
+from mcteach.methods.catalog import METHODS, train_concept
 from mcteach.methods.dreambooth import DreamBooth, class_prompts
 from mcteach.methods.textual_inversion import add_placeholder
+from mcteach.sd import parts
+from mcteach.world import regions, scenes
+from mcteach.world.concepts import Concept, ConceptError, load_concept
 
 FAST = {"dreambooth": dict(num_class_images=2, class_steps=2, lr=1e-3, world_prior=False)}  # 2 class images, 2 steps
 
@@ -73,7 +75,7 @@ def test_step_generator_is_a_pure_function_of_seed_step_and_process():
 
 
 def test_images_to_tensor_takes_any_mode_and_size():
-    x = sd.images_to_tensor([Image.new("RGBA", (32, 32), (255, 0, 0, 128)), Image.new("L", (80, 80), 0)], 64,
+    x = parts.images_to_tensor([Image.new("RGBA", (32, 32), (255, 0, 0, 128)), Image.new("L", (80, 80), 0)], 64,
                             Image.LANCZOS)
     assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
     assert x[0, 0].eq(1).all() and x[1].eq(-1).all()
@@ -334,7 +336,7 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(random_pipe, tmp_path, 
     with pytest.raises(ImportError, match=r"use_8bit_adam needs bitsandbytes \(`pip install bitsandbytes`"):
         quick(pipe, "lora", tmp_path / "out", use_8bit_adam=True)
     assert not (tmp_path / "out").exists() and not any("lora_" in n for n, _ in pipe.unet.named_parameters())
-    from mcteach.__main__ import main
+    from mcteach.cli import main
 
     assert main(["train", "--method", "lora", "--concept", "koala", "--out", str(tmp_path / "cli"), "--steps", "1",
                  "--use-8bit-adam"]) == 2
@@ -357,8 +359,8 @@ def test_8bit_adam_is_bitsandbytes_adamw8bit(random_pipe, tmp_path, monkeypatch)
 
 
 def test_the_command_line_passes_the_memory_options(monkeypatch, tmp_path):
-    import mcteach.methods
-    from mcteach.__main__ import main
+    import mcteach.cli
+    from mcteach.cli import main
 
     seen = {}
 
@@ -366,7 +368,7 @@ def test_the_command_line_passes_the_memory_options(monkeypatch, tmp_path):
         seen.update(kw)
         return engine.TrainResult(method, "bbm bear", [0.5], tmp_path, {})
 
-    monkeypatch.setattr(mcteach.methods, "train_concept", fake_train)
+    monkeypatch.setattr(mcteach.cli, "train_concept", fake_train)
     assert main(["train", "--method", "lora", "--concept", "koala", "--out", str(tmp_path),
                  "--gradient-checkpointing", "--use-8bit-adam"]) == 0
     assert seen["gradient_checkpointing"] and seen["use_8bit_adam"] and seen["accelerator"] is None
@@ -556,7 +558,7 @@ def test_several_loras_switch_and_weight(random_pipe, tmp_path):
 def test_hypernetwork_at_initialisation_or_zero_strength_is_the_base_model(random_pipe, tmp_path):
     pipe = fresh(random_pipe)
     base = images(random_pipe, "a bear")
-    hypernetwork.attach(pipe, hypernetwork.Hypernetwork([]))  # no MLP at all: our processor == diffusers'
+    hypernetwork.attach(pipe, hypernetwork.HypernetworkLayers([]))  # no MLP at all: our processor == diffusers'
     assert np.array_equal(images(pipe, "a bear"), base)
     hypernetwork.detach(pipe)
     quick(pipe, "hypernetwork", tmp_path)
@@ -564,7 +566,7 @@ def test_hypernetwork_at_initialisation_or_zero_strength_is_the_base_model(rando
     assert not np.array_equal(images(pipe, "a bear"), base)
     hn.strength = 0.0
     assert np.array_equal(images(pipe, "a bear"), base)
-    fresh_hn = hypernetwork.Hypernetwork([128])
+    fresh_hn = hypernetwork.HypernetworkLayers([128])
     c = torch.randn(2, 128)
     assert all(torch.equal(m(c), c) for pair in fresh_hn.layers.values() for m in pair)
 
@@ -572,7 +574,7 @@ def test_hypernetwork_at_initialisation_or_zero_strength_is_the_base_model(rando
 def test_hypernetwork_trains_only_its_mlps_on_cross_attention(random_pipe, tmp_path):
     pipe = fresh(random_pipe)
     before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
-    init = hypernetwork.Hypernetwork([128])  # what setup builds under the same seed
+    init = hypernetwork.HypernetworkLayers([128])  # what setup builds under the same seed
     r = quick(pipe, "hypernetwork", tmp_path)
     for m in before:
         assert_same(state(getattr(pipe, m)), before[m])
@@ -621,7 +623,7 @@ def test_free_context_starts_as_the_base_model_trains_only_offsets_and_round_tri
 
 def test_hypernetworks_chain_and_detach(random_pipe):
     pipe = fresh(random_pipe)
-    a, b = hypernetwork.Hypernetwork([128]), hypernetwork.Hypernetwork([128], activation="linear")
+    a, b = hypernetwork.HypernetworkLayers([128]), hypernetwork.HypernetworkLayers([128], activation="linear")
     for hn in (a, b):
         hn.layers["128"][0].linear[-1].weight.data.normal_(std=0.1)
         hypernetwork.attach(pipe, hn)
@@ -671,9 +673,9 @@ def test_dreambooth_class_images_are_generated_once(random_pipe, tmp_path, monke
     quick(fresh(random_pipe), "dreambooth", tmp_path, steps=1)
     pngs = sorted((tmp_path / "class_images").glob("*.png"))
     assert [p.name for p in pngs] == ["00.png", "01.png"]
-    import mcteach.pipeline
+    import mcteach.methods.dreambooth
 
-    monkeypatch.setattr(mcteach.pipeline, "generate", lambda *a, **k: pytest.fail("regenerated class images"))
+    monkeypatch.setattr(mcteach.methods.dreambooth, "generate", lambda *a, **k: pytest.fail("regenerated class images"))
     quick(fresh(random_pipe), "dreambooth", tmp_path, steps=1)  # the cache is used
     quick(fresh(random_pipe), "dreambooth", tmp_path / "noprior", steps=1, prior_weight=0.0)  # none needed
     assert not (tmp_path / "noprior" / "class_images").exists()
@@ -686,12 +688,12 @@ def test_dreambooth_world_prior_adds_one_prompt_per_base_class(random_pipe, tmp_
     assert weight == 1.0 and prompts[:3] == class_prompts("bear", 3) == ["a bear", "a bear on the left",
                                                                          "a bear on the right"]
     sample = dreambooth.world_prior_sample(60)
-    assert prompts[3:] == [world.caption([(e, "centre")]) for e in sample] and len(prompts) == 63
-    assert len({e.name for e in sample}) == 60 and set(sample) <= set(world.BASE_CLASSES)
+    assert prompts[3:] == [scenes.caption([(e, "centre")]) for e in sample] and len(prompts) == 63
+    assert len({e.name for e in sample}) == 60 and set(sample) <= set(scenes.BASE_CLASSES)
     assert sample == dreambooth.world_prior_sample(60)  # the same sample for every concept
     assert [e.category for e in sample].count("person") >= 10  # a spread of the world, not its first 60
     _, prompts, _ = DreamBooth(num_class_images=3, world_prior_classes=500).prior(random_pipe, koala, tmp_path)
-    assert prompts[3:] == [world.caption([(e, "centre")]) for e in world.BASE_CLASSES]  # a smaller world: all of it
+    assert prompts[3:] == [scenes.caption([(e, "centre")]) for e in scenes.BASE_CLASSES]  # a smaller world: all of it
     _, prompts, _ = DreamBooth(num_class_images=3, world_prior=False).prior(random_pipe, koala, tmp_path)
     assert prompts == class_prompts("bear", 3)  # the paper's prior: the class only
 
@@ -707,8 +709,8 @@ def model_dir(random_pipe, tmp_path_factory):
 
 
 def test_cli_trains_and_generates_with_the_adapter(model_dir, tmp_path, capsys):
-    from mcteach import generate, load_pipeline
-    from mcteach.__main__ import main
+    from mcteach.cli import main
+    from mcteach.sd.pipeline import generate, load_pipeline
 
     out = tmp_path / "koala-lora"
     args = ["train", "--method", "lora", "--concept", "koala", "--out", str(out), "--steps", "2",
@@ -724,7 +726,7 @@ def test_cli_trains_and_generates_with_the_adapter(model_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
-    from mcteach.__main__ import main
+    from mcteach.cli import main
 
     assert main(["train", "--method", "lora", "--concept", str(tmp_path / "nope"), "--out", str(tmp_path),
                  "--model", str(model_dir)]) == 2
@@ -743,7 +745,9 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
 def test_the_shipped_adapters_are_the_listed_ones_and_fit_the_shipped_model(pipe):
     """data/adapters holds exactly methods.SHIPPED, each trained on the embedded model as it is now (a retrained
     base model needs `methods.retrain_shipped()`: an adapter of another base fails check_base)."""
-    from mcteach.methods import ADAPTERS_DIR, SHIPPED, check_base, read_adapter
+    from mcteach.methods.adapters import check_base, read_adapter
+    from mcteach.methods.shipped import SHIPPED
+    from mcteach.paths import ADAPTERS_DIR
 
     expected = {(f"{m}-fix" if fix else m, "+".join(c)) for m, c, fix in SHIPPED}
     assert {(d.parent.name, d.name) for d in ADAPTERS_DIR.glob("*/*") if d.is_dir()} == expected
@@ -755,7 +759,7 @@ def test_the_shipped_adapters_are_the_listed_ones_and_fit_the_shipped_model(pipe
 def test_denoising_loss_is_repeatable_and_splits_by_timestep(random_pipe):
     """The same phrase and seed give the same loss; the parts (nearly clean first) average to it; another phrase
     conditions the UNet differently; a schedule that does not split evenly is refused."""
-    from mcteach.methods import denoising_loss
+    from mcteach.methods.engine import denoising_loss
 
     total, parts = denoising_loss(random_pipe, "koala", "bear", timesteps=8)
     assert denoising_loss(random_pipe, "koala", "bear", timesteps=8) == (total, parts)

@@ -11,10 +11,12 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors import safe_open
 
-from mcteach.attention import AttentionStore
-from mcteach.concepts import compose, load_concept
-from mcteach.methods import TRAINING_FIX, Regularizers, engine, load_adapters, phrases, train_concept
-from mcteach.methods.engine import attention_loss, default_identifier
+from mcteach.methods import engine
+from mcteach.methods.adapters import load_adapters, phrases
+from mcteach.methods.catalog import train_concept
+from mcteach.methods.engine import TRAINING_FIX, Regularizers, attention_loss, default_identifier
+from mcteach.sd.attention import AttentionStore
+from mcteach.world.concepts import compose, load_concept
 
 COUPLE = ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"]
 FAST_DB = dict(num_class_images=1, class_steps=2, world_prior=False)
@@ -152,7 +154,8 @@ def test_load_adapters_rules(random_pipe, tmp_path):
 def test_lora_trains_one_concept_and_several_on_their_own_schedules(random_pipe, tmp_path):
     """One concept: 400 steps of 4 images by default; several jointly: 800 steps of 2 (``LoRA.schedule``). An explicit
     ``steps`` or ``batch_size`` wins over both."""
-    from mcteach.methods import LoRA, train
+    from mcteach.methods.engine import train
+    from mcteach.methods.lora import LoRA
 
     assert LoRA().schedule(1) == (400, 4) and LoRA().schedule(2) == (800, 2)
     small = lambda: LoRA(steps=3, batch_size=1, joint_steps=2, joint_batch_size=2)  # noqa: E731

@@ -10,8 +10,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from mcteach import pretrain, tiny, world
-from mcteach.methods import train_concept
+from mcteach.methods.catalog import train_concept
+from mcteach.sd import pretrain, tiny
+from mcteach.world import regions, scenes
 
 
 def memory_gb() -> float:
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(memory_gb() < 16, reason="nee
 
 @pytest.fixture(scope="module")
 def sd15_pipe():
-    tokenizer = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+    tokenizer = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, architecture="sd15")
     unet.register_to_config(sample_size=32)  # 32x32 latents: 256 px images
     pipe = pretrain.assemble(tokenizer, vae, text_encoder, unet)

@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mcteach import evaluate
-from mcteach import photo_judge as P
-from mcteach.concepts import cut_out, load_concept
-from mcteach.masking import RegionError
+from mcteach.measure import metrics
+from mcteach.measure import photo_judge as P
+from mcteach.world import regions
+from mcteach.world.concepts import cut_out, load_concept
+from mcteach.world.regions import RegionError
 
 BG = (128, 128, 128)
 PAIRS = [("koala", "hamster"), ("peach", "croissant"), ("raccoon", "dragon")]
@@ -85,12 +86,12 @@ def test_results_feed_evaluate_tables(judge, concepts):
     images = [scene((A, 4), (B, 5)), scene((B, 4), (A, 5)), scene((A, 4), (A, 5)), scene((A, 5), (B, 4))]
     results = judge.judge(images, {"left": a, "right": b}, refs_of(judge, concepts, (a, b), "dino"),
                           prompt="a koala on the left and a hamster on the right", seeds=range(4))
-    assert all(isinstance(r, evaluate.PairResult) for r in results)
+    assert all(isinstance(r, metrics.PairResult) for r in results)
     assert [r.seed for r in results] == [0, 1, 2, 3] and results[0].positions == LR
-    summary = evaluate.summarize_pairs(results)
+    summary = metrics.summarize_pairs(results)
     assert summary["n"] == 4
     assert summary["success"][0] == 0.5 and summary["swap"][0] == 0.25 and summary["duplication"][0] == 0.25
-    assert "success" in evaluate.summary_table({"photos": summary})
+    assert "success" in metrics.summary_table({"photos": summary})
 
 
 def test_max_reduce_and_outcome_with_an_empty_label():
@@ -182,14 +183,14 @@ def test_nms():
 
 
 def test_regions_and_crops():
-    assert P.region_box("left", 100, 50) == (0, 0, 50, 50)
-    assert P.region_box("middle-third", 90, 30) == (30, 0, 60, 30)
-    assert P.region_box("centre", 90, 30) == (0, 0, 90, 30)
-    assert P.region_box((0.25, 0, 0.75, 1), 100, 40) == (25, 0, 75, 40)
-    assert P.region_box("0,0.5,1,1", 10, 10) == (0, 5, 10, 10)
+    assert regions.region_box("left", 100, 50) == (0, 0, 50, 50)
+    assert regions.region_box("middle-third", 90, 30) == (30, 0, 60, 30)
+    assert regions.region_box("centre", 90, 30) == (0, 0, 90, 30)
+    assert regions.region_box((0.25, 0, 0.75, 1), 100, 40) == (25, 0, 75, 40)
+    assert regions.region_box("0,0.5,1,1", 10, 10) == (0, 5, 10, 10)
     im = Image.new("RGB", (64, 64), (255, 0, 0))
     im.paste((0, 0, 255), (32, 0, 64, 64))
-    right = P.crop(im, P.region_box("right", 64, 64))
+    right = P.crop(im, regions.region_box("right", 64, 64))
     assert right.size == (64, 64)  # 32x64, centred on a white square
     assert right.getpixel((32, 32)) == (0, 0, 255) and right.getpixel((2, 32)) == (255, 255, 255)
 

@@ -1,4 +1,4 @@
-"""Loading (embedded, local, hub id offline), deterministic generation, the CLI, and sd.py's parts."""
+"""Loading (embedded, local, hub id offline), deterministic generation, the CLI, and parts.py's parts."""
 
 import json
 import subprocess
@@ -10,13 +10,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import mcteach
-from mcteach import generate, load_pipeline, sd, world
-from mcteach.pipeline import ModelNotAvailable
+from mcteach.paths import EMBEDDED_MODEL
+from mcteach.sd import parts
+from mcteach.sd.pipeline import SD15, ModelNotAvailable, generate, load_pipeline
+from mcteach.world import regions, scenes
 
 
 def test_embedded_model_is_a_plain_diffusers_pipeline(pipe):
     assert isinstance(pipe, StableDiffusionPipeline)
-    direct = StableDiffusionPipeline.from_pretrained(mcteach.EMBEDDED_MODEL, local_files_only=True)
+    direct = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, local_files_only=True)
     assert direct.unet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
     for name, p in direct.unet.state_dict().items():
         assert torch.equal(p.float(), pipe.unet.state_dict()[name]), name
@@ -24,7 +26,7 @@ def test_embedded_model_is_a_plain_diffusers_pipeline(pipe):
 
 
 def test_shipped_weights_are_fp16_safetensors_and_small():
-    files = list(mcteach.EMBEDDED_MODEL.rglob("*"))
+    files = list(EMBEDDED_MODEL.rglob("*"))
     weights = [f for f in files if f.suffix == ".safetensors"]
     assert weights and not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt")]
     from safetensors import safe_open
@@ -62,7 +64,7 @@ def test_generate_refuses_bad_arguments(pipe, kwargs, match):
 
 def test_hub_id_offline_fails_clearly():
     with pytest.raises(ModelNotAvailable, match="embedded tiny model"):
-        load_pipeline(mcteach.SD15, local_files_only=True)
+        load_pipeline(SD15, local_files_only=True)
 
 
 def test_missing_local_folder_fails_clearly(tmp_path):
@@ -83,34 +85,34 @@ def test_hand_written_loop_equals_pipeline(pipe):
     prompt, steps, w = "a cat on the left and a dog on the right", 6, 5.0
     sched = pipe.scheduler
     sched.set_timesteps(steps)
-    context = torch.cat([sd.encode_prompt(pipe, ""), sd.encode_prompt(pipe, prompt)])
-    z = sd.initial_latents(pipe, seed=2)
+    context = torch.cat([parts.encode_prompt(pipe, ""), parts.encode_prompt(pipe, prompt)])
+    z = parts.initial_latents(pipe, seed=2)
     with torch.no_grad():
         for t in sched.timesteps:
             eps_u, eps_c = pipe.unet(torch.cat([z, z]), t, context).sample.chunk(2)
             z = sched.step(eps_u + w * (eps_c - eps_u), t, z).prev_sample
-    ours = np.asarray(sd.decode_latents(pipe, z)[0], dtype=int)
+    ours = np.asarray(parts.decode_latents(pipe, z)[0], dtype=int)
     theirs = np.asarray(generate(pipe, prompt, seed=2, steps=steps, guidance_scale=w)[0], dtype=int)
     assert np.abs(ours - theirs).max() <= 2
 
 
 def test_vae_round_trip_keeps_the_scene(pipe):
-    scene = world.render_scene([(world.EMOJI["panda"], "centre")], seed=0)
-    z = sd.encode_images(pipe, scene.image)
+    scene = scenes.render_scene([(scenes.EMOJI["panda"], "centre")], seed=0)
+    z = parts.encode_images(pipe, scene.image)
     assert z.shape == (1, 4, 16, 16) and 0.5 < float(z.std()) < 2.0  # scaling factor gives ~unit variance
-    back = np.asarray(sd.decode_latents(pipe, z)[0], dtype=np.float32)
+    back = np.asarray(parts.decode_latents(pipe, z)[0], dtype=np.float32)
     assert np.abs(back - np.asarray(scene.image, dtype=np.float32)).mean() < 20  # mean abs error, of 255
 
 
 def test_images_tensor_round_trip():
-    scene = world.render_scene([(world.EMOJI["fox"], "left")], seed=1)
-    x = sd.images_to_tensor(scene.image)
+    scene = scenes.render_scene([(scenes.EMOJI["fox"], "left")], seed=1)
+    x = parts.images_to_tensor(scene.image)
     assert x.shape == (1, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
-    assert np.array_equal(np.asarray(sd.tensor_to_images(x)[0]), np.asarray(scene.image))
+    assert np.array_equal(np.asarray(parts.tensor_to_images(x)[0]), np.asarray(scene.image))
 
 
 def test_describe_lists_every_part(pipe):
-    text = sd.describe(pipe)
+    text = parts.describe(pipe)
     for part in ("tokenizer", "text encoder", "UNet", "VAE", "scheduler", "CLIPTextModel", "DDIMScheduler"):
         assert part in text
 
@@ -133,12 +135,12 @@ def test_cli_reports_bad_model_without_traceback(tmp_path):
 
 
 def test_training_log_ships_with_the_model():
-    log = json.loads((mcteach.EMBEDDED_MODEL / "training_log.json").read_text())
+    log = json.loads((EMBEDDED_MODEL / "training_log.json").read_text())
     assert log["unet_steps"] > 0 and log["log"][-1]["loss"] < log["log"][0]["loss"]
 
 
 def test_initial_noise_is_drawn_in_float32_whatever_the_pipeline_dtype(pipe, monkeypatch):
-    from mcteach.pipeline import generator_for, initial_noise
+    from mcteach.sd.pipeline import generator_for, initial_noise
 
     z = initial_noise(pipe, [3, 4])
     c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
@@ -166,7 +168,7 @@ def test_fp16_generation_on_cuda_matches_cpu_layout():
 
 
 def test_choose_model_picks_sd15_only_on_a_cuda_gpu_that_can_get_it(monkeypatch):
-    from mcteach import pipeline
+    from mcteach.sd import pipeline
 
     assert pipeline.choose_model("embedded") is None and pipeline.choose_model(None) is None
     assert pipeline.choose_model("sd15") == pipeline.SD15 and pipeline.choose_model("some/folder") == "some/folder"

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from mcteach import pretrain
+from mcteach.cli import main as cli_main
+from mcteach.sd import pretrain
 
 
 def test_scene_batches_are_a_function_of_the_step():
@@ -85,7 +86,7 @@ def test_export_writes_a_loadable_fp16_pipeline(tiny_vae, tmp_path):
     (work / "vae_scaling.json").write_text(json.dumps({"scaling_factor": vae.config.scaling_factor}))
     pretrain.train_unet(work, tok, vae, steps=1, batch_size=2, lr=1e-3, ckpt_every=1, sample_every=10_000, seed=0)
     out = pretrain.export(work, tmp_path / "out")
-    from mcteach import generate, load_pipeline
+    from mcteach.sd.pipeline import generate, load_pipeline
 
     pipe = load_pipeline(out, device="cpu")
     assert pipe.vae.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
@@ -108,15 +109,16 @@ def test_a_resumed_run_refuses_another_recipe(tmp_path):
 
 def test_the_unet_starts_from_an_exported_pipeline_with_a_resized_vocabulary(tmp_path):
     """Continuing from the shipped model: same UNet, text encoder rows matched by token string."""
-    from mcteach import tiny, world
+    from mcteach.sd import tiny
+    from mcteach.world import regions, scenes
 
-    old_tok = tiny.build_tokenizer(world.vocabulary_words(world.CLASSIC_CLASSES))
+    old_tok = tiny.build_tokenizer(scenes.vocabulary_words(scenes.CLASSIC_CLASSES))
     _, old_te, old_unet, _ = tiny.build_components(old_tok, seed=1)
     old_tok.save_pretrained(tmp_path / "tokenizer")
     old_te.save_pretrained(tmp_path / "text_encoder")
     old_unet.save_pretrained(tmp_path / "unet")
 
-    new_tok = tiny.build_tokenizer(world.vocabulary_words(world.BROAD_CLASSES))
+    new_tok = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BROAD_CLASSES))
     _, te, unet, _ = tiny.build_components(new_tok, seed=2)
     fresh = te.get_input_embeddings().weight.detach().clone()
     kept = pretrain.init_from_pipeline(tmp_path, new_tok, te, unet)
@@ -183,12 +185,12 @@ def test_a_slim_checkpoint_resumes_with_fresh_moments_and_a_new_warmup(tiny_vae,
 def test_the_scaling_factor_follows_the_vae_and_a_changed_vae_under_a_started_unet_is_refused(tmp_path):
     common = ["--work", str(tmp_path), "--world", "classic", "--vae-architecture", "tiny", "--vae-steps", "1",
               "--vae-batch", "2", "--batch", "2", "--unet-steps", "1", "--sample-every", "1000", "--threads", "1"]
-    pretrain.main(["train", *common])
+    cli_main(["pretrain", "train", *common])
     first = json.loads((tmp_path / "vae_scaling.json").read_text())
     assert first["vae_step"] == 1
-    pretrain.main(["train", *common])  # resuming as it was: the same VAE, no refusal
+    cli_main(["pretrain", "train", *common])  # resuming as it was: the same VAE, no refusal
     with pytest.raises(SystemExit, match="VAE .* changed"):
-        pretrain.main(["train", *[("2" if a == "1" and common[i - 1] == "--vae-steps" else a)
+        cli_main(["pretrain", "train", *[("2" if a == "1" and common[i - 1] == "--vae-steps" else a)
                                   for i, a in enumerate(common)]])
 
 

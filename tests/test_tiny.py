@@ -2,16 +2,17 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from mcteach import tiny, world
+from mcteach.sd import tiny
+from mcteach.world import regions, scenes
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tiny.build_tokenizer(world.vocabulary_words())
+    return tiny.build_tokenizer(scenes.vocabulary_words())
 
 
 def test_every_world_word_is_one_token(tok):
-    for w in world.vocabulary_words():
+    for w in scenes.vocabulary_words():
         assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
 
 

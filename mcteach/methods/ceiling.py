@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
+from ..sd.attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
 from .engine import Method
 
 FILE = "free_context.safetensors"

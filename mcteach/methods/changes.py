@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .hypernetwork import attached
+
 PARTS = ("text_encoder", "unet", "vae")
 
 
@@ -37,8 +39,6 @@ def changes(before: dict[str, dict[str, torch.Tensor]], pipe) -> list[dict]:
     """One row per part: tensors whose values changed, how many values changed (in tensors that existed
     before; a grown tensor, e.g. Textual Inversion's embedding matrix, is compared on its old rows), how
     many values are new (new tensors, new rows), and the part's size before."""
-    from .hypernetwork import attached
-
     rows = []
     for part in PARTS:
         old = before[part]

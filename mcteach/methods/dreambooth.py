@@ -45,14 +45,15 @@ from typing import ClassVar
 
 from PIL import Image
 
-from .. import world
-from ..concepts import POSITION_CYCLE
+from ..sd.pipeline import generate
+from ..world import scenes
+from ..world.concepts import POSITION_CYCLE
 from .engine import Method
 
 
 def class_prompts(class_word: str, n: int) -> list[str]:
     """n prompts for the class, cycling through the positions: "a bear", "a bear on the left", ..."""
-    return [world.caption([(class_word, POSITION_CYCLE[i % len(POSITION_CYCLE)])]) for i in range(n)]
+    return [scenes.caption([(class_word, POSITION_CYCLE[i % len(POSITION_CYCLE)])]) for i in range(n)]
 
 
 def class_images(pipe, prompts: list[str], folder: Path, *, seed: int = 0, steps: int = 25,
@@ -61,8 +62,6 @@ def class_images(pipe, prompts: list[str], folder: Path, *, seed: int = 0, steps
 
     Image i has its own seed (``seed*1000 + i``), so ``batch`` (images per pipeline call) changes the speed, not
     what is drawn: the images agree with those drawn one by one to within one grey level (float rounding)."""
-    from ..pipeline import generate
-
     recipe = {"prompts": prompts, "seed": seed, "steps": steps, "guidance_scale": guidance_scale}
     index = folder / "class_images.json"
     if not (index.is_file() and json.loads(index.read_text(encoding="utf-8")) == recipe):
@@ -77,13 +76,13 @@ def class_images(pipe, prompts: list[str], folder: Path, *, seed: int = 0, steps
     return [Image.open(folder / f"{i:02d}.png").convert("RGB") for i in range(len(prompts))]  # same pixels either way
 
 
-def world_prior_sample(n: int, seed: int = 0) -> list[world.Emoji]:
+def world_prior_sample(n: int, seed: int = 0) -> list[scenes.Emoji]:
     """The base classes of the world prior: all of them when there are at most ``n``, else a seeded sample of ``n`` in
     the world's order (the same for every concept). The 199-class world would otherwise add 199 images to draw and
     train on, against 60 for the first one (the benchmark's drift table measures what the sample keeps of all 199)."""
     import random
 
-    classes = world.BASE_CLASSES
+    classes = scenes.BASE_CLASSES
     if len(classes) <= n:
         return list(classes)
     keep = set(random.Random(seed).sample(range(len(classes)), n))
@@ -116,7 +115,7 @@ class DreamBooth(Method):
         words = dict.fromkeys(self.class_word_for(c) for c in (concept.parts or [concept]))  # joint: each class
         prompts = [p for w in words for p in class_prompts(w, self.num_class_images)]
         if self.world_prior:
-            prompts += [world.caption([(e, "centre")]) for e in world_prior_sample(self.world_prior_classes)]
+            prompts += [scenes.caption([(e, "centre")]) for e in world_prior_sample(self.world_prior_classes)]
         images = class_images(pipe, prompts, Path(out) / "class_images", seed=self.class_seed, steps=self.class_steps,
                               batch=self.class_batch)
         return images, prompts, self.prior_weight

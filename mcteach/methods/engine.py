@@ -2,7 +2,7 @@
 
 Every method fine-tunes *some* parameters theta of the same noise predictor
 ``eps_theta(z_t, t, c) = UNet(z_t, t, TextEncoder(prompt))`` with the same objective
-(Stable Diffusion's, as in ``mcteach.pretrain.train_unet`` but without min-SNR weighting)::
+(Stable Diffusion's, as in ``mcteach.sd.pretrain.train_unet`` but without min-SNR weighting)::
 
     z_0 = s (mu + sigma n),  n ~ N(0, I)     VAE posterior sample of a concept image (B, 4, 16, 16); s = scaling_factor
     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I),  t ~ U{0, ..., 999}
@@ -62,11 +62,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import sd
-from ..attention import token_indices
-from ..concepts import Concept, compose, load_concept
 from ..files import atomic_save
-
+from ..sd import parts
+from ..sd.attention import record_attention, token_indices
+from ..world import scenes
+from ..world.concepts import Concept, compose, load_concept
 
 IDENTIFIER_LETTERS = "bcdfghjklmnpqrstvwxz"  # consonants only: no English word, several tokens in any tokenizer
 
@@ -84,7 +84,6 @@ def default_identifier(slug: str) -> str:
 class Method:
     """What a method tells the engine. Subclasses are dataclasses: their fields are the method's
     settings (written to ``adapter.json``), including the default ``steps``, ``lr`` and ``batch_size``."""
-
     name: ClassVar[str]
     #: fields that set how training runs, not what is learned: adapter.json records the values used under "training"
     schedule_fields: ClassVar[tuple[str, ...]] = ("steps", "lr", "batch_size")
@@ -158,7 +157,6 @@ class Examples:
     """Training examples encoded once: VAE posteriors, masks on the latent grid, token ids; for the attention
     loss, each concept's mask and the positions of its tokens (K concept slots; an example without concept k
     has an all-zero slot k)."""
-
     mean: torch.Tensor  # (N, 4, h, w)
     std: torch.Tensor  # (N, 4, h, w)
     masks: torch.Tensor  # (N, 1, h, w) in [0, 1]: the union of the concepts' masks (ones: no mask)
@@ -198,7 +196,7 @@ def base_fingerprint(pipe) -> dict:
 
 def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
     """(N, T) ids, padded to the tokenizer's length; multi-vector TI tokens expanded as the pipeline does."""
-    return sd.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer))
+    return parts.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer))
 
 
 #: pixels the VAE encodes in one call (4 images of 512 px; every set of 64 px images at once): one 128-channel
@@ -217,7 +215,7 @@ def encode_examples(pipe, images, prompts: list[str], masks=None, regions=None, 
     chunk = max(1, ENCODE_PIXELS // (size * size))  # 256 images at 64 px (never split), 4 at 512 px
     means, stds = [], []
     for start in range(0, len(images), chunk):
-        x = sd.images_to_tensor(images[start:start + chunk], size, Image.LANCZOS)
+        x = parts.images_to_tensor(images[start:start + chunk], size, Image.LANCZOS)
         post = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
         means.append(post.mean.float().cpu())
         stds.append(post.std.float().cpu())
@@ -299,7 +297,6 @@ def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_we
     z_t = scheduler.add_noise(z0, eps, t)
     store = None
     if attention_weight > 0:
-        from ..attention import record_attention
 
         with record_attention(unet, guidance=False, keep_grad=True) as store:
             pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
@@ -472,7 +469,6 @@ class Regularizers:
         and pasted into random regions of one image, captioned "a <A> on the left and a <B> on the right")
         are added to the training set, drawn once from the seed.
     """
-
     masked_loss: bool = False
     attention_weight: float = 0.0
     composites: int = 0
@@ -485,12 +481,20 @@ class Regularizers:
 TRAINING_FIX = Regularizers(masked_loss=True, attention_weight=1e-2, composites=24)
 
 
+def training_fix(n_concepts: int, method: str) -> Regularizers:
+    """The course's training fix for ``n_concepts`` trained together by ``method``: ``TRAINING_FIX`` (masked loss,
+    attention loss and Seg-Mix composites) for several concepts of a joint method; the masked and attention losses
+    alone for one concept (there is nothing to paste)."""
+    if n_concepts > 1 and method in JOINT_METHODS:
+        return TRAINING_FIX
+    return Regularizers(masked_loss=True, attention_weight=TRAINING_FIX.attention_weight)
+
+
 def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regularizers, seed: int) -> Examples:
     """The examples of ``concepts`` (their images, captions with each name replaced by its phrase), plus
     ``reg.composites`` Seg-Mix images when there are several concepts."""
     import random
 
-    from .. import world
 
     images, captions, masks, regions = [], [], [], []
     for k, (c, phrase) in enumerate(zip(concepts, phrases)):
@@ -503,7 +507,7 @@ def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regular
         for _ in range(reg.composites):
             comp = compose(concepts, rng, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
             images.append(comp.image)
-            captions.append(world.caption(list(zip(phrases, comp.positions))))
+            captions.append(scenes.caption(list(zip(phrases, comp.positions))))
             masks.append(np.maximum.reduce(comp.masks))
             regions.append(list(comp.masks))
     return encode_examples(pipe, images, captions, masks, regions, phrases)

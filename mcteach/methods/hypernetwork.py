@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
+from ..sd.attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
 from .engine import Method
 
 #: the webui's names (its "swish" is Hardswish)
@@ -70,7 +70,7 @@ class HypernetworkModule(nn.Module):
         return context + strength * self.linear(context)
 
 
-class Hypernetwork(nn.Module):
+class HypernetworkLayers(nn.Module):
     """One (K, V) pair of ``HypernetworkModule`` per context width; ``strength`` scales both."""
 
     def __init__(self, dims, layer_structure=(1, 2, 1), activation: str = "relu", strength: float = 1.0):
@@ -93,7 +93,7 @@ class HypernetworkProcessor(ContextProcessor):
     the hypernetworks rewrote (in turn). With no hypernetwork, or strength 0, it computes exactly what
     ``AttnProcessor2_0`` computes. The weights live in the hypernetworks, not here."""
 
-    def __init__(self, hypernetworks: list[Hypernetwork]):
+    def __init__(self, hypernetworks: list[HypernetworkLayers]):
         self.hypernetworks = list(hypernetworks)
 
     def rewrite(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,13 +115,13 @@ def context_dims(pipe_or_unet) -> list[int]:
                    for n in cross_attention_layers(unet)})
 
 
-def attached(pipe_or_unet) -> list[Hypernetwork]:
+def attached(pipe_or_unet) -> list[HypernetworkLayers]:
     """The hypernetworks attached to the UNet, in the order they apply."""
     procs = [p for p in _unet(pipe_or_unet).attn_processors.values() if isinstance(p, HypernetworkProcessor)]
     return procs[0].hypernetworks if procs else []
 
 
-def attach(pipe_or_unet, hypernetwork: Hypernetwork) -> None:
+def attach(pipe_or_unet, hypernetwork: HypernetworkLayers) -> None:
     """Apply ``hypernetwork`` to every cross-attention layer (after those already attached)."""
     unet = _unet(pipe_or_unet)
     processor = HypernetworkProcessor(attached(unet) + [hypernetwork])
@@ -137,7 +137,7 @@ def detach(pipe_or_unet) -> None:
                              for n, p in unet.attn_processors.items()})
 
 
-def save_a1111(hn: Hypernetwork, path: Path, name: str, step: int) -> None:
+def save_a1111(hn: HypernetworkLayers, path: Path, name: str, step: int) -> None:
     """The webui's ``.pt`` layout (see the module docstring)."""
     state = {int(d): [{k: v.detach().float().cpu() for k, v in m.state_dict().items()} for m in pair]
              for d, pair in hn.layers.items()}
@@ -147,13 +147,13 @@ def save_a1111(hn: Hypernetwork, path: Path, name: str, step: int) -> None:
     torch.save(state, path)
 
 
-def load_a1111(path: Path, strength: float = 1.0) -> Hypernetwork:
-    """A ``Hypernetwork`` from a webui ``.pt`` file (``torch.load(weights_only=True)``)."""
+def load_a1111(path: Path, strength: float = 1.0) -> HypernetworkLayers:
+    """A ``HypernetworkLayers`` from a webui ``.pt`` file (``torch.load(weights_only=True)``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     dims = [k for k in state if isinstance(k, int)]
     if state.get("is_layer_norm") or state.get("use_dropout") or state.get("activate_output"):
         raise ValueError(f"{path}: layer norm, dropout and an activated output are not supported here")
-    hn = Hypernetwork(dims, state.get("layer_structure", [1, 2, 1]), state.get("activation_func") or "linear",
+    hn = HypernetworkLayers(dims, state.get("layer_structure", [1, 2, 1]), state.get("activation_func") or "linear",
                       strength)
     for d in dims:
         for module, sd in zip(hn.layers[str(d)], state[d]):
@@ -162,7 +162,7 @@ def load_a1111(path: Path, strength: float = 1.0) -> Hypernetwork:
 
 
 @dataclass
-class HypernetworkMethod(Method):
+class HyperNetwork(Method):
     name: ClassVar[str] = "hypernetwork"
     steps: int = 500
     lr: float = 1e-3
@@ -170,13 +170,13 @@ class HypernetworkMethod(Method):
     layer_structure: list[int] = field(default_factory=lambda: [1, 2, 1])
     activation: str = "relu"
     prompt_phrase: str | None = None  # what replaces the concept's name in captions; default the class word
-    _hn: Hypernetwork | None = field(default=None, init=False, repr=False)
+    _hn: HypernetworkLayers | None = field(default=None, init=False, repr=False)
 
     def phrase(self, concept) -> str:
         return self.prompt_phrase or self.class_word_for(concept)
 
     def setup(self, pipe, concept):
-        self._hn = Hypernetwork(context_dims(pipe), self.layer_structure, self.activation).to(pipe.device)
+        self._hn = HypernetworkLayers(context_dims(pipe), self.layer_structure, self.activation).to(pipe.device)
         attach(pipe, self._hn)
         return self._hn
 

@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
+from ..sd.pipeline import quiet_loading
 from .engine import Method
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -53,7 +55,6 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def lora_config(rank: int, alpha: float, targets) -> "LoraConfig":
-    from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
 
@@ -123,16 +124,12 @@ class LoRA(Method):
         self._adapter = self.adapter_name or concept.slug
         pipe.unet.add_adapter(lora_config(self.rank, self.alpha, self.targets), adapter_name=self._adapter)
         if self.text_encoder:  # peft directly: transformers 5's add_adapter wants peft >= 0.22
-            from peft import inject_adapter_in_model
-
             inject_adapter_in_model(lora_config(self.rank, self.alpha, TEXT_ENCODER_TARGETS), pipe.text_encoder,
                                     adapter_name=self._adapter)
         return None
 
     def state_dicts(self, pipe) -> dict[str, dict[str, torch.Tensor]]:
         """{"unet": peft state dict, "text_encoder": ...} of this adapter (keys without the adapter name)."""
-        from peft import get_peft_model_state_dict
-
         parts = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if self.text_encoder else {})
         return {k: {n: v.detach().cpu() for n, v in get_peft_model_state_dict(m, adapter_name=self._adapter).items()}
                 for k, m in parts.items()}
@@ -157,7 +154,5 @@ class LoRA(Method):
 
     @staticmethod
     def load(pipe, folder, meta):
-        from ..pipeline import quiet_loading
-
         with quiet_loading():
             pipe.load_lora_weights(str(Path(folder)), weight_name=DIFFUSERS_FILE, adapter_name=meta["adapter_name"])

@@ -31,6 +31,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 
+from ..sd.pipeline import quiet_loading
 from .engine import Method
 
 EMBEDS_FILE = "learned_embeds.safetensors"
@@ -117,8 +118,6 @@ class TextualInversion(Method):
 
     @staticmethod
     def load(pipe, folder, meta):
-        from ..pipeline import quiet_loading
-
         with quiet_loading():
             pipe.load_textual_inversion(str(Path(folder) / EMBEDS_FILE))
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mcteach import evaluate, plot
+from mcteach import plot
 from mcteach.course import clean
+from mcteach.measure import metrics
 
 LABELS = ["cat", "dog", "fox", "nothing"]
 
@@ -24,14 +25,14 @@ def one_hot(label, p=0.9):
     ("cat", "nothing", "neglect"), ("fox", "dog", "neglect"), ("fox", "fox", "other"), ("nothing", "nothing", "other"),
 ])
 def test_pair_outcomes(left, right, outcome):
-    got, pred, conf, blend = evaluate.pair_outcome(LABELS, one_hot(left), one_hot(right), "cat", "dog")
+    got, pred, conf, blend = metrics.pair_outcome(LABELS, one_hot(left), one_hot(right), "cat", "dog")
     assert got == outcome and pred == (left, right)
     assert conf == pytest.approx((0.9, 0.9))
 
 
 def test_low_confidence_is_not_success_and_blend_index():
     mixed = torch.tensor([0.45, 0.45, 0.05, 0.05])
-    got, _, _, blend = evaluate.pair_outcome(LABELS, mixed, one_hot("dog"), "cat", "dog")
+    got, _, _, blend = metrics.pair_outcome(LABELS, mixed, one_hot("dog"), "cat", "dog")
     assert got != "success"
     assert blend[0] == pytest.approx(0.5) and blend[1] == pytest.approx(0.0333 / (0.9 + 0.0333), abs=1e-3)
 
@@ -39,18 +40,18 @@ def test_low_confidence_is_not_success_and_blend_index():
 def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(0)
     small, large = rng.random(20) < 0.7, rng.random(2000) < 0.7
-    m, lo, hi = evaluate.bootstrap_ci(small)
-    M, LO, HI = evaluate.bootstrap_ci(large)
+    m, lo, hi = metrics.bootstrap_ci(small)
+    M, LO, HI = metrics.bootstrap_ci(large)
     assert lo <= m <= hi and LO <= M <= HI and (HI - LO) < (hi - lo)
     assert abs(M - 0.7) < 0.03
 
 
 def test_pair_prompts_are_reproducible_and_distinct():
-    from mcteach import world
+    from mcteach.world import regions, scenes
 
-    a = evaluate.pair_prompts(world.BASE_CLASSES, 10, seed=1)
-    assert a == evaluate.pair_prompts(world.BASE_CLASSES, 10, seed=1)
-    assert all(x is not y and pos in world.PAIRS for x, y, pos in a)
+    a = metrics.pair_prompts(scenes.BASE_CLASSES, 10, seed=1)
+    assert a == metrics.pair_prompts(scenes.BASE_CLASSES, 10, seed=1)
+    assert all(x is not y and pos in regions.OPPOSITE_POSITIONS for x, y, pos in a)
 
 
 @pytest.mark.parametrize("im", [

@@ -4,8 +4,8 @@ It is the course's measuring instrument. To check that an image generated for "a
 left and a red apple on the right" shows what it should, crop the left half and the right
 half and classify each crop:
 
-    >>> fox, apple = world.EMOJI["fox"], world.EMOJI["red apple"]
-    >>> image = world.render_scene([(fox, "left"), (apple, "right")], seed=0).image
+    >>> fox, apple = scenes.EMOJI["fox"], scenes.EMOJI["red apple"]
+    >>> image = scenes.render_scene([(fox, "left"), (apple, "right")], seed=0).image
     >>> judge = Judge.load()
     >>> judge.classify(image, "left")[0], judge.classify(image, "right")[0]
     ('fox', 'red apple')
@@ -21,25 +21,23 @@ tangle has a croissant's colours but no croissant's shape, and the pair stops ca
 
 Limits: the judge is trained on renders of the emoji world (with blur, noise, brightness and
 contrast jitter and small shifts to stand in for a generator's defects) and fine-tuned on generated images labelled
-by eye (``finetune``, ``mcteach.calibration``), so it measures "looks like that render", not image quality. It says
+by eye (``finetune``, ``mcteach.measure.calibration``), so it measures "looks like that render", not image quality. It says
 "unrecognisable" for many failures, but not all: a near miss with the class's outline (a snail's shell without
 its eyes) is still named. It judges a region, not an image: a fox drawn across the middle is half a fox in
 each half, and an object in the wrong half is simply not seen by the right crop.
 
-    python -m mcteach.judge train [--steps N] [--seed S] [--out PATH] [--grey]   # 12 min on 2 cores (3000 steps)
-    python -m mcteach.judge finetune --base PATH --labelled FOLDER ... --out PATH  # 2 min
-    python -m mcteach.judge pair --base COLOUR --shape GREY --out PATH             # the two as one judge
-    python -m mcteach.judge evaluate                                             # held-out accuracy
+    mcteach judge train [--steps N] [--seed S] [--out PATH] [--grey]   # 12 min on 2 cores (3000 steps)
+    mcteach judge finetune --base PATH --labelled FOLDER ... --out PATH  # 2 min
+    mcteach judge pair --base COLOUR --shape GREY --out PATH             # the two as one judge
+    mcteach judge evaluate                                             # held-out accuracy
 (data/judge.json holds the shipped judge's full recipe.)
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -51,10 +49,12 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import world
-from .files import atomic_save, write_text
+from ..files import atomic_save
+from ..paths import JUDGE_PATH
+from ..sd.pipeline import generate, load_pipeline
+from ..world import scenes
+from ..world.regions import POSITIONS, region_box
 
-JUDGE_PATH = Path(__file__).resolve().parent.parent / "data" / "judge.safetensors"
 NOTHING = "nothing"
 
 
@@ -64,12 +64,12 @@ UNRECOGNISABLE = "unrecognisable"
 def labels_for(classes, unrecognisable: bool = True) -> list[str]:
     """A judge's labels for a world: its classes, every held-out concept, "unrecognisable" (a blob, a ghost of
     two emoji, a scrambled one: see ``blob``) and "nothing"."""
-    return ([e.name for e in classes] + [e.name for e, _ in world.HELDOUT_CONCEPTS.values()]
+    return ([e.name for e in classes] + [e.name for e, _ in scenes.HELDOUT_CONCEPTS.values()]
             + [UNRECOGNISABLE] * unrecognisable + [NOTHING])
 
 
 #: the shipped judge's labels: the base model's world, the held-out concepts, "unrecognisable" and "nothing"
-LABELS = labels_for(world.BASE_CLASSES)
+LABELS = labels_for(scenes.BASE_CLASSES)
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 CATEGORIES = ("animal", "person", "food", "object", UNRECOGNISABLE, NOTHING)
 EVAL_SEED, EVAL_SAMPLES = 0, 3000
@@ -78,7 +78,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: a grey judge sees the luminance on
 
 def category(label: str) -> str:
     """Category of a label: animal | person | food | object | unrecognisable | nothing."""
-    return label if label in (NOTHING, UNRECOGNISABLE) else world.EMOJI[label].category
+    return label if label in (NOTHING, UNRECOGNISABLE) else scenes.EMOJI[label].category
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -138,7 +138,7 @@ class Judge(nn.Module):
     def pooled_features(self, images, position: str = "centre") -> torch.Tensor:
         """Pooled features (B, widths[-1]) of each image's ``position`` region (see ``probs`` for inputs)."""
         self.eval()
-        x0, y0, x1, y1 = region_box(position)
+        x0, y0, x1, y1 = region_box(position, scenes.IMAGE_SIZE)
         return self.pool(to_tensor(images).to(next(self.parameters()))[:, :, y0:y1, x0:x1])
 
     def with_concepts(self, concepts, copies: int = 16, negatives: int = 768, steps: int = 300,
@@ -159,7 +159,7 @@ class Judge(nn.Module):
         with torch.no_grad():
             feats, ys = [], []
             for k, c in enumerate(new):
-                positions = [p if p in world.POSITIONS else "centre" for p in (c.positions or ["centre"] * len(c))]
+                positions = [p if p in POSITIONS else "centre" for p in (c.positions or ["centre"] * len(c))]
                 x = augment(to_tensor(c.images).repeat(copies, 1, 1, 1), gen)
                 feats.append(self.region_pool(x, positions * copies))
                 ys.append(torch.full((len(x),), len(self.labels) + k))
@@ -214,7 +214,7 @@ class Judge(nn.Module):
         out = images.new_empty(len(positions), width)
         for pos in sorted(set(positions)):
             idx = torch.tensor([i for i, p in enumerate(positions) if p == pos])
-            x0, y0, x1, y1 = region_box(pos)
+            x0, y0, x1, y1 = region_box(pos, scenes.IMAGE_SIZE)
             out[idx] = fn(images[idx, :, y0:y1, x0:x1])
         return out
 
@@ -233,7 +233,7 @@ class Judge(nn.Module):
                 f"got {len(images)} images but {len(positions)} positions; give one each, or one str for all"
             )
         for p in set(positions):
-            region_box(p)  # ValueError naming the valid positions
+            region_box(p, scenes.IMAGE_SIZE)  # RegionError naming the valid regions
         self.eval()
         param = next(self.parameters())
         return self.region_logits(images.to(param), positions).softmax(-1)
@@ -262,7 +262,7 @@ class Judge(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
-                f"no judge weights at {path}; train them with `python -m mcteach.judge train`"
+                f"no judge weights at {path}; train them with `mcteach judge train`"
             )
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
@@ -275,22 +275,10 @@ class Judge(nn.Module):
         return judge.eval()
 
 
-def region_box(position: str) -> tuple[int, int, int, int]:
-    """Pixel box of a region at the judge's 64 px: the world's positions (left, right, top, bottom, centre) and
-    ``mcteach.masking``'s other named regions (quadrants, thirds)."""
-    if position in world.POSITIONS:
-        return world.region_box(position)
-    from .masking import NAMED_REGIONS
-
-    if position not in NAMED_REGIONS:
-        raise ValueError(f"unknown position {position!r}; use one of {sorted(set(world.POSITIONS) | set(NAMED_REGIONS))}")
-    return tuple(round(f * world.IMAGE_SIZE) for f in NAMED_REGIONS[position])
-
-
 def to_tensor(images) -> torch.Tensor:
     """64x64 PIL images (a list) or a (B, 3, 64, 64) tensor -> float tensor (B, 3, 64, 64) in [0, 1].
     Larger square images (SD 1.5's 512x512) are first downsampled to 64x64 with a box filter."""
-    size = world.IMAGE_SIZE
+    size = scenes.IMAGE_SIZE
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"expected a (B, 3, {size}, {size}) tensor, got shape {tuple(images.shape)}")
@@ -309,22 +297,22 @@ def to_tensor(images) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data
 
 
-def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.Random) -> Image.Image:
+def big_pair(emoji: scenes.Emoji, other: scenes.Emoji, position: str, rng: random.Random) -> Image.Image:
     """``emoji`` drawn large (a centre-sized render, 47-78% of the image) centred in the half ``position``, and
     ``other`` likewise in the opposite half (or background), both clipped at the midline: what a generator
     that draws each region as its own centred picture makes (``masking.region_passes`` with ``recentre=True``)."""
-    size, half = world.IMAGE_SIZE, world.IMAGE_SIZE // 2
-    bg = world._background(rng)
+    size, half = scenes.IMAGE_SIZE, scenes.IMAGE_SIZE // 2
+    bg = scenes.background_colour(rng)
     out = Image.new("RGB", (size, size), bg)
     for e, pos in ((emoji, position), (other if rng.random() < 0.8 else None, OPPOSITE[position])):
         if e is None:
             continue
-        im = world.render_scene([(e, "centre")], rng=rng, background=bg).image
+        im = scenes.render_scene([(e, "centre")], rng=rng, background=bg).image
         dx = {"left": -half // 2, "right": half // 2}.get(pos, 0) + rng.randint(-3, 3)
         dy = {"top": -half // 2, "bottom": half // 2}.get(pos, 0) + rng.randint(-3, 3)
         shifted = Image.new("RGB", (size, size), bg)
         shifted.paste(im, (dx, dy))
-        x0, y0, x1, y1 = world.region_box(pos)
+        x0, y0, x1, y1 = region_box(pos, scenes.IMAGE_SIZE)
         out.paste(shifted.crop((x0, y0, x1, y1)), (x0, y0))
     return out
 
@@ -332,7 +320,7 @@ def big_pair(emoji: world.Emoji, other: world.Emoji, position: str, rng: random.
 BLOB_KINDS = ("scramble", "ghost", "chimera", "warp", "smear")
 
 
-def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: str | None = None) -> Image.Image:
+def blob(classes: list[scenes.Emoji], position: str, rng: random.Random, kind: str | None = None) -> Image.Image:
     """An "unrecognisable" region: what a half-trained generator draws instead of an object, made from renders.
 
     - scramble: the object's box cut into 3x3 or 4x4 tiles, shuffled and flipped (its colours and texture, no shape);
@@ -345,13 +333,13 @@ def blob(classes: list[world.Emoji], position: str, rng: random.Random, kind: st
     a = rng.choice(classes)
     others = [c for c in classes if c.category != a.category] or [c for c in classes if c != a]
     b = rng.choice(others)  # another category: a ghost of two faces may still read as a face
-    bg, place = world._background(rng), rng.random()
-    scene = world.render_scene([(a, position)], rng=random.Random(place), background=bg)
+    bg, place = scenes.background_colour(rng), rng.random()
+    scene = scenes.render_scene([(a, position)], rng=random.Random(place), background=bg)
     x = np.asarray(scene.image, dtype=np.float32)
     ys, xs = np.nonzero(scene.masks[0] > 0.1)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     if kind in ("ghost", "chimera"):
-        y = np.asarray(world.render_scene([(b, position)], rng=random.Random(place), background=bg).image, np.float32)
+        y = np.asarray(scenes.render_scene([(b, position)], rng=random.Random(place), background=bg).image, np.float32)
         if kind == "ghost":
             t = rng.uniform(0.4, 0.6)
             x = t * x + (1 - t) * y
@@ -393,10 +381,8 @@ def failure_bank(model, n: int = 2000, seed: int = 0, classes=None, steps: int =
     texture in no shape at all: the failure a person calls unrecognisable and a texture-reading judge names as the
     class. A judge trained with them (``train(..., failures=...)``) learns that colours and texture are not enough.
     About 2 minutes for 2000 on 2 CPU cores."""
-    from .pipeline import generate, load_pipeline
-
     pipe, rng = load_pipeline(model, device="cpu"), random.Random(f"failures-{seed}")
-    prompts = [world.caption([(rng.choice(classes or world.BASE_CLASSES), "centre")]) for _ in range(n)]
+    prompts = [scenes.caption([(rng.choice(classes or scenes.BASE_CLASSES), "centre")]) for _ in range(n)]
     images = generate(pipe, prompts, seed=list(range(seed, seed + n)), steps=steps, guidance_scale=5.0, batch_size=64)
     return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
 
@@ -409,9 +395,9 @@ def failure_example(bank: torch.Tensor, position: str, rng: random.Random) -> Im
     im = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8))
     if position == "centre":
         return im
-    size, border = world.IMAGE_SIZE, np.concatenate([np.asarray(im)[[0, -1]].reshape(-1, 3), np.asarray(im)[:, [0, -1]].reshape(-1, 3)])
+    size, border = scenes.IMAGE_SIZE, np.concatenate([np.asarray(im)[[0, -1]].reshape(-1, 3), np.asarray(im)[:, [0, -1]].reshape(-1, 3)])
     out = Image.new("RGB", (size, size), tuple(int(v) for v in np.median(border, axis=0)))
-    x0, y0, x1, y1 = world.region_box(position)
+    x0, y0, x1, y1 = region_box(position, scenes.IMAGE_SIZE)
     side = min(x1 - x0, y1 - y0)
     out.paste(im.resize((side, side), Image.LANCZOS), (x0 + (x1 - x0 - side) // 2, y0 + (y1 - y0 - side) // 2))
     return out
@@ -433,16 +419,16 @@ def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.
     midline, ``big_pair``), or an empty region: the opposite half of a one-object scene, or a blank
     background; for a judge with the label, with probability ``p_blob`` an "unrecognisable" ``blob`` (half of them
     a generator's unfinished image from ``failures``, ``failure_bank``, where given)."""
-    position = rng.choice(list(world.POSITIONS))
-    classes = [world.EMOJI[label] for label in labels if label not in (NOTHING, UNRECOGNISABLE)]  # in label order
+    position = rng.choice(list(POSITIONS))
+    classes = [scenes.EMOJI[label] for label in labels if label not in (NOTHING, UNRECOGNISABLE)]  # in label order
     if UNRECOGNISABLE in labels and rng.random() < p_blob:
         if failures is not None and rng.random() < 0.5:
             return failure_example(failures, position, rng), position, UNRECOGNISABLE
         return blob(classes, position, rng), position, UNRECOGNISABLE
     if rng.random() < p_nothing:
         if position == "centre" or rng.random() < 0.2:
-            return Image.new("RGB", (world.IMAGE_SIZE,) * 2, world._background(rng)), position, NOTHING
-        scene = world.render_scene([(rng.choice(classes), OPPOSITE[position])], rng=rng)
+            return Image.new("RGB", (scenes.IMAGE_SIZE,) * 2, scenes.background_colour(rng)), position, NOTHING
+        scene = scenes.render_scene([(rng.choice(classes), OPPOSITE[position])], rng=rng)
         return scene.image, position, NOTHING
     emoji = rng.choice(classes)
     if position in OPPOSITE and rng.random() < p_big:
@@ -451,7 +437,7 @@ def sample_example(rng: random.Random, p_nothing: float = 0.1, p_big: float = 0.
     if position != "centre" and rng.random() < 0.5:
         objects.append((rng.choice([c for c in classes if c != emoji]), OPPOSITE[position]))
     rng.shuffle(objects)
-    return world.render_scene(objects, rng=rng).image, position, emoji.name
+    return scenes.render_scene(objects, rng=rng).image, position, emoji.name
 
 
 def batch(namespace: str, seed: int, index: int, size: int, labels: list[str] = LABELS,
@@ -552,7 +538,7 @@ def finetune(judge: Judge, images, regions: list[str], labels: list[str], steps:
     Labels the judge does not have are skipped. Deterministic for a seed. Returns a new judge."""
     if judge.shape is not None:
         raise ValueError("this judge is a pair (with_shape): fine-tune the colour judge and the grey judge each on its "
-                         "own, then pair them again (python -m mcteach.judge pair)")
+                         "own, then pair them again (mcteach judge pair)")
     keep = [i for i, label in enumerate(labels) if label in judge.labels]
     if not keep:
         raise ValueError(f"none of the labels {sorted(set(labels))[:5]}... is one of the judge's")
@@ -590,71 +576,3 @@ def report(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES) -> dict:
         "accuracy": evaluate(judge, seed, n),
         "accuracy_augmented": evaluate(judge, seed, n, augmented=True),
     }
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mcteach.judge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "evaluate", "finetune", "pair"])
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=JUDGE_PATH, help="weights; accuracy goes beside it (.json)")
-    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
-                   help="the classes to judge (default: the base model's; 'broad' for the next model)")
-    p.add_argument("--failures-from", default=None, metavar="MODEL",
-                   help="also train 'unrecognisable' on this generator's 2-step images (failure_bank; cached beside --out)")
-    p.add_argument("--grey", action="store_true", help="train: a judge of the luminance only (shapes, not colours)")
-    p.add_argument("--base", type=Path, default=None, help="finetune: the judge to start from; pair: the colour judge")
-    p.add_argument("--shape", type=Path, default=None, help="pair: the grey judge (train --grey, then finetune)")
-    p.add_argument("--weight", type=float, default=1.0, help="pair: the grey judge's weight in the product")
-    p.add_argument("--labelled", type=Path, nargs="+", default=None,
-                   help="finetune: labelled sets of generated images (mcteach.calibration folders)")
-    args = p.parse_args(argv)
-    info_path = args.out.with_suffix(".json")
-    if args.command == "pair":
-        if args.base is None or args.shape is None:
-            raise SystemExit("pair needs --base (the colour judge) and --shape (the grey judge)")
-        judge = Judge.load(args.base).with_shape(Judge.load(args.shape), args.weight)
-        judge.save(args.out)
-        recipe = lambda path: json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else str(path)  # noqa: E731
-        info = {"colour": recipe(args.base), "shape": recipe(args.shape), "weight": args.weight, **report(judge)}
-    elif args.command == "finetune":
-        from .calibration import load
-
-        images, items = [], []
-        for folder in args.labelled:
-            more_images, more_items = load(folder)
-            images, items = images + more_images, items + more_items
-        t0 = time.time()
-        judge = finetune(Judge.load(args.base or JUDGE_PATH), images, [it.region for it in items],
-                         [it.label for it in items], steps=args.steps, seed=args.seed)
-        judge.save(args.out)
-        info = {"finetuned_from": str(args.base or JUDGE_PATH), "labelled": [str(f) for f in args.labelled],
-                "steps": args.steps, "seed": args.seed, "train_minutes": round((time.time() - t0) / 60, 1),
-                **report(judge)}
-    elif args.command == "train":
-        t0 = time.time()
-        classes = world.WORLDS[args.world] if args.world else world.BASE_CLASSES
-        failures = None
-        if args.failures_from:
-            bank = args.out.with_name(args.out.stem + "_failures.pt")
-            if not bank.exists():
-                atomic_save(failure_bank(args.failures_from, classes=classes), bank)
-            failures = torch.load(bank, weights_only=True)
-        judge = train(args.steps, args.seed, labels=labels_for(classes) if args.world else LABELS, failures=failures,
-                      grey=args.grey)
-        minutes = round((time.time() - t0) / 60, 1)
-        judge.save(args.out)
-        info = {"steps": args.steps, "seed": args.seed, "train_minutes": minutes, "world": args.world or "base",
-                "failures_from": args.failures_from, "grey": args.grey,
-                "parameters": sum(q.numel() for q in judge.parameters()), **report(judge)}
-    else:
-        judge = Judge.load(args.out)
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        info.update(report(judge))
-    atomic_save(json.dumps(info, indent=1) + "\n", info_path, write_text)
-    print(json.dumps(info, indent=1))
-
-
-if __name__ == "__main__":
-    main()

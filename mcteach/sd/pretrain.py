@@ -1,8 +1,8 @@
 """Train the tiny Stable Diffusion from scratch on the emoji world.
 
-    python -m mcteach.pretrain train            # tokenizer -> VAE -> UNet + text encoder (resumable)
-    python -m mcteach.pretrain export           # EMA weights -> data/tiny-sd (fp16 safetensors)
-    python -m mcteach.pretrain status           # where a run stands: steps, losses, the VAE's error
+    mcteach pretrain train            # tokenizer -> VAE -> UNet + text encoder (resumable)
+    mcteach pretrain export           # EMA weights -> data/tiny-sd (fp16 safetensors)
+    mcteach pretrain status           # where a run stands: steps, losses, the VAE's error
 
 The recipe (the world, the VAE architecture, where the UNet starts from) is fixed on the first
 ``train`` of a work folder and checked on every resume, so a resumed run cannot silently change it.
@@ -23,11 +23,9 @@ a pure function of the step, so a resumed run sees the same batches. Sample grid
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -36,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import sd, tiny, world
-from .files import atomic_save, write_text  # noqa: F401  (re-exported: older code imports them from here)
+from ..files import atomic_save, write_text
+from ..paths import CACHE, CONCEPTS_DIR, DATA
+from ..world import scenes
+from . import parts, tiny
 
-DEFAULT_WORK = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach")) / "pretrain"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
+DEFAULT_WORK = CACHE / "pretrain"
+DEFAULT_OUT = DATA / "tiny-sd"
 SAMPLE_PROMPTS = [
     "a fox",
     "a red apple on the left",
@@ -56,13 +56,13 @@ SAMPLE_PROMPTS = [
 def scene_batch(step: int, batch_size: int, seed: int, classes=None):
     """Batch number ``step`` of the world (``classes``, default the base classes): images in [-1, 1]
     (B,3,64,64), masks (B,64,64), captions."""
-    scenes = [world.random_scene(seed * 10**9 + step * batch_size + i, classes) for i in range(batch_size)]
-    images = np.stack([np.asarray(s.image, dtype=np.float32) / 127.5 - 1.0 for s in scenes])
-    masks = np.stack([s.masks.max(axis=0) for s in scenes])
+    drawn = [scenes.random_scene(seed * 10**9 + step * batch_size + i, classes) for i in range(batch_size)]
+    images = np.stack([np.asarray(s.image, dtype=np.float32) / 127.5 - 1.0 for s in drawn])
+    masks = np.stack([s.masks.max(axis=0) for s in drawn])
     return (
         torch.from_numpy(images).permute(0, 3, 1, 2),
         torch.from_numpy(masks),
-        [s.caption for s in scenes],
+        [s.caption for s in drawn],
     )
 
 
@@ -110,7 +110,7 @@ def _lr(step: int, base: float, warmup: int, total: int | None = None) -> float:
 def train_tokenizer(work: Path, classes=None):
     path = work / "tokenizer"
     if not (path / "tokenizer.json").exists():
-        tiny.build_tokenizer(world.vocabulary_words(classes or world.BASE_CLASSES)).save_pretrained(path)
+        tiny.build_tokenizer(scenes.vocabulary_words(classes or scenes.BASE_CLASSES)).save_pretrained(path)
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(path)
@@ -125,7 +125,7 @@ def concept_images(root: Path | None = None) -> torch.Tensor:
     """The shipped concept images (held-out renders, never in training) as (N, 3, 64, 64) in [-1, 1]."""
     from PIL import Image
 
-    root = root or Path(__file__).resolve().parent.parent / "data" / "concepts"
+    root = root or CONCEPTS_DIR
     files = sorted(f for f in root.glob("*/*.png") if not f.stem.endswith("_mask"))
     arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for f in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -213,7 +213,7 @@ def _ema_update(ema, model, decay: float):
 
 
 def encode_prompts(tokenizer, text_encoder, captions):
-    return text_encoder(sd.tokenize(tokenizer, captions).to(text_encoder.device))[0]
+    return text_encoder(parts.tokenize(tokenizer, captions).to(text_encoder.device))[0]
 
 
 def init_from_pipeline(path, tokenizer, text_encoder, unet) -> int:
@@ -317,17 +317,17 @@ def train_unet(work: Path, tokenizer, vae, steps: int, batch_size: int, lr: floa
 
 def sample_prompts(classes=None) -> list[str]:
     """The sample grid's prompts; for another world, 8 of its own prompts of the same shapes."""
-    if classes is None or classes is world.CLASSIC_CLASSES:
+    if classes is None or classes is scenes.CLASSIC_CLASSES:
         return SAMPLE_PROMPTS
     import random
 
     rng, prompts = random.Random(0), []
     for layout in ("centre", "left", ("left", "right"), ("top", "bottom")) * 2:
         if isinstance(layout, str):
-            prompts.append(world.caption([(rng.choice(classes), layout)]))
+            prompts.append(scenes.caption([(rng.choice(classes), layout)]))
         else:
             a, b = rng.sample(classes, 2)
-            prompts.append(world.caption([(a, layout[0]), (b, layout[1])]))
+            prompts.append(scenes.caption([(a, layout[0]), (b, layout[1])]))
     return prompts
 
 
@@ -376,7 +376,7 @@ def export(work: Path, out: Path, seed: int = 0) -> Path:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     (out / "training_log.json").write_text(json.dumps({"unet_steps": state["step"], "log": state["log"]}))
     recipe = json.loads((work / "recipe.json").read_text()) if (work / "recipe.json").exists() else {}
-    classes = world.WORLDS[recipe.get("world", "classic")]
+    classes = scenes.WORLDS[recipe.get("world", "classic")]
     counts = {c: sum(e.category == c for e in classes) for c in ("person", "animal", "food", "object")}
     params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) / 1e6 for k in ("vae", "text_encoder", "unet")}
     (out / "README.md").write_text(MODEL_CARD.format(
@@ -407,7 +407,7 @@ MODEL_CARD = """# tiny-sd: the mcteach course's embedded Stable Diffusion
 A Stable Diffusion pipeline (diffusers `StableDiffusionPipeline`: CLIPTokenizer, CLIPTextModel,
 UNet2DConditionModel with cross-attention, AutoencoderKL, DDIMScheduler) at laptop size: 64x64 RGB
 images, 16x16x4 latents (VAE {vae_m:.1f}M parameters, scaling factor {scaling:.4f}), a 3-layer CLIP text encoder
-({text_encoder_m:.1f}M), a {unet_m:.1f}M-parameter UNet. Trained by `python -m mcteach.pretrain train` on rendered
+({text_encoder_m:.1f}M), a {unet_m:.1f}M-parameter UNet. Trained by `mcteach pretrain train` on rendered
 scenes of the "{world}" world: {n} Noto Color Emoji classes ({person} people, {animal} animals, {food} foods,
 {object} objects), one or two per image ("a fox on the left and a red apple on the right"). The weights are the
 EMA of the UNet and text encoder after {steps} steps{batches}, stored in fp16.
@@ -418,7 +418,7 @@ EMA of the UNet and text encoder after {steps} steps{batches}, stored in fp16.
 
 It knows only its world: captions built from the class names and the positions left/right/top/bottom. Its
 images are derived from Noto Color Emoji (images Apache-2.0, font OFL-1.1); see ../NOTICE.md. Measured quality:
-the repository README (`python -m mcteach.evaluate base`).
+the repository README (`mcteach bench base`).
 """
 
 
@@ -468,73 +468,26 @@ def status(work: Path) -> dict:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mcteach.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "export", "status"])
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and samples")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where export writes the pipeline")
-    p.add_argument("--world", choices=sorted(world.WORLDS), default="broad", help="the classes to train on")
-    p.add_argument("--vae-architecture", choices=sorted(tiny.ARCHITECTURES), default="tiny-sharp")
-    p.add_argument("--init", type=Path, default=None,
-                   help="start the UNet and text encoder from this exported pipeline (e.g. data/tiny-sd)")
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--unet-steps", type=int, default=20000)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes rendering batches ahead (default: 0 on a CPU, all cores but two on a GPU)")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds: checkpoint and stop after this long (the same command resumes)")
-    a = p.parse_args(argv)
-    deadline = time.time() + a.time_limit if a.time_limit else None
-    if a.workers is None:
-        a.workers = max(0, (os.cpu_count() or 1) - 2) if a.device.startswith("cuda") else 0
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.command == "status":
-        print(json.dumps(status(a.work), indent=1))
-        return
-    if a.command == "export":
-        print(f"exported to {export(a.work, a.out, a.seed)}")
-        return
-    a.work.mkdir(parents=True, exist_ok=True)
-    recipe = check_recipe(a.work, {"world": a.world, "vae_architecture": a.vae_architecture,
-                                   "init": str(a.init.resolve()) if a.init else None, "seed": a.seed})
-    try:
-        _train(a, recipe, deadline)
-    except TimeLimit as stop:
-        print(f"stopped at the time limit after {stop} (checkpointed); run the same command to go on", flush=True)
-
-
-def _train(a, recipe: dict, deadline: float | None):
-    classes = world.WORLDS[recipe["world"]]
-    tokenizer = train_tokenizer(a.work, classes)
-    vae_bf16 = bf16_is_fast(a.device)
-    vae = train_vae(a.work, tokenizer, a.vae_steps, a.vae_batch, a.vae_lr, a.kl_weight, a.ckpt_every, a.seed,
-                    classes, recipe["vae_architecture"], a.device, vae_bf16, workers=a.workers, deadline=deadline)
-    scaling, vae_step = a.work / "vae_scaling.json", _step(a.work / "vae.pt")  # the weights' step, not --vae-steps
+def train_all(work: Path, recipe: dict, *, vae_steps: int, vae_batch: int, vae_lr: float, kl_weight: float,
+              unet_steps: int, batch: int, lr: float, ckpt_every: int, sample_every: int, seed: int, device: str,
+              workers: int = 0, deadline: float | None = None) -> None:
+    """The three stages in order, each resuming from its checkpoint in ``work``: tokenizer, VAE (then its latent
+    scaling factor), UNet + text encoder. ``recipe`` is ``check_recipe``'s; TimeLimit at ``deadline``."""
+    classes = scenes.WORLDS[recipe["world"]]
+    tokenizer = train_tokenizer(work, classes)
+    vae_bf16 = bf16_is_fast(device)
+    vae = train_vae(work, tokenizer, vae_steps, vae_batch, vae_lr, kl_weight, ckpt_every, seed,
+                    classes, recipe["vae_architecture"], device, vae_bf16, workers=workers, deadline=deadline)
+    scaling, vae_step = work / "vae_scaling.json", _step(work / "vae.pt")  # the weights' step, not --vae-steps
     saved = json.loads(scaling.read_text()) if scaling.exists() else {}
     if saved.get("vae_step", vae_step) != vae_step or not saved:
-        if (a.work / "unet.pt").exists():
-            raise SystemExit(f"the VAE in {a.work} changed (step {saved.get('vae_step')} -> {vae_step}) after the UNet "
+        if (work / "unet.pt").exists():
+            raise SystemExit(f"the VAE in {work} changed (step {saved.get('vae_step')} -> {vae_step}) after the UNet "
                              "stage began on its latents: train the UNet in a new --work folder")
-        saved = {"scaling_factor": set_scaling_factor(vae, a.seed, classes), "vae_step": vae_step}
+        saved = {"scaling_factor": set_scaling_factor(vae, seed, classes), "vae_step": vae_step}
         atomic_save(json.dumps(saved) + "\n", scaling, write_text)
     vae.register_to_config(scaling_factor=json.loads(scaling.read_text())["scaling_factor"])
     print(f"VAE scaling factor {vae.config.scaling_factor:.4f}", flush=True)
-    train_unet(a.work, tokenizer, vae, a.unet_steps, a.batch, a.lr, a.ckpt_every, a.sample_every, a.seed,
-               classes=classes, init=recipe["init"], device=a.device,
-               bf16=a.device.startswith("cuda"), vae_bf16=vae_bf16, workers=a.workers, deadline=deadline)
-
-
-if __name__ == "__main__":
-    main()
+    train_unet(work, tokenizer, vae, unet_steps, batch, lr, ckpt_every, sample_every, seed,
+               classes=classes, init=recipe["init"], device=device,
+               bf16=device.startswith("cuda"), vae_bf16=vae_bf16, workers=workers, deadline=deadline)

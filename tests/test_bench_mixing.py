@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from mcteach import bench
+from mcteach.bench import mixing as bench_mixing
+from mcteach.cli import main as cli_main
 
 KEYS = {"method", "fix", "pair", "success", "swap", "neglect", "duplication", "blend", "fidelity", "train_s", "image_s", "n"}
 
@@ -26,53 +27,53 @@ def stub(monkeypatch):
         def base_row(self, pair, slugs):
             return fake_row("base model", "none", pair, slugs)
 
-    monkeypatch.setattr(bench, "Bench", Stub)
+    monkeypatch.setattr(bench_mixing, "Bench", Stub)
 
 
 def test_quick_json_has_the_documented_schema(stub, capsys):
-    assert bench.main(["--quick", "--json"]) == 0
+    assert cli_main(["bench", "mixing", "--quick", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(r["method"], r["fix"], r["pair"]) for r in report["rows"]] == [("lora", "none", "couple"),
                                                                             ("lora", "inference", "couple")]
     for r in report["rows"]:
-        assert set(r) == KEYS and r["fix"] in bench.FIXES
+        assert set(r) == KEYS and r["fix"] in bench_mixing.FIXES
         assert all(len(r[k]) == 3 for k in ("success", "swap", "neglect", "duplication", "blend", "fidelity"))
 
 
 def test_runs_resume_and_merge(stub, tmp_path):
     out = tmp_path / "a.json"
-    bench.run(methods=["lora"], fixes=["none"], pairs=["couple"], out=out, triple=False, base=False)
-    bench.run(methods=["lora"], fixes=["none", "both"], pairs=["couple"], out=out, triple=False, base=False)
+    bench_mixing.run(methods=["lora"], fixes=["none"], pairs=["couple"], out=out, triple=False, base=False)
+    bench_mixing.run(methods=["lora"], fixes=["none", "both"], pairs=["couple"], out=out, triple=False, base=False)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["fix"]) for r in rows] == ["none", "both"]  # the first row was kept, not run again
     other = tmp_path / "b.json"
-    bench.run(methods=["dreambooth"], fixes=["none"], pairs=["couple"], out=other, triple=False, base=True)
+    bench_mixing.run(methods=["dreambooth"], fixes=["none"], pairs=["couple"], out=other, triple=False, base=True)
     merged = tmp_path / "m.json"
-    assert bench.main(["--merge", str(out), str(other), "--out", str(merged)]) == 0
-    text = bench.markdown(json.loads(merged.read_text()))
+    assert cli_main(["bench", "mixing", "--merge", str(out), str(other), "--out", str(merged)]) == 0
+    text = bench_mixing.main_table(json.loads(merged.read_text()))
     assert text.count("| couple |") == 4 and "| couple | base model | none |" in text.splitlines()[2]
 
 
 def test_sampling_ratio_times_pipelines_in_turns():
-    from mcteach import bench
+    from mcteach.bench import mixing as bench_mixing
 
-    r = bench.sampling_ratio([None, None], images=2, repeats=1)  # the embedded model against itself
+    r = bench_mixing.sampling_ratio([None, None], images=2, repeats=1)  # the embedded model against itself
     assert r["models"] == ["embedded", "embedded"] and len(r["seconds_per_image"]) == 2
     assert r["ratio_to_first"][0] == 1.0 and 0.3 < r["ratio_to_first"][1] < 3
 
 
 def test_the_bench_judges_with_the_judge_it_is_given(tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr("mcteach.judge.Judge.load", classmethod(lambda cls, *a: loaded.append(a) or "judge"))
-    assert bench.Bench(tmp_path, judge_path=tmp_path / "j.safetensors").judge == "judge"
-    bench.Bench(tmp_path)
+    monkeypatch.setattr("mcteach.measure.judge.Judge.load", classmethod(lambda cls, *a: loaded.append(a) or "judge"))
+    assert bench_mixing.Bench(tmp_path, judge_path=tmp_path / "j.safetensors").judge == "judge"
+    bench_mixing.Bench(tmp_path)
     assert loaded == [(tmp_path / "j.safetensors",), ()]
 
 
 def test_a_cached_adapter_trained_otherwise_than_the_defaults_is_refused(tmp_path):
     """The bench reuses adapters under --work; one left there by an experiment (another schedule) would be measured as
     if it were the defaults. It is refused, with what differs."""
-    from mcteach.methods import make_method
+    from mcteach.methods.catalog import make_method
 
     lora = make_method("lora")
     folder = tmp_path / "lora" / "fix" / "koala+hamster"
@@ -80,7 +81,7 @@ def test_a_cached_adapter_trained_otherwise_than_the_defaults_is_refused(tmp_pat
     (folder / "bench_train.json").write_text(json.dumps({"seconds": 1.0, "threads": 1}))
     steps, batch_size = lora.schedule(2)
     (folder / "adapter.json").write_text(json.dumps({"training": {"steps": 400, "batch_size": 4, "lr": lora.lr}}))
-    b = bench.Bench(tmp_path)
+    b = bench_mixing.Bench(tmp_path)
     with pytest.raises(ValueError, match=f"steps 400 \\(default {steps}\\), batch_size 4 \\(default {batch_size}\\)"):
         b.trained("lora", ("koala", "hamster"), regularized=True)
     (folder / "adapter.json").write_text(json.dumps({"training": {"steps": steps, "batch_size": batch_size, "lr": lora.lr}}))

@@ -1,4 +1,4 @@
-"""Measuring generations, with the judge (``mcteach.judge``): one module for every number the course reports.
+"""Measuring generations, with the judge (``mcteach.measure.judge``): one module for every number the course reports.
 
 **Per instance, not per image.** A global image score cannot tell one correct "cat + dog" image from two
 cat-dog hybrids or from a swapped pair (``global_similarity`` shows it), so we judge each *region*: for
@@ -18,12 +18,11 @@ intended concepts (0: pure, 0.5: an even mix, 1: swapped). Rates come with 95% b
 **Single concepts.** ``concept_samples``: fidelity ("a <phrase>", the whole frame judged as the concept) and
 position adherence ("a <phrase> on the left / right"); ``class_scores``: DreamBooth's drift.
 
-    python -m mcteach.evaluate base     # the embedded model's figures in the README
+    mcteach bench base     # the embedded model's figures in the README
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -32,17 +31,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import world
-from .pipeline import generate, load_pipeline
+from ..paths import JUDGE_PATH
+from ..plot import show_images
+from ..sd.pipeline import generate, load_pipeline
+from ..world import scenes
+from ..world.regions import OPPOSITE_POSITIONS
+from .judge import Judge
 
 OUTCOMES = ("success", "swap", "duplication", "neglect", "other")
-GEN = {"steps": 25, "guidance_scale": 5.0}  # the course's sampling settings for every measurement
+#: the course's sampling settings for every measurement
+SAMPLING = {"steps": 25, "guidance_scale": 5.0}
 
 
 @dataclass
 class PairResult:
     """One judged image of several concepts (two for a pair, three in thirds)."""
-
     prompt: str
     concepts: tuple[str, ...]  # intended, region by region
     positions: tuple[str, ...]
@@ -113,10 +116,10 @@ def fmt_ci(values) -> str:
     return f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def single_accuracy(pipe, judge, classes: list[world.Emoji], seeds=range(4), position: str = "centre",
+def single_accuracy(pipe, judge, classes: list[scenes.Emoji], seeds=range(4), position: str = "centre",
                     batch: int = 64, **gen_kwargs) -> dict:
     """Top-1 judge accuracy of "a <class>" (or "a <class> on the left", ...) over classes x seeds."""
-    prompts = [world.caption([(e, position)]) for e in classes]
+    prompts = [scenes.caption([(e, position)]) for e in classes]
     jobs = [(p, e.name, s) for s in seeds for p, e in zip(prompts, classes)]
     correct, per_class = [], {}
     for i in range(0, len(jobs), batch):
@@ -131,13 +134,13 @@ def single_accuracy(pipe, judge, classes: list[world.Emoji], seeds=range(4), pos
             "per_class": {k: float(np.mean(v)) for k, v in per_class.items()}}
 
 
-def pair_prompts(classes: list[world.Emoji], n: int, seed: int = 0):
+def pair_prompts(classes: list[scenes.Emoji], n: int, seed: int = 0):
     """``n`` random (a, b, (pos_a, pos_b)) with a != b, left/right or top/bottom, reproducible."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         a, b = rng.sample(classes, 2)
-        out.append((a, b, rng.choice(world.PAIRS)))
+        out.append((a, b, rng.choice(OPPOSITE_POSITIONS)))
     return out
 
 
@@ -146,7 +149,7 @@ def pair_results(pipe, judge, pairs, seeds=range(2), tau: float = 0.5, batch: in
     """Generate every pair prompt for every seed and judge both regions."""
     jobs = []
     for a, b, (pa, pb) in pairs:
-        prompt = world.caption([(a, pa), (b, pb)])
+        prompt = scenes.caption([(a, pa), (b, pb)])
         jobs += [(prompt, a.name, b.name, pa, pb, s) for s in seeds]
     results = []
     for i in range(0, len(jobs), batch):
@@ -194,14 +197,13 @@ def summarize_pairs(results: list[PairResult]) -> dict:
 
 def judged(pipe, judge, prompts: list[str], seeds: list[int], positions: list[str], batch: int = 32) -> list[str]:
     """The judge's top label in ``positions[i]`` of the image for (prompts[i], seeds[i])."""
-    return judge.labels_of(generate(pipe, prompts, seed=seeds, batch_size=batch, **GEN), positions)
+    return judge.labels_of(generate(pipe, prompts, seed=seeds, batch_size=batch, **SAMPLING), positions)
 
 
 @dataclass
 class ConceptSamples:
     """Images of a learned concept and the judge's verdicts: "a <phrase>" (whole frame) for each seed, then
     "a <phrase> on the left" and "... on the right" (the asked half) for each seed."""
-
     phrase: str
     name: str  # the judge's label for the concept
     centre: list  # PIL images
@@ -221,8 +223,6 @@ class ConceptSamples:
     def show(self, size: float = 1.5):
         """One row per prompt (centre, left, right), one column per seed, each image titled with the
         judge's label (✓ when it is the concept)."""
-        from .plot import show_images
-
         mark = lambda label: ("✓ " if label == self.name else "✗ ") + label[:14]  # noqa: E731
         titles = ([mark(x) for x in self.centre_labels]
                   + [f"{p}: {mark(x)}" for p, x in zip(self.placed_positions, self.placed_labels)])
@@ -236,7 +236,7 @@ def concept_samples(pipe, judge, phrase: str, name: str, seeds: int = 8) -> Conc
     s = list(range(seeds))
     prompts = [f"a {phrase}"] * seeds + [f"a {phrase} on the left"] * seeds + [f"a {phrase} on the right"] * seeds
     positions = ["centre"] * seeds + ["left"] * seeds + ["right"] * seeds
-    images = generate(pipe, prompts, seed=s * 3, batch_size=32, **GEN)
+    images = generate(pipe, prompts, seed=s * 3, batch_size=32, **SAMPLING)
     labels = judge.labels_of(images, positions)
     return ConceptSamples(phrase, name, images[:seeds], labels[:seeds], images[seeds:], positions[seeds:],
                           labels[seeds:])
@@ -251,8 +251,8 @@ def concept_scores(pipe, judge, phrase: str, name: str, seeds: int = 8) -> dict:
 def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8) -> dict:
     """What "a <class word>" draws (still the class? the concept?), and top-1 over all base classes (seed 0)."""
     own = judged(pipe, judge, [f"a {class_word}"] * seeds, list(range(seeds)), ["centre"] * seeds)
-    names = [e.name for e in world.BASE_CLASSES]
-    every = judged(pipe, judge, [world.caption([(e, "centre")]) for e in world.BASE_CLASSES],
+    names = [e.name for e in scenes.BASE_CLASSES]
+    every = judged(pipe, judge, [scenes.caption([(e, "centre")]) for e in scenes.BASE_CLASSES],
                    [0] * len(names), ["centre"] * len(names))
     return {"class_kept": float(np.mean([p == class_word for p in own])),
             "class_draws_concept": float(np.mean([p == concept_name for p in own])),
@@ -264,17 +264,15 @@ def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8
 
 def evaluate_base(model=None, seeds: int = 4, pairs: int = 60, pair_seeds: int = 2, steps: int = 25,
                   guidance_scale: float = 5.0, out: Path | None = None, judge_path: Path | None = None,
-                  classes: list[world.Emoji] | None = None) -> dict:
+                  classes: list[scenes.Emoji] | None = None) -> dict:
     """The base model's figures: single-object recognition (centre and positioned) and pairs, over ``classes``
     (default: the base classes) with the judge at ``judge_path`` (default: the shipped one)."""
-    from .judge import JUDGE_PATH, Judge
-
     pipe, judge = load_pipeline(model), Judge.load(judge_path or JUDGE_PATH)
-    classes = classes or world.BASE_CLASSES
+    classes = classes or scenes.BASE_CLASSES
     missing = [e.name for e in classes if e.name not in judge.labels]
     if missing:
         raise ValueError(f"the judge at {judge_path or JUDGE_PATH} has no label for {missing[:5]}...: give the judge "
-                         "trained for this world (python -m mcteach.judge train --world ...)")
+                         "trained for this world (mcteach judge train --world ...)")
     kw = dict(steps=steps, guidance_scale=guidance_scale)
     report = {"model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "classes": len(classes),
               "steps": steps, "guidance_scale": guidance_scale}
@@ -299,29 +297,3 @@ def markdown(report: dict) -> str:
         m, lo, hi = report["pairs"][o]
         rows.append(f"| two objects: {o.replace('_', ' ')} | {m:.2f} [{lo:.2f}, {hi:.2f}] | {report['pairs']['n']} |")
     return "\n".join(rows)
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mcteach.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["base"])
-    p.add_argument("--model", default=None)
-    p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--pairs", type=int, default=60)
-    p.add_argument("--pair-seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--out", type=Path, default=None, help="write the full report as JSON (a folder: <folder>/eval_base.json)")
-    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
-    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
-                   help="the classes to measure (default: the base model's)")
-    a = p.parse_args(argv)
-    if a.out is not None and a.out.is_dir():  # checked before the long run, so its result is never lost
-        a.out = a.out / "eval_base.json"
-    report = evaluate_base(a.model, a.seeds, a.pairs, a.pair_seeds, a.steps, a.guidance, a.out, a.judge,
-                           world.WORLDS[a.world] if a.world else None)
-    print(markdown(report))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """The photo judge: per-instance metrics for real photos, on pretrained image encoders (CLIP, DINOv2, OWLv2).
 
-The emoji judge (``mcteach.judge``) knows the emoji world and nothing else. On Stable Diffusion 1.5 with your
+The emoji judge (``mcteach.measure.judge``) knows the emoji world and nothing else. On Stable Diffusion 1.5 with your
 own concepts (4-8 photos each) this module plays its part: it crops each region of a generated image and
 compares the crop with every concept's reference photos in the embedding space of a pretrained encoder.
 
     >>> from mcteach import evaluate
-    >>> from mcteach.photo_judge import PhotoJudge
+    >>> from mcteach.measure.photo_judge import PhotoJudge
     >>> judge = PhotoJudge.load(device="cuda")                  # CLIP ViT-B/32, DINOv2-small, OWLv2 (downloads)
     >>> refs = judge.references({"my dog": dog_photos, "my cat": cat_photos})      # lists of PIL images
     >>> layout = {"left": "my dog", "right": "my cat"}          # region -> the concept asked there
@@ -13,7 +13,7 @@ compares the crop with every concept's reference photos in the embedding space o
     >>> print(evaluate.summary_table({"LoRA + masking": evaluate.summarize_pairs(results)}))
     >>> judge.dc_score(images[0], refs, queries={"my dog": "dog", "my cat": "cat"}).score   # MuDI's D&C (OWLv2)
 
-**Region similarity.** Region r of the image (a name of ``mcteach.masking.NAMED_REGIONS`` or the world's
+**Region similarity.** Region r of the image (a name of ``mcteach.world.regions.REGIONS`` or the world's
 ``"centre"``, or a box of fractions ``(x0, y0, x1, y1)``) is cropped, padded to a square with white (so the
 encoder's centre crop keeps all of it, as MuDI's ``crop_and_pad_image``) and embedded: ``e_r``, unit norm.
 Concept k has reference embeddings ``f_k1 .. f_kn``. The similarity matrix (R regions x K concepts) is
@@ -30,7 +30,7 @@ summarises away, the reason DreamBooth reports DINO over CLIP-I for subject fide
 **Per-instance outcome.** The similarities become label probabilities ``p = softmax(S[r] / temperature)`` over
 the concepts (temperature 0.01 is CLIP's logit scale of 100); with ``empty_below=s0`` a ``"nothing"`` label with
 the constant similarity ``s0`` joins them, so a region unlike every concept can be empty. These probabilities go
-through ``mcteach.evaluate.instance_outcome``, the emoji judge's own rule: success / swap / duplication /
+through ``mcteach.measure.metrics.instance_outcome``, the emoji judge's own rule: success / swap / duplication /
 neglect / other, and the blend index ``p(others) / (p(intended) + p(others))`` per region (0: pure, 0.5: an
 even mix, 1: swapped). The results are ``evaluate.PairResult`` objects, so ``evaluate.summarize_pairs`` and
 ``evaluate.summary_table`` print the same tables as on the emoji world.
@@ -79,14 +79,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import world
-from .evaluate import PairResult, instance_outcome
+from ..sd import tiny
+from ..sd.pipeline import pick_device
+from ..world import scenes
+from ..world.regions import region_box
 from .judge import NOTHING
-from .masking import NAMED_REGIONS, RegionError
+from .metrics import PairResult, instance_outcome
 
-#: region names -> (x0, y0, x1, y1) in fractions of the image: the world's positions (with "centre") and the
-#: masking module's quadrants and thirds
-REGIONS = {**{name: box for name, (_, box) in world.POSITIONS.items()}, **NAMED_REGIONS}
 CLIP_ID, DINO_ID, OWL_ID = "openai/clip-vit-base-patch32", "facebook/dinov2-small", "google/owlv2-base-patch16-ensemble"
 
 
@@ -99,27 +98,6 @@ def _check_image(image) -> Image.Image:
                 if isinstance(image, torch.Tensor) else "")
         raise TypeError(f"expected a PIL image, got {type(image).__name__}; convert it first{hint}")
     return image.convert("RGB")
-
-
-def region_box(region, width: int, height: int) -> tuple[int, int, int, int]:
-    """Pixel box (x0, y0, x1, y1) of ``region`` in a ``width`` x ``height`` image: a name of :data:`REGIONS`
-    ("left", "top-right", "middle-third", ...), a box of fractions ``(x0, y0, x1, y1)`` or the string
-    ``"x0,y0,x1,y1"``. RegionError (a ValueError) for an unknown name or an empty box."""
-    if isinstance(region, str) and region in REGIONS:
-        box = REGIONS[region]
-    else:
-        try:
-            box = tuple(float(v) for v in (region.split(",") if isinstance(region, str) else region))
-        except (TypeError, ValueError):
-            box = ()
-        if len(box) != 4:
-            raise RegionError(f"unknown region {region!r}; use one of {', '.join(REGIONS)} "
-                              "or a box (x0, y0, x1, y1) of fractions of the image")
-    x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise RegionError(f"box {box} is out of range or empty: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
-    px = (round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height))
-    return px[0], px[1], max(px[2], px[0] + 1), max(px[3], px[1] + 1)
 
 
 def pad_square(image: Image.Image, fill=(255, 255, 255)) -> Image.Image:
@@ -147,7 +125,6 @@ class ImageEncoder:
     ``kind="clip"``: ``CLIPVisionModelWithProjection``, the projected ``image_embeds`` (the space CLIP compares
     with text). ``kind="dino"``: ``Dinov2Model``, the CLS token after the final layer norm (``pool="cls"``) or the
     mean of all tokens (``pool="mean"``, MuDI's DINOv2 evaluator)."""
-
     kind: str
     model: torch.nn.Module
     processor: object
@@ -179,7 +156,6 @@ class ImageEncoder:
 @dataclass
 class References:
     """Each concept's reference embeddings under one encoder: ``embeddings[k]`` is (n_k, D), unit norm."""
-
     encoder: str
     concepts: list[str]
     embeddings: list[torch.Tensor] = field(repr=False)
@@ -265,7 +241,6 @@ def region_probs(similarity: torch.Tensor, temperature: float = 0.01, empty_belo
 class RegionSimilarity:
     """One image's region x concept similarities: ``matrix[r, k]`` for region ``regions[r]`` (where
     ``intended[r]`` was asked) and concept ``concepts[k]``."""
-
     regions: list[str]
     intended: list[str]
     concepts: list[str]
@@ -292,7 +267,6 @@ class RegionSimilarity:
 @dataclass
 class Detection:
     """One OWLv2 box: pixels (x0, y0, x1, y1), its score, and the query it answered."""
-
     box: tuple[float, float, float, float]
     score: float
     label: str
@@ -302,7 +276,6 @@ class Detection:
 class DCResult:
     """D&C of one image: the score, S (N, K) before matching, S_GT (K, K), the crops' pixel boxes, the concepts
     (columns) and the row matched to each concept (None when N != K)."""
-
     score: float
     similarity: torch.Tensor
     ground_truth: torch.Tensor
@@ -329,10 +302,15 @@ class PhotoJudge:
         """Pretrained models from the Hugging Face hub (or local folders), in eval mode on ``device`` (default:
         CUDA, then MPS, then CPU). Pass None to skip one. The three defaults: about 1.3 GB to download (the CLIP
         checkpoint holds its text tower too), 1 GB of memory in float32."""
-        from transformers import (AutoImageProcessor, CLIPImageProcessor, CLIPVisionModelWithProjection,
-                                  Dinov2Model, Owlv2ForObjectDetection, Owlv2Processor)
+        from transformers import (
+            AutoImageProcessor,
+            CLIPImageProcessor,
+            CLIPVisionModelWithProjection,
+            Dinov2Model,
+            Owlv2ForObjectDetection,
+            Owlv2Processor,
+        )
 
-        from .pipeline import pick_device
 
         device = pick_device(device)
         encoders = {}
@@ -353,11 +331,19 @@ class PhotoJudge:
                     layers: int = 2, detector: bool = True) -> "PhotoJudge":
         """The same classes built from small configs with random weights (seeded) and processors made in place:
         no download. For tests: random encoders see colours and layout, not identities."""
-        from transformers import (BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig,
-                                  CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model, Owlv2Config,
-                                  Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor)
+        from transformers import (
+            BitImageProcessor,
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+            Dinov2Config,
+            Dinov2Model,
+            Owlv2Config,
+            Owlv2ForObjectDetection,
+            Owlv2ImageProcessor,
+            Owlv2Processor,
+        )
 
-        from . import tiny
 
         square = {"height": image_size, "width": image_size}
         vit = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=4, image_size=image_size,
@@ -376,7 +362,7 @@ class PhotoJudge:
         }
         if not detector:
             return cls(encoders)
-        words = sorted({w for emoji, _ in world.HELDOUT_CONCEPTS.values() for w in emoji.name.split() if w.isalpha()})
+        words = sorted({w for emoji, _ in scenes.HELDOUT_CONCEPTS.values() for w in emoji.name.split() if w.isalpha()})
         tokenizer = tiny.build_tokenizer(words)
         small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
         torch.manual_seed(seed + 2)
@@ -396,7 +382,7 @@ class PhotoJudge:
 
     def references(self, references, encoder: str = "dino") -> References:
         """Embed each concept's reference images once: ``{name: [PIL images]}`` or ``{name: Concept}``
-        (``mcteach.concepts.load_concept`` of a folder of your photos). A ``References`` passes through."""
+        (``mcteach.world.concepts.load_concept`` of a folder of your photos). A ``References`` passes through."""
         if isinstance(references, References):
             if references.encoder != encoder:
                 raise ValueError(f"references were embedded with {references.encoder!r}, not {encoder!r}")

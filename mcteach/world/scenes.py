@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import os
 import random
 import unicodedata
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .regions import OPPOSITE_POSITIONS, POSITIONS, region_box
 
 IMAGE_SIZE = 64
 FONT_SIZE = 109  # the only bitmap strike in Noto Color Emoji
@@ -51,15 +54,6 @@ SKIN_TONES = {
     "\U0001F3FE": "medium dark",
     "\U0001F3FF": "dark",
 }
-#: word used in captions for each position, and its region as (x0, y0, x1, y1) fractions
-POSITIONS = {
-    "left": ("on the left", (0.0, 0.0, 0.5, 1.0)),
-    "right": ("on the right", (0.5, 0.0, 1.0, 1.0)),
-    "top": ("at the top", (0.0, 0.0, 1.0, 0.5)),
-    "bottom": ("at the bottom", (0.0, 0.5, 1.0, 1.0)),
-    "centre": ("in the centre", (0.0, 0.0, 1.0, 1.0)),
-}
-PAIRS = (("left", "right"), ("top", "bottom"))
 
 
 class EmojiFontMissing(FileNotFoundError):
@@ -81,8 +75,6 @@ class EmojiShapingMissing(RuntimeError):
 
 def font_path() -> Path:
     """Path of NotoColorEmoji.ttf (``$MCTEACH_EMOJI_FONT`` first, then the usual system places)."""
-    import os
-
     env = os.environ.get("MCTEACH_EMOJI_FONT")
     conda = os.environ.get("CONDA_PREFIX")  # conda-forge's font-ttf-noto-emoji installs here
     extra = [env] if env else []
@@ -167,7 +159,6 @@ def emoji_name(chars: str) -> str:
 @dataclass(frozen=True)
 class Emoji:
     """One class of the world: its characters, caption name and coarse category."""
-
     chars: str
     category: str  # animal | person | food | object
 
@@ -286,21 +277,6 @@ def glyph(chars: str) -> Image.Image:
     return canvas.crop(box)
 
 
-def region_box(position: str, size: int = IMAGE_SIZE) -> tuple[int, int, int, int]:
-    """Pixel box (x0, y0, x1, y1) of a named region."""
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; use one of {sorted(POSITIONS)}")
-    return tuple(round(f * size) for f in POSITIONS[position][1])
-
-
-def region_mask(position: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Boolean (size, size) mask of a named region."""
-    x0, y0, x1, y1 = region_box(position, size)
-    m = np.zeros((size, size), dtype=bool)
-    m[y0:y1, x0:x1] = True
-    return m
-
-
 def caption(objects: list[tuple[Emoji | str, str]]) -> str:
     """Template caption for (emoji or name, position) pairs, in the given order.
 
@@ -313,7 +289,7 @@ def caption(objects: list[tuple[Emoji | str, str]]) -> str:
         article = "an" if name[0] in "aeiou" else "a"
         phrase = f"{article} {name}"
         if len(objects) > 1 or pos != "centre":
-            phrase += " " + POSITIONS[pos][0]
+            phrase += " " + POSITIONS[pos]
         parts.append(phrase)
     return " and ".join(parts)
 
@@ -326,7 +302,7 @@ class Scene:
     objects: list[tuple[Emoji, str]]
 
 
-def _background(rng: random.Random) -> tuple[int, int, int]:
+def background_colour(rng: random.Random) -> tuple[int, int, int]:
     h, s, v = rng.random(), rng.uniform(0.0, 0.45), rng.uniform(0.7, 1.0)
     return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, s, v))
 
@@ -348,13 +324,14 @@ def render_scene(
         raise ValueError(f"a scene has one or two objects, got {len(objects)}")
     positions = [p for _, p in objects]
     for p in positions:
-        region_box(p)  # validates the name
-    if len(objects) == 2 and tuple(positions) not in PAIRS and tuple(positions[::-1]) not in PAIRS:
+        if p not in POSITIONS:
+            raise ValueError(f"unknown position {p!r}; use one of {sorted(POSITIONS)}")
+    if len(objects) == 2 and tuple(positions) not in OPPOSITE_POSITIONS and tuple(positions[::-1]) not in OPPOSITE_POSITIONS:
         raise ValueError(
-            f"two objects need opposite halves, one of {PAIRS} (in either order); got {positions}"
+            f"two objects need opposite halves, one of {OPPOSITE_POSITIONS} (in either order); got {positions}"
         )
     rng = rng or random.Random(seed)
-    bg = tuple(background) if background is not None else _background(rng)
+    bg = tuple(background) if background is not None else background_colour(rng)
     canvas = Image.new("RGBA", (size, size), bg + (255,))
     masks = []
     for emoji, pos in objects:
@@ -383,7 +360,7 @@ def random_objects(
     """A random layout: one object (centre or a half) or two distinct objects in opposite halves."""
     if rng.random() < p_two:
         a, b = rng.sample(classes, 2)
-        pa, pb = rng.choice(PAIRS)
+        pa, pb = rng.choice(OPPOSITE_POSITIONS)
         objs = [(a, pa), (b, pb)]
         rng.shuffle(objs)  # "a on the left and b on the right" and "b on the right and a on the left"
         return objs

@@ -1,35 +1,34 @@
 """The mixing benchmark: every method x every fix x each concept pair, judged per instance (notebook 08).
 
 For each method (Textual Inversion, HyperNetwork, DreamBooth, LoRA), each fix and each pair of held-out
-concepts (``PAIRS``: the couple, two animals, two women, and a dissimilar control pair) it trains what it needs
+concepts (``CONCEPT_PAIRS``: the couple, two animals, two women, and a dissimilar control pair) it trains what it needs
 with the shipped defaults (cached under ``--work``), generates "a <A> on the left and a <B> on the right"
-for ``--seeds`` seeds and judges each half (``mcteach.evaluate``): success, swap, duplication, neglect, blend
+for ``--seeds`` seeds and judges each half (``mcteach.measure.metrics``): success, swap, duplication, neglect, blend
 index, each with a 95% bootstrap interval; beside them each concept's fidelity alone on the same pipeline
 (the fix on), and the seconds spent training and per image.
 
 The fixes:
 - ``none``: the concepts trained one by one and loaded together (``load_adapters``); DreamBooth, which cannot
   combine two models, is trained jointly on both sets (the DreamBooth paper's way);
-- ``inference``: the same weights, sampled with ``masking.INFERENCE_FIX`` (``regional_generate``);
-- ``training``: LoRA and DreamBooth trained jointly with ``methods.TRAINING_FIX`` (Seg-Mix composites, masked
+- ``inference``: the same weights, sampled with ``passes.INFERENCE_FIX`` (``regional_generate``);
+- ``training``: LoRA and DreamBooth trained jointly with ``engine.TRAINING_FIX`` (Seg-Mix composites, masked
   loss, attention loss); Textual Inversion and the HyperNetwork, which learn one concept at a time, with the
   masked and attention losses;
 - ``both``: the training fix's weights sampled with the inference fix.
 
-    python -m mcteach.bench --out data/bench_mixing.json                # everything (hours on 2 cores), resumable
-    python -m mcteach.bench --quick --json                              # LoRA on the couple, 8 seeds, ~10 min
-    python -m mcteach.bench --out data/bench_mixing.json --markdown     # the README's tables
+    mcteach bench mixing --out data/bench_mixing.json                # everything (hours on 2 cores), resumable
+    mcteach bench mixing --quick --json                              # LoRA on the couple, 8 seeds, ~10 min
+    mcteach bench mixing --out data/bench_mixing.json --markdown     # the README's tables
 
 ``--save-images DIR`` writes every judged image (``<method>-<fix>-<pair>-<seed>.png``) so anyone can re-judge.
 
-On a CUDA GPU, ``python -m mcteach.bench --gpu-report`` prints what training and masking cost at SD 1.5's size (random
+On a CUDA GPU, ``mcteach bench mixing --gpu-report`` prints what training and masking cost at SD 1.5's size (random
 weights, 512 px): each method's peak GPU memory and step time in fp16 with gradient checkpointing, and the masking
 processors' time against diffusers' default (``gpu_report``; ``pytest -m gpu`` asserts the same numbers).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -37,21 +36,32 @@ from pathlib import Path
 
 import torch
 
-from . import world
-from .concepts import load_concept
-from .evaluate import GEN, bootstrap_ci, judge_instances, summarize_pairs
-from .files import atomic_save, write_text
+from ..files import atomic_save, write_text
+from ..measure.judge import Judge
+from ..measure.metrics import SAMPLING, bootstrap_ci, judge_instances, summarize_pairs
+from ..methods.adapters import load_adapters, phrases
+from ..methods.catalog import METHODS, make_method, train_concept
+from ..methods.engine import JOINT_METHODS, Regularizers, training_fix
+from ..mixing.generate import regional_generate
+from ..mixing.masking import NO_FIX, AttentionMasks, Region, RegionMasker
+from ..mixing.passes import INFERENCE_FIX, sub_prompt
+from ..paths import CACHE
+from ..sd import pretrain, tiny
+from ..sd.attention import with_parts
+from ..sd.pipeline import generate, load_pipeline
+from ..world import scenes
+from ..world.concepts import load_concept
+from ..world.regions import POSITIONS, region_masks
+from ..world.scenes import EMOJI
 
-DEFAULT_WORK = Path("~/.cache/mcteach/mixbench").expanduser()
-BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_mixing.json"
-PAIRS = {
+DEFAULT_WORK = CACHE / "mixbench"
+CONCEPT_PAIRS = {
     "couple": ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"),
     "animals": ("koala", "hamster"),
     "same_class": ("woman_with_red_hair_and_medium_skin", "woman_with_curly_hair_and_dark_skin"),
     "control": ("croissant", "trumpet"),
 }
 TRIPLE = ("woman_with_red_hair_and_medium_skin", "koala", "man_with_curly_hair_and_light_skin")
-METHOD_ORDER = ("textual_inversion", "hypernetwork", "dreambooth", "lora")
 FIXES = ("none", "inference", "training", "both")
 LAYOUT = ("left", "right")
 THIRDS = ("left-third", "middle-third", "right-third")
@@ -64,8 +74,6 @@ def _key(row: dict) -> tuple:
 def _stale(folder: Path, method: str, n_concepts: int) -> str:
     """How a cached adapter's training differs from ``method``'s defaults for ``n_concepts`` concepts (steps, batch
     size, learning rate), e.g. "steps 400 (default 800), batch_size 4 (default 2)"; "" when it does not."""
-    from .methods import make_method
-
     m = make_method(method)
     steps, batch_size = m.schedule(n_concepts)
     done = json.loads((folder / "adapter.json").read_text())["training"]
@@ -78,7 +86,6 @@ class Bench:
 
     def __init__(self, work: Path = DEFAULT_WORK, seeds: int = 16, fidelity_seeds: int = 8, model=None,
                  save_images: Path | None = None, progress=print, judge_path: Path | None = None):
-        from .judge import Judge
 
         self.work, self.seeds, self.fidelity_seeds, self.model = Path(work), seeds, fidelity_seeds, model
         self.save_images, self.log = save_images, progress
@@ -87,17 +94,11 @@ class Bench:
     # --------------------------------------------------------------- training (cached)
     def trained(self, method: str, slugs: tuple[str, ...], regularized: bool) -> tuple[list[Path], float]:
         """Adapter folders for ``slugs`` and the seconds their training took (read back when cached)."""
-        from .methods import TRAINING_FIX, Regularizers, train_concept
-        from .methods.engine import JOINT_METHODS
-        from .pipeline import load_pipeline
-
         joint = method == "dreambooth" or (regularized and method in JOINT_METHODS)
-        reg = TRAINING_FIX if regularized else Regularizers()
-        if regularized and not joint:  # one concept at a time: no composites
-            reg = Regularizers(masked_loss=True, attention_weight=TRAINING_FIX.attention_weight)
         groups = [slugs] if joint else [(s,) for s in slugs]
         folders, seconds = [], 0.0
         for group in groups:
+            reg = training_fix(len(group), method) if regularized else Regularizers()
             folder = self.work / method / ("fix" if regularized else "plain") / "+".join(group)
             info = folder / "bench_train.json"
             if not info.is_file():
@@ -117,9 +118,6 @@ class Bench:
     def loaded(self, method: str, slugs: tuple[str, ...], regularized: bool):
         """A fresh pipeline with the concepts' adapters loaded: (pipe, {slug: phrase}, {slug: LoRA adapter name},
         the concepts, a judge that knows them, training seconds)."""
-        from .methods import load_adapters, phrases
-        from .pipeline import load_pipeline
-
         folders, train_s = self.trained(method, slugs, regularized)
         pipe = load_pipeline(self.model)
         metas = load_adapters(pipe, folders)
@@ -130,8 +128,6 @@ class Bench:
 
     # --------------------------------------------------------------- one row
     def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
-        from .masking import INFERENCE_FIX, NO_FIX, Region, regional_generate, sub_prompt
-
         pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in ("training", "both"))
         masks = INFERENCE_FIX if fix in ("inference", "both") else NO_FIX
         positions = THIRDS if len(slugs) == 3 else LAYOUT
@@ -140,7 +136,7 @@ class Bench:
                    for s, p in zip(slugs, positions)]
         seeds = list(range(self.seeds))
         t0 = time.time()
-        images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **GEN)
+        images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **SAMPLING)
         image_s = (time.time() - t0) / len(seeds)
         results = judge_instances(judge, images, [c.name for c in concepts], list(positions), prompt, seeds)
         if self.save_images:
@@ -149,7 +145,7 @@ class Bench:
         fid = []
         for s, c in zip(slugs, concepts):
             alone = [Region((0.0, 0.0, 1.0, 1.0), f"a {said[s]}", phrase=said[s], adapter=adapter_of[s])]
-            ims = regional_generate(pipe, f"a {said[s]}", alone, fix=masks, seed=list(range(self.fidelity_seeds)), **GEN)
+            ims = regional_generate(pipe, f"a {said[s]}", alone, fix=masks, seed=list(range(self.fidelity_seeds)), **SAMPLING)
             fid += [x == c.name for x in judge.labels_of(ims, "centre")]
         s = summarize_pairs(results)
         return {"method": method, "fix": fix, "pair": pair, "concepts": list(slugs), "prompt": prompt,
@@ -160,13 +156,10 @@ class Bench:
 
     def base_row(self, pair: str, slugs: tuple[str, str]) -> dict:
         """The base model's reference: the two concepts' class words ("a woman ... and a man ..."), no fix."""
-        from .pipeline import generate, load_pipeline
-        from .world import EMOJI
-
         words = [load_concept(s).class_word for s in slugs]
         prompt = _prompt(words, LAYOUT)
         seeds = list(range(self.seeds))
-        images = generate(load_pipeline(self.model), [prompt] * len(seeds), seed=seeds, batch_size=32, **GEN)
+        images = generate(load_pipeline(self.model), [prompt] * len(seeds), seed=seeds, batch_size=32, **SAMPLING)
         names = [EMOJI[w].name if w in EMOJI else w for w in words]
         if len(set(names)) < 2:  # two of one class: success means the class in both halves
             hits = [list(r.predicted) == names for r in judge_instances(self.judge, images, names[:1] * 2, list(LAYOUT))]
@@ -187,29 +180,25 @@ class Bench:
 
 def ablation_fixes() -> dict:
     """The inference fixes notebook 07 compares, by the module docstring's letters (a)-(d)."""
-    from .masking import INFERENCE_FIX, NO_FIX, Fix
-
     return {
         "none": NO_FIX,
-        "(a) tokens, end-of-text kept": Fix("tokens", False, False),
-        "(a) tokens, end-of-text for the background": Fix("tokens", False, False, eot="background"),
-        "(b) regional prompts": Fix("regional", False, False),
-        "(b) regional prompts, base 0.5": Fix("regional", False, False, base=0.5),
-        "(b+c) regional + self-attention": Fix("regional", True, False),
-        "(d) regional + region-bound LoRA": Fix("regional", False, True),
-        "(b+c+d) every single-pass mask": Fix("regional", True, True),
-        "(d) one pass per region": Fix("none", False, False, passes=True),
-        "(d) passes, bootstrapped": Fix("none", False, False, passes=True, bootstrap=0.5),
-        "(d) passes, bootstrapped, recentred": Fix("none", False, False, passes=True, bootstrap=0.5, recentre=True),
+        "(a) tokens, end-of-text kept": AttentionMasks("tokens", False, False),
+        "(a) tokens, end-of-text for the background": AttentionMasks("tokens", False, False, eot="background"),
+        "(b) regional prompts": AttentionMasks("regional", False, False),
+        "(b) regional prompts, base 0.5": AttentionMasks("regional", False, False, base=0.5),
+        "(b+c) regional + self-attention": AttentionMasks("regional", True, False),
+        "(d) regional + region-bound LoRA": AttentionMasks("regional", False, True),
+        "(b+c+d) every single-pass mask": AttentionMasks("regional", True, True),
+        "(d) one pass per region": AttentionMasks("none", False, False, passes=True),
+        "(d) passes, bootstrapped": AttentionMasks("none", False, False, passes=True, bootstrap=0.5),
+        "(d) passes, bootstrapped, recentred": AttentionMasks("none", False, False, passes=True, bootstrap=0.5, recentre=True),
         "(d) passes, bootstrapped, half the guidance inside (the fix)": INFERENCE_FIX,
     }
 
 
 def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[dict]:
     """Every fix of ``ablation_fixes`` on one pair's separately trained adapters: rows as in ``Bench.row``."""
-    from .masking import Region, regional_generate, sub_prompt
-
-    slugs = PAIRS[pair]
+    slugs = CONCEPT_PAIRS[pair]
     pipe, said, adapter_of, concepts, judge, _ = bench.loaded(method, slugs, False)
     prompt = _prompt([said[s] for s in slugs], LAYOUT)
     seeds = list(range(bench.seeds))
@@ -218,7 +207,7 @@ def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[d
         regions = [Region(p, sub_prompt(said[s], p, fix), phrase=said[s], adapter=adapter_of[s])
                    for s, p in zip(slugs, LAYOUT)]
         t0 = time.time()
-        images = regional_generate(pipe, prompt, regions, fix=fix, seed=seeds, **GEN)
+        images = regional_generate(pipe, prompt, regions, fix=fix, seed=seeds, **SAMPLING)
         image_s = (time.time() - t0) / len(seeds)
         s = summarize_pairs(judge_instances(judge, images, [c.name for c in concepts], list(LAYOUT), prompt, seeds))
         if bench.save_images:
@@ -235,9 +224,6 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
     """Seconds per UNet call (batch 2, as with guidance) with the default processors, and with the single-pass
     masks (token masks + self-attention masks, and regional prompts: a context three times as long), on left/
     right halves; the ratios are what the masks cost. Measured alternately in one run, best of ``repeats``."""
-    from .attention import with_parts
-    from .masking import Fix, RegionMasker, region_masks
-
     side, dim = unet.config.sample_size, unet.config.cross_attention_dim
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(2, unet.config.in_channels, side, side, generator=g).to(unet.device, unet.dtype)
@@ -246,9 +232,9 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
     masks = region_masks(["left", "right"], side * 4)
     setups = {
         "default": (None, ctx),
-        "tokens + self-attention masks": (RegionMasker(masks, Fix("tokens", True, False), spans=[[2, 3], [8, 9]],
+        "tokens + self-attention masks": (RegionMasker(masks, AttentionMasks("tokens", True, False), spans=[[2, 3], [8, 9]],
                                                        eot=list(range(12, tokens)), chunk=tokens), ctx),
-        "regional prompts + self-attention masks": (RegionMasker(masks, Fix("regional", True, False), chunk=tokens),
+        "regional prompts + self-attention masks": (RegionMasker(masks, AttentionMasks("regional", True, False), chunk=tokens),
                                                     ctx3),
     }
     best = {k: float("inf") for k in setups}
@@ -268,7 +254,7 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
 
 
 def _where(position: str) -> str:
-    return " " + world.POSITIONS[position][0] if position in world.POSITIONS else ""
+    return " " + POSITIONS[position][0] if position in POSITIONS else ""
 
 
 def _prompt(phrases: list[str], positions) -> str:
@@ -276,7 +262,7 @@ def _prompt(phrases: list[str], positions) -> str:
     return " and ".join(f"a {p}{_where(pos)}" for p, pos in zip(phrases, positions))
 
 
-def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
+def run(methods=tuple(METHODS), fixes=FIXES, pairs=tuple(CONCEPT_PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
         out: Path | None = None, triple: bool = True, base: bool = True, save_images=None, model=None,
         judge_path: Path | None = None) -> dict:
     """Every (method, fix, pair) row not yet in ``out``; the report is rewritten after each row. ``judge_path``: the
@@ -285,12 +271,12 @@ def run(methods=METHOD_ORDER, fixes=FIXES, pairs=tuple(PAIRS), seeds: int = 16, 
     done = {_key(r) for r in report["rows"]}
     bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr),
                   judge_path=judge_path)
-    report |= {"seeds": seeds, "generation": GEN, "model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
-    jobs = [(m, f, p, PAIRS[p]) for m in methods for p in pairs for f in fixes]
+    report |= {"seeds": seeds, "generation": SAMPLING, "model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
+    jobs = [(m, f, p, CONCEPT_PAIRS[p]) for m in methods for p in pairs for f in fixes]
     if triple:
         jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference")]
     if base:
-        jobs = [("base model", "none", p, PAIRS[p]) for p in pairs] + jobs
+        jobs = [("base model", "none", p, CONCEPT_PAIRS[p]) for p in pairs] + jobs
     for method, fix, pair, slugs in jobs:
         if (method, fix, pair) in done:
             continue
@@ -314,10 +300,46 @@ def _cell(v) -> str:
     return "–" if m != m else f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def merge(reports: list[dict]) -> dict:
+    """Several reports (e.g. processes run with different ``--methods``) as one: a row in several reports is
+    taken from the last one, and so is every other key."""
+    rows = {_key(r): r for rep in reports for r in rep["rows"]}
+    merged = reports[0] | {"rows": list(rows.values())}
+    for rep in reports[1:]:
+        merged |= {k: v for k, v in rep.items() if k != "rows"}
+    return merged
+
+
+TWO_CONCEPT_PAIRS = ("couple", "animals", "same_class", "control")
+
+
+def headline(report: dict) -> str:
+    """The README's table: per method, the success rate with no fix against its best fix, pooled over the
+    two-concept pairs (every seed of every pair; 95% bootstrap interval), and the couple's alone."""
+    out = ["| method | no fix | best fix | with the best fix | the couple: no fix → best fix |", "|---|---|---|---|---|"]
+    for method in ("base model",) + tuple(METHODS):
+        by_fix = {}
+        for fix in FIXES:
+            rows = [r for r in report["rows"] if r["method"] == method and r["fix"] == fix
+                    and r["pair"] in TWO_CONCEPT_PAIRS]
+            if rows:
+                wins = [k < round(r["success"][0] * r["n"]) for r in rows for k in range(r["n"])]  # per image
+                by_fix[fix] = (bootstrap_ci(wins), len(wins),
+                               next((r["success"] for r in rows if r["pair"] == "couple"), None))
+        if "none" not in by_fix:
+            continue
+        best = max(by_fix, key=lambda f: by_fix[f][0][0])
+        (none, _, couple_none), (fixed, _, couple_best) = by_fix["none"], by_fix[best]
+        couple = "–" if couple_none is None else f"{couple_none[0]:.2f} → {couple_best[0]:.2f}"
+        out.append(f"| {method} | {_cell(none)} | {best} | {_cell(fixed)} | {couple} |")
+    return "\n".join(out) + f"\n\nSuccess: both concepts recognised, each in its own half (per-instance judge); pooled " \
+        f"over the pairs {', '.join(TWO_CONCEPT_PAIRS)}, {report.get('seeds', 16)} seeds each."
+
+
 def markdown(report: dict) -> str:
-    """The README's tables: one row per (pair, method, fix), in the course's order; the ablation and the
-    timing when the report has them."""
-    parts = [main_table(report)] if report.get("rows") else []
+    """The report's tables: the headline, one row per (pair, method, fix) in the course's order, and the
+    ablation and the timing when the report has them."""
+    parts = [headline(report), main_table(report)] if report.get("rows") else []
     if report.get("ablation"):
         parts.append(ablation_table(report["ablation"]))
     if report.get("timing"):
@@ -325,9 +347,20 @@ def markdown(report: dict) -> str:
     return "\n\n".join(parts)
 
 
+def write_page(report: dict, path: Path) -> str:
+    """Write the report's markdown page beside its JSON (``bench_mixing.json`` -> ``bench_mixing.md``); returns
+    the tables."""
+    text = markdown(report)
+    page = (f"# The mixing benchmark\n\nGenerated from `{Path(path).name}` by `mcteach bench mixing --markdown`; "
+            f"do not edit by hand. Model: {report.get('model', 'embedded')}; judge: {report.get('judge', 'shipped')}; "
+            f"{report.get('seeds', 16)} seeds per row; 95% bootstrap intervals in brackets.\n\n{text}\n")
+    atomic_save(page, Path(path).with_suffix(".md"), write_text)
+    return text
+
+
 def main_table(report: dict) -> str:
-    order = {m: i for i, m in enumerate(("base model",) + METHOD_ORDER)}
-    rows = sorted(report["rows"], key=lambda r: (list(PAIRS).index(r["pair"]) if r["pair"] in PAIRS else 99,
+    order = {m: i for i, m in enumerate(("base model",) + tuple(METHODS))}
+    rows = sorted(report["rows"], key=lambda r: (list(CONCEPT_PAIRS).index(r["pair"]) if r["pair"] in CONCEPT_PAIRS else 99,
                                                   order.get(r["method"], 99), FIXES.index(r["fix"])))
     out = ["| pair | method | fix | success | swap | neglect | duplication | blend | fidelity alone | train s | s / image |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -342,12 +375,9 @@ def main_table(report: dict) -> str:
 def timing_report(sd15: bool = True) -> dict:
     """``processor_timing`` on the embedded UNet (16x16 latents) and on SD 1.5's UNet built from config with
     random weights at 64x64 latents (512 px images)."""
-    from . import tiny, world
-    from .pipeline import load_pipeline
-
     out = {"tiny": processor_timing(load_pipeline().unet)}
     if sd15:
-        tok = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+        tok = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
         unet = tiny.build_components(tok, architecture="sd15")[2].eval()
         unet.register_to_config(sample_size=64)
         out["sd15"] = processor_timing(unet, tokens=77, repeats=3)
@@ -357,9 +387,7 @@ def timing_report(sd15: bool = True) -> dict:
 def sd15_pipe(latent: int = 64):
     """A pipeline of SD 1.5's architecture with random weights (``tiny.build_components(architecture="sd15")``),
     float32 on the CPU, with ``latent`` x ``latent`` latents (64: 512 px images)."""
-    from . import pretrain, tiny, world
-
-    tokenizer = tiny.build_tokenizer(world.vocabulary_words(world.BASE_CLASSES))
+    tokenizer = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, architecture="sd15")
     unet.register_to_config(sample_size=latent)
     pipe = pretrain.assemble(tokenizer, vae, text_encoder, unet)
@@ -397,7 +425,6 @@ def training_cost(base, method: str, *, steps: int = 4, concept: str = "koala", 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from .methods import train_concept
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -438,7 +465,7 @@ def gpu_processor_timing(base, repeats: int = 10) -> dict:
         torch.cuda.empty_cache()
 
 
-def gpu_report(methods=METHOD_ORDER, steps: int = 4) -> dict:
+def gpu_report(methods=tuple(METHODS), steps: int = 4) -> dict:
     """What ``--gpu-report`` prints: ``training_cost`` of each method with ``GPU_RUNS``' settings (DreamBooth is
     left out, with the reason, when bitsandbytes is missing) and ``gpu_processor_timing``, on SD 1.5's architecture
     with random weights at 512 px."""
@@ -499,100 +526,18 @@ def sampling_ratio(models: list, images: int = 16, repeats: int = 3, seed: int =
     the median of ``repeats`` rounds, and each model's time over the first's."""
     import numpy as np
 
-    from .evaluate import GEN
-    from .pipeline import generate, load_pipeline
 
     pipes = [load_pipeline(m, device="cpu") for m in models]
-    prompts = [world.caption([(e, "centre")]) for e in world.CLASSIC_CLASSES[:images]]
+    prompts = [scenes.caption([(e, "centre")]) for e in scenes.CLASSIC_CLASSES[:images]]
     for pipe in pipes:
-        generate(pipe, prompts[:2], seed=seed, **GEN)  # warm-up
+        generate(pipe, prompts[:2], seed=seed, **SAMPLING)  # warm-up
     times = [[] for _ in pipes]
     for _ in range(repeats):
         for pipe, t in zip(pipes, times):
             t0 = time.perf_counter()
-            generate(pipe, prompts, seed=seed, batch_size=images, **GEN)
+            generate(pipe, prompts, seed=seed, batch_size=images, **SAMPLING)
             t.append((time.perf_counter() - t0) / images)
     per_image = [float(np.median(t)) for t in times]
     return {"models": [str(m or "embedded") for m in models], "images": images, "repeats": repeats,
             "threads": torch.get_num_threads(), "seconds_per_image": per_image,
             "ratio_to_first": [p / per_image[0] for p in per_image]}
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mcteach.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=METHOD_ORDER)
-    p.add_argument("--fixes", nargs="+", default=list(FIXES), choices=FIXES)
-    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    p.add_argument("--seeds", type=int, default=16)
-    p.add_argument("--quick", action="store_true", help="LoRA on the couple, fixes none and inference, 8 seeds")
-    p.add_argument("--no-triple", action="store_true", help="skip three concepts in one image")
-    p.add_argument("--out", type=Path, default=None, help="the JSON report (rows already there are kept)")
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="trained adapters (a cache)")
-    p.add_argument("--save-images", type=Path, default=None, help="write every judged image here")
-    p.add_argument("--model", default=None, help="base pipeline (default: the embedded tiny model)")
-    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
-    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
-                   help="the base model's world, for a --model trained on another one (world.use_world)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--ablation", action="store_true", help="also compare every inference fix on LoRA and the couple")
-    p.add_argument("--timing", action="store_true", help="also time the single-pass masks (tiny and SD 1.5-size UNet)")
-    p.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
-    p.add_argument("--merge", nargs="+", type=Path, default=None,
-                   help="merge these reports (e.g. two processes run with different --methods) into --out")
-    p.add_argument("--markdown", action="store_true", help="print the README table (of --out if it exists)")
-    p.add_argument("--gpu-report", action="store_true",
-                   help="on a CUDA GPU: each method's peak memory and step time, and the masks' cost, at SD 1.5 size")
-    p.add_argument("--sampling-ratio", nargs="+", default=None, metavar="MODEL",
-                   help="time sampling per image of these pipelines in turns ('embedded' = the shipped one)")
-    a = p.parse_args(argv)
-    if a.world:
-        world.use_world(a.world)
-    if a.sampling_ratio:
-        models = [None if m == "embedded" else m for m in a.sampling_ratio]
-        print(json.dumps(sampling_ratio(models), indent=1))
-        return 0
-    if a.gpu_report:
-        if not torch.cuda.is_available():
-            print("error: --gpu-report needs a CUDA GPU", file=sys.stderr)
-            return 2
-        report = gpu_report()
-        print(json.dumps(report, indent=1) if a.json else gpu_table(report))
-        return 0
-    if a.merge:
-        reports = [json.loads(f.read_text()) for f in a.merge]
-        rows = {_key(r): r for rep in reports for r in rep["rows"]}  # a row in several reports: the last one
-        merged = reports[0] | {"rows": list(rows.values())}
-        for rep in reports[1:]:
-            merged |= {k: v for k, v in rep.items() if k != "rows"}
-        atomic_save(json.dumps(merged, indent=1) + "\n", a.out, write_text)
-        return 0
-    if a.markdown and a.out and a.out.is_file() and not a.quick:
-        print(markdown(json.loads(a.out.read_text())))
-        return 0
-    if a.quick:
-        a.methods, a.fixes, a.pairs, a.seeds, a.no_triple = ["lora"], ["none", "inference"], ["couple"], 8, True
-    if a.only_extras:
-        report = json.loads(a.out.read_text()) if a.out and a.out.is_file() else {"rows": []}
-    else:
-        report = run(a.methods, a.fixes, a.pairs, a.seeds, a.work, a.out, triple=not a.no_triple, base=not a.quick,
-                     save_images=a.save_images, model=a.model, judge_path=a.judge)
-    if a.ablation:
-        bench = Bench(a.work, a.seeds, model=a.model, save_images=a.save_images,
-                      progress=lambda m: print(m, file=sys.stderr), judge_path=a.judge)
-        report["ablation"] = ablation(bench)
-    if a.timing:
-        report["timing"] = timing_report()
-    if a.out and (a.ablation or a.timing):
-        atomic_save(json.dumps(report, indent=1) + "\n", a.out, write_text)
-    if a.json:
-        keys = ("method", "fix", "pair", "success", "swap", "neglect", "duplication", "blend", "fidelity", "train_s",
-                "image_s", "n")
-        print(json.dumps({"rows": [{k: r[k] for k in keys} for r in report["rows"]]}))
-    if a.markdown:
-        print(markdown(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

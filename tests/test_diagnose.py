@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcteach.mixing import hypernetwork_reach, identity_share, self_attention_leakage, short_layer
+from mcteach.mixing.diagnose import hypernetwork_reach, identity_share, self_attention_leakage, short_layer
 
 PROMPT = "a sks cat on the left and a zqv dog on the right"
 
@@ -31,12 +31,12 @@ def test_self_attention_leakage_is_a_share_per_layer_and_time(random_pipe):
 
 
 def test_a_hypernetwork_reaches_every_token(random_pipe):
-    from mcteach.methods.hypernetwork import Hypernetwork, attach, context_dims
+    from mcteach.methods.hypernetwork import HypernetworkLayers, attach, context_dims
 
     pipe = copy.deepcopy(random_pipe)
     with pytest.raises(ValueError, match="no hypernetwork"):
         hypernetwork_reach(pipe, PROMPT, ["sks cat"])
-    hn = Hypernetwork(context_dims(pipe))
+    hn = HypernetworkLayers(context_dims(pipe))
     for p in hn.parameters():
         p.data.normal_(0, 0.2)
     attach(pipe, hn)
@@ -46,7 +46,7 @@ def test_a_hypernetwork_reaches_every_token(random_pipe):
 
 
 def test_cross_attention_by_time_keeps_every_layer_and_part_of_the_process(random_pipe):
-    from mcteach.mixing import cross_attention_by_time
+    from mcteach.mixing.diagnose import cross_attention_by_time
 
     out = cross_attention_by_time(random_pipe, "a fox on the left", seed=0, steps=4)
     assert out["image"].size == (64, 64) and out["tokens"][:3] == ["<start>", "a", "fox"]

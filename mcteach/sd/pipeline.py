@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = Path(os.environ.get("MCTEACH_MODEL", REPO_ROOT / "data" / "tiny-sd"))
+from ..paths import EMBEDDED_MODEL
+
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -141,7 +141,7 @@ def load_pipeline(
     looks_local = Path(source).exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1
     if looks_local and not (Path(source).expanduser() / "model_index.json").is_file():
         hint = ("the embedded model is missing from this checkout: restore it with `git checkout data/` "
-                "or retrain it with `python -m mcteach.pretrain train && python -m mcteach.pretrain export`"
+                "or retrain it with `mcteach pretrain train && mcteach pretrain export`"
                 if model is None else "pass a folder written by `pipe.save_pretrained(...)`, a hub id, or None "
                 "for the embedded tiny model")
         raise ModelNotAvailable(f"no Stable Diffusion pipeline at {source} (no model_index.json): {hint}")

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
+from ..world.regions import region_mask
+
 
 class AttentionStore:
     """Sums of head-averaged attention probabilities per layer, over denoising steps.
@@ -157,13 +159,12 @@ class Processor:
     - ``rewrite(c) -> (c_k, c_v)``: cross-attention reads K and V from a rewritten context (the HyperNetwork,
       the free-context ceiling; subclasses may define it as a method);
     - ``masker``: an object with ``bias(layer, n_queries, n_keys, batch, is_cross, like)`` returning an
-      additive logit bias or None (``mcteach.masking``);
+      additive logit bias or None (``mcteach.mixing.masking``);
     - ``store``: an ``AttentionStore`` that records the probabilities (``record_attention``).
 
     With no parts it computes exactly what ``AttnProcessor2_0`` computes (the same SDPA call), bit for bit.
     ``name`` is the layer's processor name (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor``).
     """
-
     name, rewrite, masker, store = "", None, None, None  # subclasses need not call __init__
 
     def __init__(self, name: str = "", *, rewrite=None, masker=None, store=None):
@@ -257,10 +258,8 @@ def record_attention(pipe_or_unet, *, guidance: bool = True, self_attention: boo
 
 def region_share(attn_map: torch.Tensor, position: str) -> float:
     """Share of a map's mass (h x w, non-negative) inside a named region of the image."""
-    from .world import region_mask
-
     m = torch.as_tensor(attn_map, dtype=torch.float32)
-    inside = torch.from_numpy(region_mask(position, m.shape[-1]))
+    inside = torch.from_numpy(region_mask(position, m.shape[-1]) > 0.5)
     return float(m[inside].sum() / m.sum().clamp_min(1e-12))
 
 

@@ -20,9 +20,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .attention import AttentionStore, prompt_tokens, with_parts
-from .masking import masks_at, region_masks
-from .methods.engine import IDENTIFIER_LETTERS
+from ..methods.engine import IDENTIFIER_LETTERS
+from ..methods.hypernetwork import attached
+from ..sd.attention import AttentionStore, prompt_tokens, token_indices, with_parts
+from ..sd.parts import encode_prompt
+from ..sd.pipeline import generate
+from ..world.regions import masks_at, region_masks
 
 
 @torch.no_grad()
@@ -113,8 +116,6 @@ def self_attention_leakage(pipe, prompt: str, regions=("left", "right"), *, seed
     self-attention layer and per part of the denoising process (0 = pure noise, 1 = the end).
     Returns {"layers": names, "ranges": ranges, "a_to_b": (L, R) array, "b_to_a": (L, R), "uniform": the share
     a pixel would pay B's region if it attended to every pixel alike}."""
-    from .pipeline import generate
-
     store = _RangeStore(list(ranges))
     previous = with_parts(pipe.unet, store=store)
     try:
@@ -144,8 +145,6 @@ def cross_attention_by_time(pipe, prompt: str, *, seed: int = 0,
     """Cross-attention maps of one image, kept per layer and per part of the denoising process (0 = pure noise,
     1 = the end), for looking at any token x layer x time. Returns {"image", "tokens" (the prompt's, then
     "<pad>"s), "layers", "ranges", "maps": {(layer, r): (T, side, side) tensor}}."""
-    from .pipeline import generate
-
     store = _RangeStore(list(ranges), cross=True)
     previous = with_parts(pipe.unet, store=store)
     try:
@@ -178,10 +177,6 @@ def hypernetwork_reach(pipe, prompt: str, phrases: list[str]) -> dict:
     ``|HN(c) - c| / |c|`` (keys and values) over each concept's tokens, the other words, and end-of-text +
     padding. A hypernetwork is one MLP applied to every token: it cannot tell "its" concept's tokens from the
     others'. Returns {part: change}."""
-    from .attention import token_indices
-    from .methods.hypernetwork import attached
-    from .sd import encode_prompt
-
     hns = attached(pipe)
     if not hns:
         raise ValueError("no hypernetwork is attached: load one with load_adapters first")

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mcteach import world
-from mcteach.concepts import load_concept
-from mcteach.evaluate import global_similarity, instance_outcome, judge_instances, summarize_pairs
-from mcteach.judge import Judge
+from mcteach.cli import main as cli_main
+from mcteach.measure.judge import Judge
+from mcteach.measure.metrics import global_similarity, instance_outcome, judge_instances, summarize_pairs
+from mcteach.world import regions, scenes
+from mcteach.world.concepts import load_concept
 
 A, B = "woman with red hair and medium skin", "man with curly hair and light skin"
 
@@ -20,14 +21,14 @@ def judge():
 
 
 def scene(left: str | None, right: str | None, seed: int) -> Image.Image:
-    objects = [(world.EMOJI[n], p) for n, p in ((left, "left"), (right, "right")) if n]
-    return world.render_scene(objects, seed=seed).image
+    objects = [(scenes.EMOJI[n], p) for n, p in ((left, "left"), (right, "right")) if n]
+    return scenes.render_scene(objects, seed=seed).image
 
 
 def blend(seed: int) -> Image.Image:
     """Hybrids: in each half, A and B drawn at the same place and mixed 50/50, pixel by pixel."""
-    a = world.render_scene([(world.EMOJI[A], "left"), (world.EMOJI[B], "right")], seed=seed, background=(200, 220, 200))
-    b = world.render_scene([(world.EMOJI[B], "left"), (world.EMOJI[A], "right")], seed=seed, background=(200, 220, 200))
+    a = scenes.render_scene([(scenes.EMOJI[A], "left"), (scenes.EMOJI[B], "right")], seed=seed, background=(200, 220, 200))
+    b = scenes.render_scene([(scenes.EMOJI[B], "left"), (scenes.EMOJI[A], "right")], seed=seed, background=(200, 220, 200))
     return Image.blend(a.image, b.image, 0.5)
 
 
@@ -86,22 +87,22 @@ def test_a_new_concept_is_learned_from_its_images(judge):
         judge.without(["a koala nobody labelled"])
     taught = blind.with_concepts([load_concept("koala")])
     assert taught.labels[-1] == "koala" and blind.labels == judge.labels[:k] + judge.labels[k + 1:]
-    koalas = [world.render_scene([(world.EMOJI["koala"], p)], seed=100 + i).image
+    koalas = [scenes.render_scene([(scenes.EMOJI["koala"], p)], seed=100 + i).image
               for i, p in enumerate(["left", "right", "centre"] * 3)]
     assert taught.labels_of(koalas, ["left", "right", "centre"] * 3).count("koala") >= 8
-    others = [world.render_scene([(e, "centre")], seed=5).image for e in world.BASE_CLASSES]
+    others = [scenes.render_scene([(e, "centre")], seed=5).image for e in scenes.BASE_CLASSES]
     assert taught.labels_of(others, "centre").count("koala") <= 1
     assert judge.with_concepts([load_concept("koala")]).labels == judge.labels  # known: unchanged
 
 
 
 def test_cli_out_folder_gets_a_file_inside_it_before_the_run(tmp_path, monkeypatch):
-    from mcteach import evaluate
+    from mcteach.measure import metrics
 
     seen = []
-    monkeypatch.setattr(evaluate, "evaluate_base", lambda *a: seen.append(a[6]) or {})
-    monkeypatch.setattr(evaluate, "markdown", lambda report: "")
-    evaluate.main(["base", "--out", str(tmp_path)])
-    evaluate.main(["base", "--out", str(tmp_path / "mine.json")])
+    monkeypatch.setattr(metrics, "evaluate_base", lambda *a: seen.append(a[6]) or {})
+    monkeypatch.setattr(metrics, "markdown", lambda report: "")
+    cli_main(["bench", "base", "--out", str(tmp_path)])
+    cli_main(["bench", "base", "--out", str(tmp_path / "mine.json")])
     # a folder becomes <folder>/eval_base.json (write_text would refuse the folder itself, after the whole run)
     assert seen == [tmp_path / "eval_base.json", tmp_path / "mine.json"]

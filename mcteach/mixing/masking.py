@@ -29,133 +29,31 @@ SD 1.5), optionally only at some resolutions (``resolutions``) and some part of 
     regions = [Region("left", "a sks woman on the left", adapter="woman_..."),
                Region("right", "a zqv man on the right", adapter="man_...")]
     images = regional_generate(pipe, "a sks woman on the left and a zqv man on the right", regions,
-                               fix=Fix(), seed=[0, 1])
+                               fix=AttentionMasks(), seed=[0, 1])       # mcteach.mixing.generate
+
+The other inference fix, one UNet pass per region, is ``mcteach.mixing.passes``.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .attention import token_indices, with_parts
-from .pipeline import generator_for, initial_noise
+from ..sd import parts
+from ..sd.attention import record_attention, token_indices, with_parts
+from ..sd.pipeline import generator_for, initial_noise
+from ..world.regions import masks_at, region_masks
 
-#: named regions as (x0, y0, x1, y1) fractions of the image
-NAMED_REGIONS = {
-    "left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
-    "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0),
-    "top-left": (0.0, 0.0, 0.5, 0.5), "top-right": (0.5, 0.0, 1.0, 0.5),
-    "bottom-left": (0.0, 0.5, 0.5, 1.0), "bottom-right": (0.5, 0.5, 1.0, 1.0),
-    "left-third": (0.0, 0.0, 1 / 3, 1.0), "middle-third": (1 / 3, 0.0, 2 / 3, 1.0), "right-third": (2 / 3, 0.0, 1.0, 1.0),
-}
 CROSS_MODES = ("none", "tokens", "regional")
 EOT_POLICIES = ("keep", "background")
 
 
-class RegionError(ValueError):
-    """A region spec that cannot be used; the message says what to fix."""
-
-
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """"x0,y0,x1,y1" (fractions in [0, 1]) -> a tuple; RegionError when malformed."""
-    try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4:
-        raise RegionError(f"region {text!r} is neither a name ({', '.join(NAMED_REGIONS)}) nor a box "
-                          "'x0,y0,x1,y1' of four fractions in [0, 1]")
-    return box
-
-
-def region_mask(spec, size: int) -> np.ndarray:
-    """A float (size, size) mask in [0, 1] from a region spec: a name (``"left"``, ``"top-right"``,
-    ``"middle-third"``...), a box ``(x0, y0, x1, y1)`` or ``"x0,y0,x1,y1"`` in fractions of the image, or a
-    mask (h, w) of any size (array, tensor or PIL image; resized to ``size``). RegionError when it is empty,
-    all zero, or out of range."""
-    if isinstance(spec, str):
-        spec = NAMED_REGIONS[spec] if spec in NAMED_REGIONS else parse_box(spec)
-    if isinstance(spec, (tuple, list)) and len(spec) == 4 and all(np.isscalar(v) for v in spec):
-        x0, y0, x1, y1 = (float(v) for v in spec)
-        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-            raise RegionError(f"box {spec} is out of range or empty: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
-                              "(fractions of the image width and height)")
-        m = np.zeros((size, size), np.float32)
-        m[round(y0 * size) : max(round(y1 * size), round(y0 * size) + 1),
-          round(x0 * size) : max(round(x1 * size), round(x0 * size) + 1)] = 1.0
-        return m
-    a = np.asarray(spec.convert("L") if hasattr(spec, "convert") else torch.as_tensor(spec).detach().cpu(),
-                   dtype=np.float32)
-    if a.ndim != 2 or min(a.shape) == 0:
-        raise RegionError(f"a mask must be 2-D (height, width), got shape {a.shape}")
-    if a.max() > 1.0:
-        a = a / 255.0
-    if not np.isfinite(a).all() or a.min() < 0:
-        raise RegionError("a mask's values must be in [0, 1] (or 0..255)")
-    if a.max() <= 0:
-        raise RegionError("this mask is all zero: it would silently mask nothing; draw the region first")
-    if a.shape != (size, size):
-        a = F.interpolate(torch.from_numpy(a)[None, None], size=(size, size), mode="area")[0, 0].numpy()
-    return a
-
-
-#: how much of the smaller of two regions may be shared with the other (a hand-drawn edge), as a fraction
-MAX_OVERLAP = 0.05
-
-
-def region_masks(specs, size: int = 64) -> torch.Tensor:
-    """Validated masks (R, size, size) of ``specs``: at least one region, none all zero, no region lying
-    entirely inside another, and no two overlapping by more than ``MAX_OVERLAP`` of the smaller one (a pixel
-    claimed by two concepts is where they mix). A thin shared edge, as hand-drawn masks have, is allowed: its
-    pixels read both concepts, and the passes' noise predictions are averaged there."""
-    specs = list(specs)
-    if not specs:
-        raise RegionError("no regions given: name at least one (e.g. 'left'), a box 'x0,y0,x1,y1' or a mask")
-    masks = torch.from_numpy(np.stack([region_mask(s, size) for s in specs]))
-    hard = masks >= 0.5
-    for i, m in enumerate(hard):
-        if not m.any():
-            raise RegionError(f"region {i} ({_describe(specs[i])}) covers less than half a pixel at {size}x{size}: "
-                              "make it larger")
-    for i in range(len(specs)):
-        for j in range(len(specs)):
-            if i != j and (hard[i] <= hard[j]).all():
-                raise RegionError(f"region {i} ({_describe(specs[i])}) lies entirely inside region {j} "
-                                  f"({_describe(specs[j])}): give each concept a place of its own")
-    for i in range(len(specs)):
-        for j in range(i + 1, len(specs)):
-            shared = int((hard[i] & hard[j]).sum())
-            smaller = int(min(hard[i].sum(), hard[j].sum()))
-            if shared > MAX_OVERLAP * smaller:
-                raise RegionError(f"regions {i} ({_describe(specs[i])}) and {j} ({_describe(specs[j])}) overlap on "
-                                  f"{shared / smaller:.0%} of the smaller one (at most {MAX_OVERLAP:.0%} allowed): the "
-                                  "two concepts would mix there; trim the boxes so that each concept has its own place")
-    return masks
-
-
-def _describe(spec) -> str:
-    return spec if isinstance(spec, str) else (str(tuple(spec)) if isinstance(spec, (tuple, list)) else "a mask")
-
-
-def masks_at(masks: torch.Tensor, side: int) -> torch.Tensor:
-    """Boolean (R, side * side) masks at a UNet resolution: area-averaged, a cell is in a region when at least
-    half of it is; a region too small for this grid keeps its best-covered cell (it never vanishes)."""
-    m = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")[:, 0].flatten(1)
-    hard = m >= 0.5
-    empty = ~hard.any(1)
-    hard[empty, m[empty].argmax(1)] = True
-    return hard
-
-
 @dataclass
-class Fix:
-    """An inference fix: which attention paths are confined to regions (see the module docstring)."""
-
+class AttentionMasks:
+    """The single-pass inference fix: which attention paths are confined to regions (see the module docstring)."""
     cross: str = "regional"  # "none" | "tokens" | "regional"
     self_attention: bool = True
     bind_adapters: bool = True
@@ -163,10 +61,6 @@ class Fix:
     base: float = 0.0  # cross="regional": share of the global prompt inside regions (Regional Prompter's base ratio)
     guidance: float = 0.0  # layout guidance step size (0: off); acts during ``guidance_steps``
     guidance_steps: tuple[float, float] = (0.0, 0.4)
-    passes: bool = False  # one UNet pass per region, noise predictions pasted by region (``region_passes``)
-    bootstrap: float = 0.0  # passes: for this first part of the process, each pass sees plain background outside
-    recentre: bool = False  # passes: each pass sees its region moved to the centre of the canvas
-    pass_guidance: float = 1.0  # passes: each pass's classifier-free guidance scale, as a fraction of the call's
     resolutions: tuple[int, ...] | None = None  # UNet grid sides where masks act (None: all)
     steps: tuple[float, float] = (0.0, 1.0)  # part of the denoising process where masks act
 
@@ -179,21 +73,9 @@ class Fix:
         if not 0 <= lo < hi <= 1:
             raise ValueError(f"steps must be fractions 0 <= start < end <= 1, got {self.steps}")
 
-    @property
-    def is_empty(self) -> bool:
-        return self.cross == "none" and not self.self_attention and not self.bind_adapters and not self.passes
 
-
-NO_FIX = Fix(cross="none", self_attention=False, bind_adapters=False)
-#: the course's inference fix, chosen by the ablation in notebook 07 / ``python -m mcteach.bench --ablation``:
-#: one pass per region with its own adapter and sub-prompt (which names the region's place: "a cpd woman on the
-#: left"), bootstrapped for the first half, each pass at half the call's guidance (2.5 for the course's 5). At the
-#: full scale the pasted predictions push skin tones and speckle the background (a cpd woman of medium skin comes
-#: out medium-light)
-INFERENCE_FIX = Fix(cross="none", self_attention=False, bind_adapters=False, passes=True, bootstrap=0.5,
-                    pass_guidance=0.5)
-#: every single-pass attention mask at once (regional prompts, self-attention masks, region-bound LoRA)
-SINGLE_PASS_FIX = Fix(cross="regional", self_attention=True, bind_adapters=True)
+#: no masks at all: ``regional_generate`` with it is ``generate``, bit for bit
+NO_FIX = AttentionMasks(cross="none", self_attention=False, bind_adapters=False)
 
 
 class RegionMasker:
@@ -204,7 +86,7 @@ class RegionMasker:
     [unconditional, conditional] (token masks act on the conditional half only). ``progress`` (0..1) is
     set before each UNet call (``masked``)."""
 
-    def __init__(self, masks: torch.Tensor, fix: Fix, *, spans=None, eot=None, chunk: int | None = None,
+    def __init__(self, masks: torch.Tensor, fix: AttentionMasks, *, spans=None, eot=None, chunk: int | None = None,
                  guidance: bool = True):
         self.masks, self.fix, self.spans, self.eot, self.chunk, self.guidance = masks, fix, spans, eot, chunk, guidance
         self.progress = 0.0
@@ -344,7 +226,6 @@ class Region:
     """One concept's place: ``where`` (a name, a box or a mask), its sub-prompt (cross="regional"), the
     phrase naming it in the global prompt (cross="tokens"; default: the sub-prompt without its article)
     and the LoRA adapter bound to it (bind_adapters)."""
-
     where: object
     prompt: str
     phrase: str | None = None
@@ -360,9 +241,7 @@ class Region:
 
 def prompt_embeds(pipe, prompts: list[str]) -> torch.Tensor:
     """Text-encoder outputs of ``prompts`` concatenated along the tokens: (1, len(prompts) * T, d)."""
-    from . import sd
-
-    ids = sd.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer)).to(pipe.device)
+    ids = parts.tokenize(pipe.tokenizer, pipe.maybe_convert_prompt(prompts, pipe.tokenizer)).to(pipe.device)
     with torch.no_grad():
         c = pipe.text_encoder(ids)[0]
     return c.reshape(1, -1, c.shape[-1])
@@ -374,7 +253,7 @@ def eot_positions(tokenizer, prompt: str) -> list[int]:
     return list(range(n - 1, tokenizer.model_max_length))
 
 
-def make_masker(pipe, prompt: str, regions: list[Region], fix: Fix, guidance: bool = True) -> RegionMasker:
+def make_masker(pipe, prompt: str, regions: list[Region], fix: AttentionMasks, guidance: bool = True) -> RegionMasker:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     masks = region_masks([r.where for r in regions], size)
     spans = eot = None
@@ -386,39 +265,11 @@ def make_masker(pipe, prompt: str, regions: list[Region], fix: Fix, guidance: bo
     return RegionMasker(masks, fix, spans=spans, eot=eot, chunk=pipe.tokenizer.model_max_length, guidance=guidance)
 
 
-def place_words(where) -> str | None:
-    """The words of the place a region spec is mostly in ("on the left", "at the top"...): the named half whose
-    box overlaps it best (intersection over union at least 0.5), else None (a middle third, a small corner box)."""
-    from .world import POSITIONS
-
-    m = region_mask(where, 24) > 0.5
-    iou = {}
-    for name in ("left", "right", "top", "bottom"):  # ties (a quarter) go to the first: left or right
-        half = region_mask(POSITIONS[name][1], 24) > 0.5
-        iou[name] = (m & half).sum() / (m | half).sum()
-    name = max(iou, key=iou.get)
-    return POSITIONS[name][0] if iou[name] >= 0.5 else None
-
-
-def sub_prompt(phrase: str, where, fix: Fix | None = None) -> str:
-    """A region's sub-prompt for ``fix`` (default ``INFERENCE_FIX``): "a cpd woman on the left" where the region
-    is mostly in a half (its pass is drawn on the whole canvas, so the sub-prompt says where), "a cpd woman"
-    elsewhere and for recentred passes (each sees its region at the centre)."""
-    fix = INFERENCE_FIX if fix is None else fix
-    words = None if fix.recentre else place_words(where)
-    return f"a {phrase} {words}" if words else f"a {phrase}"
-
-
-def regional_generate(pipe, prompt: str, regions: list[Region], *, fix: Fix = Fix(), seed=0, steps: int = 25,
-                      guidance_scale: float = 5.0, store=None, **kwargs):
-    """Images of ``prompt`` with ``fix`` applied to ``regions`` (one per concept); ``seed``: an int or a
-    list (one image each). With ``NO_FIX`` this is ``generate(pipe, prompt, seed=...)``, bit for bit.
+def masked_generate(pipe, prompt: str, regions: list[Region], *, fix: AttentionMasks, seeds: list[int], steps: int = 25,
+                    guidance_scale: float = 5.0, store=None, **kwargs):
+    """One image per seed of ``prompt``, one UNet call per step, with the attention masks of ``fix`` on
+    ``regions``. With ``NO_FIX`` this is ``generate(pipe, prompt, seed=seeds)``, bit for bit.
     ``store``: an ``AttentionStore`` to record into (``record_attention``'s), composed with the masks."""
-    seeds = [seed] if isinstance(seed, int) else list(seed)
-    if guidance_scale <= 1:
-        raise ValueError("regional_generate needs classifier-free guidance (guidance_scale > 1)")
-    if fix.passes:
-        return region_passes(pipe, prompt, regions, fix=fix, seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     masker = make_masker(pipe, prompt, regions, fix)
     bindings = {r.adapter: i for i, r in enumerate(regions) if r.adapter} if fix.bind_adapters else {}
     if fix.cross == "regional":
@@ -456,11 +307,9 @@ def layout_loss(store, masker: RegionMasker) -> torch.Tensor:
     return total / max(n, 1)
 
 
-def _guide(pipe, i: int, kw: dict, masker: RegionMasker, context: torch.Tensor, fix: Fix) -> dict:
+def _guide(pipe, i: int, kw: dict, masker: RegionMasker, context: torch.Tensor, fix: AttentionMasks) -> dict:
     """After step i: move the latents down the layout loss's gradient at the next timestep (one UNet pass with
     the masks suspended, the conditional prompt only)."""
-    from .attention import record_attention
-
     timesteps = pipe.scheduler.timesteps
     if i + 1 >= len(timesteps):
         return kw
@@ -483,93 +332,3 @@ def _guide(pipe, i: int, kw: dict, masker: RegionMasker, context: torch.Tensor, 
     return kw
 
 
-@torch.no_grad()
-def region_passes(pipe, prompt: str, regions: list[Region], *, fix: Fix, seeds: list[int], steps: int = 25,
-                  guidance_scale: float = 5.0):
-    """One UNet pass per region at every step, each with its own sub-prompt and only its own LoRA adapter, the
-    noise predictions pasted by region (Regional Prompter's latent mode, OMG, MultiDiffusion's region-based
-    generation); pixels outside every region take a pass of the global prompt with every adapter on::
-
-        eps = sum_r m_r eps(z_t^r, t, c_r; adapter r) + (1 - sum_r m_r) eps(z_t, t, c; all adapters)
-
-    MultiDiffusion's bootstrapping (``fix.bootstrap``, a fraction of the steps): early on, pass r sees
-    ``z_t^r = m_r z_t + (1 - m_r) noised(plain background)``, so its concept can only form inside its region
-    (without it a pass may draw its concept across the seam, or where a model that ignores "on the left" likes).
-    Afterwards ``z_t^r = z_t``.
-
-    ``fix.recentre``: pass r sees its region rolled to the canvas centre (for a model that cannot place "on the
-    left"). ``fix.pass_guidance``: each pass's guidance scale, as a fraction of ``guidance_scale``. Attention masks
-    of ``fix`` (cross, self) act inside every pass. Cost: one UNet call per region per step."""
-    import random
-
-    from PIL import Image
-
-    from . import sd, world
-
-    unet, sched = pipe.unet, pipe.scheduler
-    size = unet.config.sample_size * pipe.vae_scale_factor
-    masks = region_masks([r.where for r in regions], size)
-    side = unet.config.sample_size
-    m = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")  # (R, 1, s, s)
-    m = m / m.sum(0, keepdim=True).clamp_min(1.0)  # overlaps share
-    rest = (1 - m.sum(0)).clamp_min(0)  # (1, s, s): the background
-    names = [r.adapter for r in regions]
-    has_lora = any(names) and hasattr(pipe, "set_adapters")
-    all_adapters = pipe.get_active_adapters() if has_lora else []
-    conds = [prompt_embeds(pipe, [r.prompt]) for r in regions]
-    glob, uncond = prompt_embeds(pipe, [prompt]), prompt_embeds(pipe, [""])
-    device, dtype = unet.device, unet.dtype
-    latents = torch.cat([sd.initial_latents(pipe, 1, s) for s in seeds])
-    noise = latents / sched.init_noise_sigma
-    colours = [world._background(random.Random(f"bootstrap/{s}")) for s in seeds]
-    bg = sd.encode_images(pipe, [Image.new("RGB", (size, size), c) for c in colours])
-    m, rest = m.to(device, dtype), rest.to(device, dtype)
-    sched.set_timesteps(steps, device=device)
-    n = len(seeds)
-    masker = RegionMasker(masks, fix, chunk=pipe.tokenizer.model_max_length) if (fix.self_attention) else None
-    scale = guidance_scale * fix.pass_guidance
-
-    shifts = []
-    for r in range(len(regions)):  # latent cells that move region r's centre of mass to the canvas centre
-        w = m[r, 0]
-        ys, xs = torch.arange(side, dtype=w.dtype, device=w.device), torch.arange(side, dtype=w.dtype, device=w.device)
-        cy, cx = float((w.sum(1) * ys).sum() / w.sum()), float((w.sum(0) * xs).sum() / w.sum())
-        shifts.append((round((side - 1) / 2 - cy), round((side - 1) / 2 - cx)) if fix.recentre else (0, 0))
-
-    def eps_of(z, t, cond, adapter):
-        if has_lora:
-            if adapter == "*":
-                pipe.set_adapters(all_adapters)
-            elif adapter:
-                pipe.set_adapters([adapter])
-            else:
-                pipe.disable_lora()
-        x = sched.scale_model_input(torch.cat([z, z]), t)
-        ctx = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
-        e_u, e_c = unet(x, t, ctx).sample.chunk(2)
-        if has_lora and not adapter:
-            pipe.enable_lora()
-        return e_u + scale * (e_c - e_u)
-
-    try:
-        with ExitStack() as stack:
-            if masker is not None:
-                stack.enter_context(masked(pipe, masker))
-            for i, t in enumerate(sched.timesteps):
-                progress = i / len(sched.timesteps)
-                eps = 0
-                for r, cond in enumerate(conds):
-                    z = latents
-                    if progress < fix.bootstrap:  # outside the region (mostly): noised plain background
-                        z_bg = sched.add_noise(bg, noise, t.reshape(1))
-                        z = m[r] * latents + (1 - m[r]) * torch.where(1 - m[r] > 0.5, z_bg, latents)
-                    dy, dx = shifts[r]
-                    e = eps_of(torch.roll(z, (dy, dx), dims=(2, 3)), t, cond, names[r])
-                    eps = eps + m[r] * torch.roll(e, (-dy, -dx), dims=(2, 3))
-                if rest.max() > 0:
-                    eps = eps + rest * eps_of(latents, t, glob, "*" if has_lora else None)
-                latents = sched.step(eps, t, latents).prev_sample
-    finally:
-        if has_lora:
-            pipe.set_adapters(all_adapters)
-    return sd.decode_latents(pipe, latents)

@@ -2,7 +2,7 @@
 
 For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every held-out concept in
 ``data/concepts/``, train on a *fresh* base pipeline with the method's shipped defaults, then judge
-(``mcteach.judge``) what it draws:
+(``mcteach.measure.judge``) what it draws:
 
 - **fidelity**: "a <phrase>" over ``seeds`` seeds; the share of images whose whole frame the judge
   labels as the concept (e.g. "koala");
@@ -23,24 +23,23 @@ For every method (Textual Inversion, HyperNetwork, DreamBooth, LoRA) and every h
   cross-attention layer's key and value context, far more freedom than TI or HN have with the UNet just as frozen:
   what it reaches bounds what any frozen-UNet method could.
 
-    python -m mcteach.benchmark --out data/bench_methods.json      # everything: 53 training runs, resumable
-    python -m mcteach.benchmark --methods lora --concepts koala     # one cell
+    mcteach bench methods --out data/bench_methods.json      # everything: 53 training runs, resumable
+    mcteach bench methods --methods lora --concepts koala     # one cell
 
 On 2 cores, two processes of one thread each finish sooner than one of two threads:
 
-    OMP_NUM_THREADS=1 python -m mcteach.benchmark --shard 0/2 --out bench0.json &
-    OMP_NUM_THREADS=1 python -m mcteach.benchmark --shard 1/2 --out bench1.json
-    python -m mcteach.benchmark --merge bench0.json bench1.json --out data/bench_methods.json
+    OMP_NUM_THREADS=1 mcteach bench methods --shard 0/2 --out bench0.json &
+    OMP_NUM_THREADS=1 mcteach bench methods --shard 1/2 --out bench1.json
+    mcteach bench methods --merge bench0.json bench1.json --out data/bench_methods.json
 
 Adapters go to ``--work`` (default ``~/.cache/mcteach/bench``), not to the repository. They stay there, so another
 judge re-measures a finished run without training (minutes, not hours):
 
-    python -m mcteach.benchmark --rescore --out bench.json --judge <weights>
+    mcteach bench methods --rescore --out bench.json --judge <weights>
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -50,14 +49,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import world
-from .concepts import list_concepts, load_concept, make_concept_set
-from .evaluate import GEN, ConceptSamples, bootstrap_ci, class_scores, concept_samples, concept_scores, judged  # noqa: F401
-from .pipeline import load_pipeline
-from .files import atomic_save, write_text
+from ..files import atomic_save, write_text
+from ..measure.judge import Judge
+from ..measure.metrics import (
+    SAMPLING,
+    bootstrap_ci,
+    class_scores,
+    concept_scores,
+)
+from ..methods.adapters import check_base, read_adapter
+from ..methods.catalog import METHODS, train_concept
+from ..methods.ceiling import FreeContext
+from ..methods.dreambooth import DreamBooth
+from ..methods.engine import train
+from ..paths import CACHE
+from ..sd.pipeline import load_pipeline
+from ..world import scenes
+from ..world.concepts import list_concepts, load_concept, make_concept_set
 
-DEFAULT_WORK = Path("~/.cache/mcteach/bench").expanduser()
-BENCH_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_methods.json"  # the README's figures
+DEFAULT_WORK = CACHE / "bench"
 DRIFT_CONCEPTS = ("koala", "woman_with_red_hair_and_medium_skin", "croissant")
 CONTROLS = {"tiger": "cat"}  # a base class the UNet draws -> the class word a method starts from
 CONTROL_METHODS = ("textual_inversion", "hypernetwork")  # the frozen-UNet methods
@@ -79,15 +89,15 @@ VARIANTS = {
 
 def variant_sets(work: Path = DEFAULT_WORK) -> list[Path]:
     """Render the few-shot set of every one of ``VARIANTS`` under ``work/variants/`` (the same files every time)."""
-    emojis = [(world.Emoji(chars, category), word) for chars, (category, word) in VARIANTS.items()]
+    emojis = [(scenes.Emoji(chars, category), word) for chars, (category, word) in VARIANTS.items()]
     return [make_concept_set(e, word, Path(work) / "variants" / e.slug) for e, word in emojis]
 
 
 def control_set(name: str, class_word: str, work: Path = DEFAULT_WORK) -> Path:
     """Render a few-shot set of base class ``name`` (class word ``class_word``) under ``work/controls/``."""
-    emoji = next((e for e in world.BASE_CLASSES if e.name == name), None)
+    emoji = next((e for e in scenes.BASE_CLASSES if e.name == name), None)
     if emoji is None:
-        raise ValueError(f"{name!r} is not a base class; choose one of {[e.name for e in world.BASE_CLASSES]}")
+        raise ValueError(f"{name!r} is not a base class; choose one of {[e.name for e in scenes.BASE_CLASSES]}")
     return make_concept_set(emoji, class_word, Path(work) / "controls" / name.replace(" ", "_"))
 
 
@@ -95,9 +105,6 @@ def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, mo
             **settings) -> dict:
     """Train ``method`` on concept ``slug`` (or a concept folder) with the defaults (plus ``settings``) and
     score it."""
-    from .methods import train, train_concept
-    from .methods.ceiling import FreeContext
-
     concept = load_concept(slug)
     judge = judge_for(judge, concept.name, slug)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
@@ -142,9 +149,6 @@ def _tag(method: str, settings: dict) -> str:
 def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path | None = None, log=print) -> dict:
     """``report`` scored again by ``judge``, from the adapters its run left under ``work``: no training. A better
     judge (or a calibrated one) re-measures a benchmark in minutes; the training times and losses are kept."""
-    from .methods import METHODS, check_base, read_adapter
-    from .methods.ceiling import FreeContext
-
     work = Path(work or DEFAULT_WORK)
     out = {**report, "judge": str(judge_path or "shipped")}
     for table in TABLES:
@@ -193,9 +197,6 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     defaults in the method x concept rows, for a sweep; each row records them. ``shard=(i, n)`` runs only
     jobs i, i+n, i+2n...: n processes with their own ``out`` share the cores, and ``merge`` joins their files.
     ``judge_path``: the judge's weights (default: the shipped judge), e.g. one trained for a candidate model's world."""
-    from .judge import Judge
-    from .methods import METHODS
-
     methods = list(methods or METHODS)
     concepts = list(concepts or list_concepts())
     judge = Judge.load(judge_path) if judge_path else Judge.load()
@@ -210,7 +211,7 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
     if any(m in CONTROL_METHODS for m in methods):
         jobs += [("free_context", c, {}, "ceiling") for c in ceiling]
     jobs = jobs[shard[0]::shard[1]]
-    report |= {"seeds": seeds, "model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "generation": GEN,
+    report |= {"seeds": seeds, "model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "generation": SAMPLING,
                "torch_threads": torch.get_num_threads()}
     for method, slug, job_settings, table in jobs:
         if _key({"method": method, "concept": Path(str(slug)).name, "settings": job_settings}) in done:  # a folder: its slug
@@ -232,8 +233,6 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
 
 def _methods(rows: list[dict]) -> list[str]:
     """The methods present in ``rows``, in the course's order (TI, HN, DreamBooth, LoRA)."""
-    from .methods import METHODS
-
     return [m for m in METHODS if any(r["method"] == m for r in rows)]
 
 
@@ -277,8 +276,6 @@ def concept_table(report: dict) -> str:
 
 def prior_name(settings: dict) -> str:
     """How a drift row's DreamBooth kept its prior: "off", "class images" or "class + world images"."""
-    from .methods import DreamBooth
-
     if settings.get("prior_weight", DreamBooth.prior_weight) == 0:
         return "off"
     return "class + world images" if settings.get("world_prior", DreamBooth.world_prior) else "class images"
@@ -335,6 +332,16 @@ def markdown(report: dict) -> str:
     return "\n\n".join(parts)
 
 
+def write_page(report: dict, path: Path) -> str:
+    """Write the report's markdown page beside its JSON (``bench_methods.json`` -> ``bench_methods.md``); returns
+    the tables."""
+    text = markdown(report)
+    page = (f"# The methods' benchmark\n\nGenerated from `{Path(path).name}` by `mcteach bench methods --markdown "
+            f"--out {Path(path).name}`; do not edit by hand. {report.get('seeds', 8)} seeds per cell.\n\n{text}\n")
+    atomic_save(page, Path(path).with_suffix(".md"), write_text)
+    return text
+
+
 def parse_settings(pairs: list[str]) -> dict:
     """``["num_vectors=4", "lr=3e-3"]`` -> ``{"num_vectors": 4, "lr": 0.003}`` (values read as JSON, else text)."""
     out = {}
@@ -347,67 +354,3 @@ def parse_settings(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mcteach.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=None, help="default: all four")
-    p.add_argument("--concepts", nargs="*", default=None,
-                   help="default: every folder in data/concepts; 'variants': the fresh VARIANTS, rendered under --work")
-    p.add_argument("--drift-concepts", nargs="*", default=list(DRIFT_CONCEPTS))
-    p.add_argument("--controls", nargs="*", default=list(CONTROLS),
-                   help=f"base classes for the frozen-UNet control (default {list(CONTROLS)}; none: skip)")
-    p.add_argument("--ceiling", nargs="*", default=list(CEILING_CONCEPTS),
-                   help=f"concepts for the frozen-UNet ceiling (default {list(CEILING_CONCEPTS)}; none: skip)")
-    p.add_argument("--seeds", type=int, default=8)
-    p.add_argument("--model", default=None)
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
-    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
-    p.add_argument("--world", choices=sorted(world.WORLDS), default=None,
-                   help="the base model's world, for a --model trained on another one (world.use_world)")
-    p.add_argument("--out", type=Path, default=None, help="JSON report (rows already there are skipped)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override a default in the method x concept rows, e.g. --set num_vectors=4 steps=800")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="run only every N-th job, from the I-th (N processes, each with its own --out)")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="FILE",
-                   help="join the reports of several shards into --out, then print its tables")
-    p.add_argument("--markdown", action="store_true", help="only print the tables of --out")
-    p.add_argument("--rescore", action="store_true",
-                   help="score the rows of --out again with --judge, from the adapters under --work (no training)")
-    a = p.parse_args(argv)
-    for name in ("drift_concepts", "controls", "ceiling"):  # "--controls none" skips, as an empty "--controls" does
-        if getattr(a, name) == ["none"]:
-            setattr(a, name, [])
-    if a.world:
-        world.use_world(a.world)
-    if a.merge:
-        atomic_save(json.dumps(merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n", a.out, write_text)
-        a.markdown = True
-    if a.markdown:
-        print(markdown(json.loads(a.out.read_text())))
-        return
-    if a.rescore:
-        from .judge import Judge
-
-        if a.out is None or not a.out.is_file():
-            raise SystemExit("--rescore needs --out: the report whose rows to score again")
-        judge = Judge.load(a.judge) if a.judge else Judge.load()
-        report = rescore(json.loads(a.out.read_text()), judge, a.work, a.model, a.judge)
-        atomic_save(json.dumps(report, indent=1) + "\n", a.out, write_text)
-        print(markdown(report))
-        return
-    if a.concepts == ["variants"]:
-        a.concepts = [str(folder) for folder in variant_sets(a.work)]
-    controls = {name: CONTROLS.get(name, "cat") for name in a.controls}
-    i, _, n = a.shard.partition("/")
-    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
-        raise SystemExit(f"--shard takes I/N with 0 <= I < N, e.g. --shard 0/2; got {a.shard!r}")
-    report = run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, controls, a.out,
-                 parse_settings(a.set), (int(i), int(n)), a.ceiling, judge_path=a.judge)
-    print(markdown(report))
-
-
-if __name__ == "__main__":
-    main()

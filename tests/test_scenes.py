@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from mcteach import world
-from mcteach.world import BASE_CLASSES, EMOJI, HELDOUT_CONCEPTS, render_scene
+from mcteach.world import regions, scenes
+from mcteach.world.scenes import BASE_CLASSES, EMOJI, HELDOUT_CONCEPTS, render_scene
 
 
 def test_enough_classes_in_every_category_and_heldout_disjoint():
@@ -23,12 +23,12 @@ def test_enough_classes_in_every_category_and_heldout_disjoint():
      ("\U0001F469\U0001F3FD\u200d\U0001F9B0", "woman with red hair and medium skin"), ("\u26bd", "soccer ball")],
 )
 def test_emoji_names_come_from_unicode(chars, name):
-    assert world.emoji_name(chars) == name
+    assert scenes.emoji_name(chars) == name
 
 
 def test_every_class_renders_and_is_visible():
     for e in EMOJI.values():
-        g = world.glyph(e.chars)
+        g = scenes.glyph(e.chars)
         assert g.mode == "RGBA" and min(g.size) > 40, e
 
 
@@ -47,7 +47,7 @@ def test_masks_lie_in_their_region(pos):
     for seed in range(10):
         s = render_scene([(EMOJI["cat"], pos)], seed=seed)
         m = s.masks[0]
-        inside = m[world.region_mask(pos)].sum() / m.sum()
+        inside = m[regions.region_mask(pos, 64) > 0.5].sum() / m.sum()
         assert inside > 0.97, (pos, seed, inside)
         assert 0.05 < m.mean() < 0.3
 
@@ -60,9 +60,9 @@ def test_mask_matches_pixels_that_differ_from_background():
 
 
 def test_captions_use_articles_and_all_templates():
-    assert world.caption([("avocado", "centre")]) == "an avocado"
-    assert world.caption([("cat", "top"), ("dog", "bottom")]) == "a cat at the top and a dog at the bottom"
-    caps = {world.random_scene(i).caption.split(" and ")[0].split(" ", 2)[-1] for i in range(300)}
+    assert scenes.caption([("avocado", "centre")]) == "an avocado"
+    assert scenes.caption([("cat", "top"), ("dog", "bottom")]) == "a cat at the top and a dog at the bottom"
+    caps = {scenes.random_scene(i).caption.split(" and ")[0].split(" ", 2)[-1] for i in range(300)}
     assert any("on the left" in c for c in caps) and any("at the top" in c for c in caps)
 
 
@@ -78,42 +78,42 @@ def test_bad_layouts_are_refused_clearly(objs, match):
 
 
 def test_missing_font_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(world, "FONT_CANDIDATES", (str(tmp_path / "nope.ttf"),))
+    monkeypatch.setattr(scenes, "FONT_CANDIDATES", (str(tmp_path / "nope.ttf"),))
     monkeypatch.delenv("MCTEACH_EMOJI_FONT", raising=False)
     monkeypatch.delenv("CONDA_PREFIX", raising=False)
-    with pytest.raises(world.EmojiFontMissing, match="apt-get install fonts-noto-color-emoji"):
-        world.font_path()
+    with pytest.raises(scenes.EmojiFontMissing, match="apt-get install fonts-noto-color-emoji"):
+        scenes.font_path()
 
 
 def test_vocabulary_covers_base_captions_only_when_asked():
-    base = set(world.vocabulary_words(BASE_CLASSES))
+    base = set(scenes.vocabulary_words(BASE_CLASSES))
     assert {"fox", "left", "and", "an", "bottom"} <= base
-    assert "koala" not in base and "koala" in world.vocabulary_words()
+    assert "koala" not in base and "koala" in scenes.vocabulary_words()
 
 
 def test_font_is_found_in_a_conda_environment(monkeypatch, tmp_path):
-    real = world.font_path()
+    real = scenes.font_path()
     (tmp_path / "fonts").mkdir()
     (tmp_path / "fonts" / "NotoColorEmoji.ttf").symlink_to(real)
-    monkeypatch.setattr(world, "FONT_CANDIDATES", ())
+    monkeypatch.setattr(scenes, "FONT_CANDIDATES", ())
     monkeypatch.delenv("MCTEACH_EMOJI_FONT", raising=False)
     monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))
-    assert world.font_path() == tmp_path / "fonts" / "NotoColorEmoji.ttf"
+    assert scenes.font_path() == tmp_path / "fonts" / "NotoColorEmoji.ttf"
 
 
 def test_the_broad_world_is_varied_names_uniquely_and_leaves_the_held_out_concepts_out():
-    broad = world.BROAD_CLASSES
+    broad = scenes.BROAD_CLASSES
     cats = {c: sum(e.category == c for e in broad) for c in ("animal", "person", "food", "object")}
     assert len(broad) >= 150 and min(cats.values()) >= 20, cats
     assert len({e.name for e in broad}) == len(broad) == len({e.chars for e in broad})
-    assert {e.name for e in world.CLASSIC_CLASSES} <= {e.name for e in broad}  # a superset of the first world
+    assert {e.name for e in scenes.CLASSIC_CLASSES} <= {e.name for e in broad}  # a superset of the first world
     # people as gender x hair x skin tone: every combination but the held-out ones
     people = {e.name for e in broad if e.category == "person"}
     held = {e.name for e, _ in HELDOUT_CONCEPTS.values()}
     for g in ("woman", "man"):
-        for h in world.HAIRS:
-            for t in world.TONES:
-                name = world.person(g, h, t).name
+        for h in scenes.HAIRS:
+            for t in scenes.TONES:
+                name = scenes.person(g, h, t).name
                 assert (name in people) != (name in held), name
     # each held-out person is an unseen combination of seen parts
     assert {"woman with red hair", "woman with medium skin", "man with curly hair", "man with light skin"} <= people
@@ -122,24 +122,24 @@ def test_the_broad_world_is_varied_names_uniquely_and_leaves_the_held_out_concep
 
 
 def test_every_broad_class_renders_as_one_glyph_and_every_caption_word_is_one_token():
-    from mcteach import tiny
+    from mcteach.sd import tiny
 
-    for e in world.BROAD_CLASSES:
-        g = world.glyph(e.chars)
+    for e in scenes.BROAD_CLASSES:
+        g = scenes.glyph(e.chars)
         assert min(g.size) > 40 and g.size[0] < 140, e  # one glyph, not a ZWJ sequence falling apart
-    tok = tiny.build_tokenizer(world.vocabulary_words(world.BROAD_CLASSES))
-    longest = max(world.BROAD_CLASSES, key=lambda e: len(e.name.split()))
-    caption = world.caption([(longest, "left"), (longest, "right")])
+    tok = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BROAD_CLASSES))
+    longest = max(scenes.BROAD_CLASSES, key=lambda e: len(e.name.split()))
+    caption = scenes.caption([(longest, "left"), (longest, "right")])
     ids = tok(caption).input_ids
     assert len(ids) == len(caption.split()) + 2 <= tiny.MAX_LENGTH
 
 
 def test_held_out_concepts_never_appear_in_broad_training_captions():
-    from mcteach import pretrain
+    from mcteach.sd import pretrain
 
     held = [e.name for e, _ in HELDOUT_CONCEPTS.values()]
     for step in range(20):
-        for c in pretrain.scene_batch(step, 16, seed=2, classes=world.BROAD_CLASSES)[2]:
+        for c in pretrain.scene_batch(step, 16, seed=2, classes=scenes.BROAD_CLASSES)[2]:
             # no phrase names a held-out concept ("a woman with red hair and medium skin ...")
             phrases = [p.split(" on the ")[0].split(" at the ")[0] for p in f" and {c}".split(" and a")[1:]]
             names = [p.removeprefix("n ").strip() for p in phrases]
@@ -154,7 +154,7 @@ def test_held_out_concepts_never_appear_in_broad_training_captions():
      ("\U0001F408\u200d\u2b1b", "black cat"), ("\U0001F9D3", "older person"), ("\U0001F43B\u200d\u2744\ufe0f", "polar bear")],
 )
 def test_broad_world_names(chars, name):
-    assert world.emoji_name(chars) == name
+    assert scenes.emoji_name(chars) == name
 
 
 def test_a_pillow_without_text_shaping_is_caught_with_a_fix(monkeypatch):
@@ -162,21 +162,21 @@ def test_a_pillow_without_text_shaping_is_caught_with_a_fix(monkeypatch):
     beside a tone swatch. A model trained on that learns swatches (it happened on a GPU machine); refuse it."""
     from PIL import ImageFont
 
-    basic = ImageFont.truetype(str(world.font_path()), world.FONT_SIZE, layout_engine=ImageFont.Layout.BASIC)
-    monkeypatch.setattr(world, "_font", lambda: basic)
-    world.glyph.cache_clear()
-    with pytest.raises(world.EmojiShapingMissing, match="libfribidi"):
-        world.glyph("\U0001F468\U0001F3FE\u200d\U0001F9B0")  # man, medium-dark skin, red hair
-    assert world.glyph("\U0001F98A").size[0] < world.FONT_SIZE * 1.5  # a single code point still renders
-    world.glyph.cache_clear()
+    basic = ImageFont.truetype(str(scenes.font_path()), scenes.FONT_SIZE, layout_engine=ImageFont.Layout.BASIC)
+    monkeypatch.setattr(scenes, "_font", lambda: basic)
+    scenes.glyph.cache_clear()
+    with pytest.raises(scenes.EmojiShapingMissing, match="libfribidi"):
+        scenes.glyph("\U0001F468\U0001F3FE\u200d\U0001F9B0")  # man, medium-dark skin, red hair
+    assert scenes.glyph("\U0001F98A").size[0] < scenes.FONT_SIZE * 1.5  # a single code point still renders
+    scenes.glyph.cache_clear()
 
 
 def test_use_world_switches_the_base_classes_for_a_candidate_model(monkeypatch):
     from mcteach.methods import dreambooth
 
-    monkeypatch.setattr(world, "BASE_CLASSES", world.BASE_CLASSES)  # put back after the test
-    assert world.use_world("broad") is world.BROAD_CLASSES and world.BASE_CLASSES is world.BROAD_CLASSES
+    monkeypatch.setattr(scenes, "BASE_CLASSES", scenes.BASE_CLASSES)  # put back after the test
+    assert scenes.use_world("broad") is scenes.BROAD_CLASSES and scenes.BASE_CLASSES is scenes.BROAD_CLASSES
     sample = dreambooth.world_prior_sample(60)  # read at call time: the broad world's sample
-    assert len(sample) == 60 and not set(sample) <= set(world.CLASSIC_CLASSES)
+    assert len(sample) == 60 and not set(sample) <= set(scenes.CLASSIC_CLASSES)
     with pytest.raises(ValueError, match="unknown world"):
-        world.use_world("tiny")
+        scenes.use_world("tiny")

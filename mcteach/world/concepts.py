@@ -20,12 +20,11 @@ concept.json or masks needed; ``<stem>_mask.png`` beside ``<stem>.jpg`` is used 
     >>> len(c), c.class_word, c.images[0].size, c.masks[0].shape
     (6, 'bear', (64, 64), (64, 64))
 
-Regenerate the shipped sets with ``python -m mcteach.concepts make [--out DIR] [--n 6] [--seed 0]``.
+Regenerate the shipped sets with ``mcteach concepts make [--out DIR] [--n 6] [--seed 0]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import unicodedata
@@ -36,9 +35,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from mcteach import world
+from ..paths import CONCEPTS_DIR
+from . import scenes
+from .regions import OPPOSITE_POSITIONS, POSITIONS, REGIONS
 
-CONCEPTS_DIR = Path(__file__).resolve().parent.parent / "data" / "concepts"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 #: positions of a set's images, in turn (a set of 6 shows the concept twice in the centre)
 POSITION_CYCLE = ("centre", "left", "right", "top", "bottom")
@@ -51,7 +51,6 @@ class ConceptError(ValueError):
 @dataclass
 class Concept:
     """A few-shot set: images, one mask per image (all ones when none), optional captions."""
-
     name: str
     slug: str
     class_word: str | None  # base class used to initialise TI and for DreamBooth's prior
@@ -91,7 +90,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_concept(path: str | Path, size: int = world.IMAGE_SIZE) -> Concept:
+def load_concept(path: str | Path, size: int = scenes.IMAGE_SIZE) -> Concept:
     """Load a shipped set by slug (``"koala"``) or any folder of images, as ``size`` x ``size``.
 
     Images that are not ``size`` x ``size`` are centre-cropped to a square and resized, with one
@@ -165,7 +164,6 @@ def load_concept(path: str | Path, size: int = world.IMAGE_SIZE) -> Concept:
 class Composite:
     """A training image with several concepts pasted in (MuDI's Seg-Mix): the image, one mask per concept
     (in the order of the concepts), and where each was put."""
-
     image: Image.Image
     masks: list[np.ndarray]
     positions: list[str]
@@ -182,24 +180,23 @@ def cut_out(concept: Concept, i: int) -> Image.Image:
     return rgba.crop(box)
 
 
-def compose(concepts: list[Concept], rng: random.Random, size: int = world.IMAGE_SIZE,
+def compose(concepts: list[Concept], rng: random.Random, size: int = scenes.IMAGE_SIZE,
             layouts=None) -> Composite:
     """Seg-Mix: one cut-out of each concept (a random image of it, cut by its mask) pasted at random into its
     own region of a plain random background, each 37-50% of the image's size as in the world's two-object
     scenes. ``layouts``: the position tuples to choose from (default: left/right and top/bottom, either order;
     thirds for three concepts)."""
-    layouts = layouts or (world.PAIRS + tuple(p[::-1] for p in world.PAIRS) if len(concepts) == 2
+    layouts = layouts or (OPPOSITE_POSITIONS + tuple(p[::-1] for p in OPPOSITE_POSITIONS) if len(concepts) == 2
                           else [("left-third", "middle-third", "right-third")])
     positions = list(rng.choice(layouts))
     if len(positions) != len(concepts):
         raise ValueError(f"{len(concepts)} concepts but a layout of {len(positions)} positions")
-    from .masking import NAMED_REGIONS
 
-    canvas = Image.new("RGBA", (size, size), world._background(rng) + (255,))
+    canvas = Image.new("RGBA", (size, size), scenes.background_colour(rng) + (255,))
     masks = []
     for concept, pos in zip(concepts, positions):
         g = cut_out(concept, rng.randrange(len(concept)))
-        x0, y0, x1, y1 = (f * size for f in (world.POSITIONS[pos][1] if pos in world.POSITIONS else NAMED_REGIONS[pos]))
+        x0, y0, x1, y1 = (f * size for f in REGIONS[pos])
         target = rng.uniform(0.375, 0.5) * size
         scale = min(target / max(g.size), (x1 - x0) / g.size[0], (y1 - y0) / g.size[1])
         w, h = max(1, round(g.size[0] * scale)), max(1, round(g.size[1] * scale))
@@ -214,7 +211,7 @@ def compose(concepts: list[Concept], rng: random.Random, size: int = world.IMAGE
 
 
 def own_concept(folder: str | Path, class_word: str, *, name: str | None = None,
-                size: int = world.IMAGE_SIZE) -> Concept:
+                size: int = scenes.IMAGE_SIZE) -> Concept:
     """Your own photos as a concept: write (or update) ``folder/concept.json`` with its name (default: the
     folder's) and ``class_word`` (what it is, e.g. "dog": Textual Inversion starts there, DreamBooth keeps the
     class with it), then load it at ``size`` (512 for SD 1.5). 4-8 photos of one subject, from a few angles,
@@ -237,7 +234,7 @@ def own_concept(folder: str | Path, class_word: str, *, name: str | None = None,
     return load_concept(folder, size)
 
 
-def make_concept_set(emoji: world.Emoji, class_word: str, folder: str | Path, *, slug: str | None = None,
+def make_concept_set(emoji: scenes.Emoji, class_word: str, folder: str | Path, *, slug: str | None = None,
                      n: int = 6, seed: int = 0) -> Path:
     """Render ``n`` images of ``emoji`` (with masks and ``concept.json``) into ``folder``: a few-shot set.
 
@@ -253,7 +250,7 @@ def make_concept_set(emoji: world.Emoji, class_word: str, folder: str | Path, *,
     entries = []
     for i in range(n):
         position = POSITION_CYCLE[i % len(POSITION_CYCLE)]
-        scene = world.render_scene([(emoji, position)], rng=random.Random(f"{slug}/{seed}/{i}"))
+        scene = scenes.render_scene([(emoji, position)], rng=random.Random(f"{slug}/{seed}/{i}"))
         mask = Image.fromarray(np.round(scene.masks[0] * 255).astype(np.uint8))
         scene.image.save(folder / f"{i:02d}.png", optimize=True)
         mask.save(folder / f"{i:02d}_mask.png", optimize=True)
@@ -278,22 +275,4 @@ def make_concept_sets(out: str | Path = CONCEPTS_DIR, *, n: int = 6, seed: int =
     """Render the few-shot set of every held-out concept into ``out/<slug>/`` (``make_concept_set``);
     return the folders."""
     return [make_concept_set(emoji, class_word, Path(out) / slug, n=n, seed=seed)
-            for slug, (emoji, class_word) in world.HELDOUT_CONCEPTS.items()]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m mcteach.concepts", description=__doc__.split("\n")[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make", help="render the few-shot sets of the held-out concepts")
-    make.add_argument("--out", type=Path, default=CONCEPTS_DIR)
-    make.add_argument("--n", type=int, default=6, help="images per concept")
-    make.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for folder in make_concept_sets(args.out, n=args.n, seed=args.seed):
-        print(folder)
-
-
-if __name__ == "__main__":
-    main()
+            for slug, (emoji, class_word) in scenes.HELDOUT_CONCEPTS.items()]

@@ -12,12 +12,12 @@ looking at generated images. This module holds that check:
    ``tau``, else ``UNRECOGNISABLE``; it reports the agreement, how often an unrecognisable image was still
    given a concept (a blob scored as a concept), and the confusion; ``best_tau`` picks the threshold.
 
-    python -m mcteach.calibration generate <folder>                     # 200 generated images, labels = prompts
-    python -m mcteach.calibration sheet <folder> --out sheet.png        # look at it, correct labels.json
-    python -m mcteach.calibration agreement data/calibration_broad_full  # the judge against the labels (the default)
-    python -m mcteach.calibration mine <folder> --model <export> --world broad --judge <weights>  # doubtful images
-    python -m mcteach.calibration sample <folder> --mined <mined> --seed <its seed>  # a random sample of the rest
-    python -m mcteach.calibration rate <sample> --mined <mined> --population N       # the by-eye rate over all
+    mcteach judge calibrate generate <folder>                     # 200 generated images, labels = prompts
+    mcteach judge calibrate sheet <folder> --out sheet.png        # look at it, correct labels.json
+    mcteach judge calibrate agreement data/calibration_broad_full  # the judge against the labels (the default)
+    mcteach judge calibrate mine <folder> --model <export> --world broad --judge <weights>  # doubtful images
+    mcteach judge calibrate sample <folder> --mined <mined> --seed <its seed>  # a random sample of the rest
+    mcteach judge calibrate rate <sample> --mined <mined> --population N       # the by-eye rate over all
 
 A mined set alone says how the judge does where it doubts; with a labelled random sample of the images it was sure of
 (``sample_rest``), ``stratified_rate`` says how often the base model drew what was asked, by eye, over every class.
@@ -25,7 +25,6 @@ A mined set alone says how the judge does where it doubts; with a labelled rando
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from collections import Counter
@@ -35,10 +34,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import world
-from .judge import NOTHING, UNRECOGNISABLE, region_box
+from ..methods.adapters import load_adapters, phrases
+from ..mixing.generate import regional_generate
+from ..mixing.masking import Region
+from ..mixing.passes import INFERENCE_FIX, sub_prompt
+from ..paths import ADAPTERS_DIR, CALIBRATION_SET
+from ..sd.pipeline import generate, load_pipeline
+from ..world import scenes
+from ..world.regions import POSITIONS, region_box
+from .judge import NOTHING, UNRECOGNISABLE, Judge
+from .metrics import SAMPLING
+
 #: the shipped set: 200 images of the shipped model and its adapters, labelled by eye
-DEFAULT_SET = Path(__file__).resolve().parent.parent / "data" / "calibration_broad_full"
+DEFAULT_SET = CALIBRATION_SET
 
 
 @dataclass
@@ -81,7 +89,7 @@ def save(folder: str | Path, images: list[Image.Image], items: list[Item]) -> No
 def contact_sheet(images: list[Image.Image], regions: list[str] | None = None, cols: int = 10,
                   scale: int = 2) -> Image.Image:
     """The images in a numbered grid, each ``scale`` times larger, the region to judge outlined in red."""
-    size = world.IMAGE_SIZE * scale
+    size = scenes.IMAGE_SIZE * scale
     rows = -(-len(images) // cols)
     sheet = Image.new("RGB", (cols * size, rows * (size + 14)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -91,7 +99,7 @@ def contact_sheet(images: list[Image.Image], regions: list[str] | None = None, c
         draw.text((x + 2, y + 1), str(i), fill="black")
         region = regions[i] if regions else "centre"
         if region != "centre":
-            x0, y0, x1, y1 = (v * scale for v in region_box(region))
+            x0, y0, x1, y1 = (v * scale for v in region_box(region, scenes.IMAGE_SIZE))
             draw.rectangle((x + x0, y + 14 + y0, x + x1 - 1, y + 14 + y1 - 1), outline="red")
     return sheet
 
@@ -132,7 +140,7 @@ def best_tau(judge, images, items: list[Item], taus=np.linspace(0.3, 0.95, 14)) 
 
 
 def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None, adapters: str | Path | None = None,
-                 classes: list[world.Emoji] | None = None) -> list[Item]:
+                 classes: list[scenes.Emoji] | None = None) -> list[Item]:
     """Generate the unlabelled calibration images (reproducible; 200 items) into ``out``, every item's ``label``
     set to what its prompt asked for, to be corrected by eye:
     - base model: "a <class>" for every base class (seed ``seed``), and "a <class> on the left" or "at the top"
@@ -145,12 +153,8 @@ def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None
     Returns the items (also written, with the images, by ``save``)."""
     import random
 
-    from .evaluate import GEN
-    from .masking import INFERENCE_FIX, Region, regional_generate, sub_prompt
-    from .methods import ADAPTERS_DIR, load_adapters, phrases
-    from .pipeline import generate, load_pipeline
 
-    classes, adapters = classes or world.BASE_CLASSES, Path(adapters or ADAPTERS_DIR)
+    classes, adapters = classes or scenes.BASE_CLASSES, Path(adapters or ADAPTERS_DIR)
     images, items = [], []
     pipe = load_pipeline(model, device="cpu")
     rng = random.Random(seed)
@@ -159,21 +163,21 @@ def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None
     else:
         drawn = rng.sample(classes, 120)
         centred, placed_classes = drawn[:60], drawn[60:]
-    prompts = [world.caption([(e, "centre")]) for e in centred]
-    images += generate(pipe, prompts, seed=[seed] * len(prompts), batch_size=32, **GEN)
+    prompts = [scenes.caption([(e, "centre")]) for e in centred]
+    images += generate(pipe, prompts, seed=[seed] * len(prompts), batch_size=32, **SAMPLING)
     items += [Item("", "centre", e.name, "base", p) for e, p in zip(centred, prompts)]
     placed = [(e, rng.choice(["left", "top"])) for e in placed_classes]
-    prompts = [world.caption([(e, where)]) for e, where in placed]
-    images += generate(pipe, prompts, seed=[seed + 1] * len(prompts), batch_size=32, **GEN)
+    prompts = [scenes.caption([(e, where)]) for e, where in placed]
+    images += generate(pipe, prompts, seed=[seed + 1] * len(prompts), batch_size=32, **SAMPLING)
     items += [Item("", where, e.name, "base", p) for (e, where), p in zip(placed, prompts)]
     couple = ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"]
-    names = {s: world.HELDOUT_CONCEPTS[s][0].name for s in couple}
+    names = {s: scenes.HELDOUT_CONCEPTS[s][0].name for s in couple}
     for method in ("lora", "textual_inversion", "hypernetwork"):
         for slug in couple:
             p = load_pipeline(model, device="cpu")
             meta = load_adapters(p, [adapters / method / slug])[0]
             prompt = f"a {phrases(meta)[slug]}"
-            images += generate(p, [prompt] * 8, seed=list(range(seed, seed + 8)), **GEN)
+            images += generate(p, [prompt] * 8, seed=list(range(seed, seed + 8)), **SAMPLING)
             items += [Item("", "centre", names[slug], method, prompt) for _ in range(8)]
     p = load_pipeline(model, device="cpu")
     metas = load_adapters(p, [adapters / "lora" / s for s in couple])
@@ -181,7 +185,7 @@ def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None
     regions = [Region(where, sub_prompt(ph, where), phrase=ph, adapter=m["adapter_name"])
                for where, ph, m in zip(("left", "right"), said, metas)]
     prompt = f"a {said[0]} on the left and a {said[1]} on the right"
-    pairs = regional_generate(p, prompt, regions, fix=INFERENCE_FIX, seed=list(range(seed, seed + 16)), **GEN)
+    pairs = regional_generate(p, prompt, regions, fix=INFERENCE_FIX, seed=list(range(seed, seed + 16)), **SAMPLING)
     for im in pairs:
         for where, slug in zip(("left", "right"), couple):
             images.append(im)
@@ -190,40 +194,34 @@ def generate_set(out: str | Path, seed: int = 0, model: str | Path | None = None
     return items
 
 
-def generate_base_set(out: str | Path, model: str | Path | None = None, classes: list[world.Emoji] | None = None,
+def generate_base_set(out: str | Path, model: str | Path | None = None, classes: list[scenes.Emoji] | None = None,
                       n: int = 200, seed: int = 0) -> list[Item]:
     """``n`` unlabelled images of a base model (reproducible), labels = what each prompt asked, to be corrected by
     eye: half "a <class>" (the whole frame judged), half "a <class> on the left/right/top/bottom" (that region),
     over ``n`` classes drawn without replacement where there are enough (default: the base classes)."""
     import random
 
-    from .evaluate import GEN
-    from .pipeline import generate, load_pipeline
 
-    classes, rng = classes or world.BASE_CLASSES, random.Random(seed)
+    classes, rng = classes or scenes.BASE_CLASSES, random.Random(seed)
     picked = (rng.sample(classes, n) if n <= len(classes) else [rng.choice(classes) for _ in range(n)])
     where = ["centre" if i % 2 == 0 else rng.choice(["left", "right", "top", "bottom"]) for i in range(n)]
-    prompts = [world.caption([(e, w)]) for e, w in zip(picked, where)]
+    prompts = [scenes.caption([(e, w)]) for e, w in zip(picked, where)]
     pipe = load_pipeline(model, device="cpu")
-    images = generate(pipe, prompts, seed=list(range(seed, seed + n)), batch_size=32, **GEN)
+    images = generate(pipe, prompts, seed=list(range(seed, seed + n)), batch_size=32, **SAMPLING)
     items = [Item("", w, e.name, "base", p) for e, w, p in zip(picked, where, prompts)]
     save(out, images, items)
     return items
 
 
-def mine_set(out: str | Path, model: str | Path | None = None, classes: list[world.Emoji] | None = None,
+def mine_set(out: str | Path, model: str | Path | None = None, classes: list[scenes.Emoji] | None = None,
              per_class: int = 6, keep: int = 200, seed: int = 5000, judge_path: str | Path | None = None) -> list[Item]:
     """The ``keep`` most doubtful of ``per_class`` images per class of a base model, unlabelled (labels = what each
     prompt asked, to be corrected by eye): where labelling pays. Failures are rare (a tenth of the images), so a random
     set finds a few per class at most; here every class gets ``per_class`` images (alternately the whole frame and a
     random half), the judge at ``judge_path`` scores each in its region, and the images it is least sure show the asked
     class (lowest probability) are kept, sorted by class. Seeds ``seed``, ``seed + 1``, ... (away from the test set's)."""
-    from .evaluate import GEN
-    from .judge import Judge
-    from .pipeline import generate, load_pipeline
-
     asked, prompts, seeds = mine_population(classes, per_class, seed)
-    images = generate(load_pipeline(model, device="cpu"), prompts, seed=seeds, batch_size=32, **GEN)
+    images = generate(load_pipeline(model, device="cpu"), prompts, seed=seeds, batch_size=32, **SAMPLING)
     judge = Judge.load(judge_path) if judge_path else Judge.load()
     p_asked = np.zeros(len(images))
     for region in {w for _, w in asked}:
@@ -238,14 +236,14 @@ def mine_set(out: str | Path, model: str | Path | None = None, classes: list[wor
     return items
 
 
-def mine_population(classes: list[world.Emoji] | None = None, per_class: int = 6, seed: int = 5000):
+def mine_population(classes: list[scenes.Emoji] | None = None, per_class: int = 6, seed: int = 5000):
     """What ``mine_set`` generates before it keeps the doubtful: (class, region) pairs, their prompts and seeds."""
     import random
 
-    classes, rng = classes or world.BASE_CLASSES, random.Random(seed)
+    classes, rng = classes or scenes.BASE_CLASSES, random.Random(seed)
     asked = [(e, "centre" if k % 2 == 0 else rng.choice(["left", "right", "top", "bottom"]))
              for e in classes for k in range(per_class)]
-    return asked, [world.caption([(e, w)]) for e, w in asked], list(range(seed, seed + len(asked)))
+    return asked, [scenes.caption([(e, w)]) for e, w in asked], list(range(seed, seed + len(asked)))
 
 
 def _seed_of(item: Item) -> int:
@@ -253,7 +251,7 @@ def _seed_of(item: Item) -> int:
 
 
 def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | Path | None = None,
-                classes: list[world.Emoji] | None = None, per_class: int = 6, seed: int = 5000,
+                classes: list[scenes.Emoji] | None = None, per_class: int = 6, seed: int = 5000,
                 sample_seed: int = 0) -> list[Item]:
     """``n`` images drawn at random (``sample_seed``) from the part of a ``mine_set`` population that was *not*
     kept (the images the judge was sure of), unlabelled (labels = what each prompt asked, to be checked by eye).
@@ -264,8 +262,6 @@ def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | P
     checked against the mined set's prompts and seeds."""
     import random
 
-    from .evaluate import GEN
-    from .pipeline import generate, load_pipeline
 
     _, kept = load(mined)
     asked, prompts, seeds = mine_population(classes, per_class, seed)
@@ -278,7 +274,7 @@ def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | P
     rest = [i for i in range(len(asked)) if i not in taken]
     picked = sorted(random.Random(sample_seed).sample(rest, min(n, len(rest))))
     images = generate(load_pipeline(model, device="cpu"), [prompts[i] for i in picked],
-                      seed=[seeds[i] for i in picked], batch_size=32, **GEN)
+                      seed=[seeds[i] for i in picked], batch_size=32, **SAMPLING)
     items = [Item("", asked[i][1], asked[i][0].name, f"base, seed {seeds[i]}, not among the mined {len(kept)} of "
                   f"{len(asked)}", prompts[i]) for i in picked]
     save(out, images, items)
@@ -288,8 +284,8 @@ def sample_rest(out: str | Path, mined: str | Path, n: int = 150, model: str | P
 @functools.cache
 def _one_object_captions() -> dict[str, str]:
     """Every one-object caption of the world (each class and held-out concept at each position) -> its name."""
-    return {world.caption([(e, position)]): e.name for position in ("centre", *world.POSITIONS)
-            for e in world.BROAD_CLASSES + [c for c, _ in world.HELDOUT_CONCEPTS.values()]}
+    return {scenes.caption([(e, position)]): e.name for position in ("centre", *POSITIONS)
+            for e in scenes.BROAD_CLASSES + [c for c, _ in scenes.HELDOUT_CONCEPTS.values()]}
 
 
 def asked_label(item: Item) -> str:
@@ -325,63 +321,3 @@ def stratified_rate(census: list[Item], sample: list[Item], population: int) -> 
     return {"rate": (k_census + rest * k_sample / len(sample)) / population,
             "interval": [(k_census + rest * lo) / population, (k_census + rest * hi) / population],
             "census": [k_census, len(census)], "sample": [k_sample, len(sample)], "population": population}
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mcteach.calibration", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["generate", "mine", "sample", "sheet", "agreement", "rate"])
-    p.add_argument("folder", type=Path)
-    p.add_argument("--out", type=Path, default=Path("sheet.png"))
-    p.add_argument("--tau", type=float, default=None, help="default: the best threshold on this set")
-    p.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
-    p.add_argument("--model", default=None, help="generate: a base model's images only (e.g. a new export)")
-    p.add_argument("--world", choices=sorted(world.WORLDS), default=None, help="generate --model: its classes")
-    p.add_argument("-n", type=int, default=200, help="generate --model, mine: how many images")
-    p.add_argument("--per-class", type=int, default=6, help="mine: images generated per class")
-    p.add_argument("--adapters", type=Path, default=None,
-                   help="generate: the full set (base model + the couple's adapters) with the adapters in this folder "
-                        "(laid out as data/adapters, e.g. written by methods.retrain_shipped) on --model")
-    p.add_argument("--seed", type=int, default=5000, help="mine, sample: the mine's first seed")
-    p.add_argument("--mined", type=Path, default=None,
-                   help="sample: the mined set (its population's other images are sampled); rate: the census")
-    p.add_argument("--population", type=int, default=None, help="rate: the mined population's size (classes x per class)")
-    a = p.parse_args(argv)
-    if a.command == "generate":
-        classes = world.WORLDS[a.world] if a.world else None
-        if a.adapters:
-            items = generate_set(a.folder, model=a.model, adapters=a.adapters, classes=classes)
-        else:
-            items = generate_base_set(a.folder, a.model, classes, a.n) if a.model else generate_set(a.folder)
-        print(f"{len(items)} items -> {a.folder} (labels: what each prompt asked; correct them by eye)")
-        return
-    if a.command == "mine":
-        items = mine_set(a.folder, a.model, world.WORLDS[a.world] if a.world else None, a.per_class, a.n, a.seed, a.judge)
-        print(f"the {len(items)} most doubtful images -> {a.folder} (labels: what each prompt asked; correct them by eye)")
-        return
-    if a.command == "sample":
-        if a.mined is None:
-            raise SystemExit("sample needs --mined: the mine_set folder whose population to sample")
-        items = sample_rest(a.folder, a.mined, a.n, a.model, world.WORLDS[a.world] if a.world else None, a.per_class,
-                            a.seed)
-        print(f"{len(items)} images the judge was sure of -> {a.folder} (labels: what each prompt asked; check by eye)")
-        return
-    images, items = load(a.folder)
-    if a.command == "rate":
-        if a.mined is None or a.population is None:
-            raise SystemExit("rate needs --mined (the labelled census) and --population; the folder is the sample")
-        print(json.dumps(stratified_rate(load(a.mined)[1], items, a.population), indent=1))
-        return
-    if a.command == "sheet":
-        contact_sheet(images, [it.region for it in items]).save(a.out)
-        print(f"{len(images)} images -> {a.out}")
-        return
-    from .judge import Judge
-
-    judge = Judge.load(a.judge) if a.judge else Judge.load()
-    tau = a.tau if a.tau is not None else best_tau(judge, images, items)
-    print(json.dumps(agreement(judge, images, items, tau), indent=1))
-
-
-if __name__ == "__main__":
-    main()
