@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import course
 from .bench import methods as bench_methods
@@ -53,12 +54,15 @@ from .methods.engine import Regularizers, training_fix
 from .mixing.generate import regional_generate
 from .mixing.masking import NO_FIX, Region
 from .mixing.passes import INFERENCE_FIX
-from .paths import BENCH_METHODS, BENCH_MIXING, CONCEPTS_DIR, JUDGE_PATH
+from .paths import BENCH_METHODS, BENCH_MIXING, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
 from .sd import pretrain, tiny
 from .sd.pipeline import ModelNotAvailable, generate, load_pipeline
 from .world import scenes
 from .world.concepts import make_concept_sets
 from .world.regions import REGIONS, RegionError, parse_box
+
+#: the inference fixes ``generate --fix`` knows
+FIXES = {"none": NO_FIX, "inference": INFERENCE_FIX}
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -96,8 +100,11 @@ def _add_generate(sub) -> None:
     g.add_argument("--region", action="append", default=[],
                    help="PLACE=SUB-PROMPT, one per concept: a named region (left, right, top-left, middle-third, ...) "
                         "or a box x0,y0,x1,y1 in [0, 1]; e.g. --region 'left=a cpd woman on the left'")
-    g.add_argument("--fix", choices=["none", "inference"], default="none",
-                   help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX)")
+    g.add_argument("--fix", choices=list(FIXES), action="append", default=None,
+                   help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX); "
+                        "none: the plain prompt; repeat to compare (e.g. --fix none --fix inference --sheet)")
+    g.add_argument("--sheet", action="store_true",
+                   help="write every image into one PNG: a row per --fix, a column per seed, at 2x size")
     g.set_defaults(run=_generate)
 
 
@@ -110,23 +117,41 @@ def _generate(a) -> None:
             for phrase in phrases(meta).values():
                 if phrase not in a.prompt:
                     print(f"note: {meta['concept']} is written {phrase!r} in prompts", file=sys.stderr)
-    if a.region or a.fix != "none":
-        if not a.region:
-            raise ValueError("--fix inference needs one --region per concept, e.g. --region 'left=a cpd woman on the "
-                             "left'")
-        regions = [parse_region(r, metas) for r in a.region]
-        images = regional_generate(pipe, a.prompt, regions, fix=INFERENCE_FIX if a.fix == "inference" else NO_FIX,
-                                   seed=[a.seed + i for i in range(a.num_images)], steps=a.steps,
-                                   guidance_scale=a.guidance)
-    else:
-        images = generate(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance,
-                          negative_prompt=a.negative_prompt, num_images=a.num_images)
+    fixes = a.fix or ["none"]
+    if "inference" in fixes and not a.region:
+        raise ValueError("--fix inference needs one --region per concept, e.g. --region 'left=a cpd woman on the left'")
+    regions = [parse_region(r, metas) for r in a.region]
+    rows = []
+    for fix in fixes:
+        if regions:
+            rows.append(regional_generate(pipe, a.prompt, regions, fix=FIXES[fix], steps=a.steps,
+                                          seed=[a.seed + i for i in range(a.num_images)], guidance_scale=a.guidance))
+        else:
+            rows.append(generate(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance,
+                                 negative_prompt=a.negative_prompt, num_images=a.num_images))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
-    for im, p in zip(images, paths):
-        im.save(p)
-        print(p)
+    if a.sheet:
+        contact_sheet(rows).save(out)
+        print(out)
+        return
+    images = [im for row in rows for im in row]
+    names = [f"{out.stem}{f'_{fix}' if len(fixes) > 1 else ''}{f'_{i}' if a.num_images > 1 else ''}{out.suffix}"
+             for fix in fixes for i in range(a.num_images)]
+    for im, name in zip(images, names):
+        im.save(out.with_name(name))
+        print(out.with_name(name))
+
+
+def contact_sheet(rows: list[list], scale: int = 2, gap: int = 4) -> Image.Image:
+    """Images in a grid, one row per list, each ``scale`` times its size (nearest neighbour), on white."""
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (max(map(len, rows)) * (w * scale + gap) - gap, len(rows) * (h * scale + gap) - gap),
+                      "white")
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            sheet.paste(im.resize((w * scale, h * scale), Image.NEAREST), (c * (w * scale + gap), r * (h * scale + gap)))
+    return sheet
 
 
 # ----------------------------------------------------------------------------- train
@@ -261,6 +286,7 @@ def _add_bench(sub) -> None:
                    help="write the full report as JSON (a folder: <folder>/eval_base.json)")
     e.add_argument("--judge", type=Path, default=None, help="judge weights (default: the shipped judge)")
     _add_world(e, "the classes to measure (default: the base model's)")
+    e.add_argument("--markdown", action="store_true", help="only print the tables of --out (and write its page)")
     e.set_defaults(run=_bench_base)
 
 
@@ -344,6 +370,10 @@ def _bench_mixing(a) -> int:
 
 
 def _bench_base(a) -> None:
+    if a.markdown:
+        out = a.out or EVAL_BASE
+        print(metrics.write_page(json.loads(out.read_text()), out))
+        return
     if a.out is not None and a.out.is_dir():  # checked before the long run, so its result is never lost
         a.out = a.out / "eval_base.json"
     report = metrics.evaluate_base(a.model, a.seeds, a.pairs, a.pair_seeds, a.steps, a.guidance, a.out, a.judge,

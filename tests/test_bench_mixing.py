@@ -86,3 +86,36 @@ def test_a_cached_adapter_trained_otherwise_than_the_defaults_is_refused(tmp_pat
         b.trained("lora", ("koala", "hamster"), regularized=True)
     (folder / "adapter.json").write_text(json.dumps({"training": {"steps": steps, "batch_size": batch_size, "lr": lora.lr}}))
     assert b.trained("lora", ("koala", "hamster"), regularized=True) == ([folder], 1.0)
+
+
+def readme_headline(text: str) -> str:
+    start = text.index("<!-- headline:")
+    body = text[text.index("\n", start) + 1:text.index("<!-- end headline -->")]
+    return body.strip()
+
+
+def test_the_readme_headline_is_the_generated_table():
+    from mcteach.paths import BENCH_MIXING, REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    report = json.loads(BENCH_MIXING.read_text())
+    assert readme_headline(readme) == bench_mixing.headline(report).strip(), \
+        "README's headline table is stale: paste `mcteach bench mixing --markdown`'s first table"
+    assert len(readme.encode()) <= 12000  # the front door stays short
+
+
+def test_the_headline_check_fails_on_a_changed_report():
+    from mcteach.paths import BENCH_MIXING, REPO_ROOT
+
+    report = json.loads(BENCH_MIXING.read_text())
+    row = next(r for r in report["rows"] if r["method"] == "lora" and r["fix"] == "none" and r["pair"] == "couple")
+    row["success"] = [0.5, 0.25, 0.75]  # a different measurement
+    assert readme_headline((REPO_ROOT / "README.md").read_text()) != bench_mixing.headline(report).strip()
+
+
+def test_headline_pools_the_pairs_and_picks_the_best_fix():
+    rows = [{"method": "lora", "fix": f, "pair": p, "success": [s, s, s], "n": 4}
+            for p in ("couple", "animals") for f, s in (("none", 0.0), ("inference", 1.0), ("training", 0.5))]
+    rows.append({"method": "lora", "fix": "inference", "pair": "three", "success": [0.0] * 3, "n": 4})  # not a pair
+    table = bench_mixing.headline({"rows": rows, "seeds": 4})
+    assert "| lora | 0.00 [0.00, 0.00] | inference | 1.00 [1.00, 1.00] | 0.00 → 1.00 |" in table

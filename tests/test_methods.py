@@ -280,7 +280,7 @@ def one_step_gradients(random_pipe, method, settings, checkpointing):
         part.requires_grad_(False)
     m = METHODS[method](**settings)
     torch.manual_seed(0)
-    model = engine.Denoiser(pipe.unet, pipe.text_encoder, m.setup(pipe, concept)).train()
+    model = engine.Denoiser(pipe.unet, pipe.text_encoder, m.setup(pipe, concept).module).train()
     data = engine.encode_examples(pipe, concept.images, engine.training_captions(concept, m.phrase(concept)))
     calls = {"unet": 0, "text": 0}
     count = lambda key: lambda *_: calls.__setitem__(key, calls[key] + 1)  # noqa: E731
@@ -606,7 +606,7 @@ def test_free_context_starts_as_the_base_model_trains_only_offsets_and_round_tri
     base = images(random_pipe, "a bear")
     before = {m: state(getattr(pipe, m)) for m in ("unet", "vae", "text_encoder")}
     method = ceiling.FreeContext()
-    offsets = method.setup(pipe, load_concept("koala"))
+    offsets = method.setup(pipe, load_concept("koala")).module
     assert np.array_equal(images(pipe, "a bear"), base)  # zero offsets: exactly the base model
     assert sum(p.numel() for p in offsets.parameters()) == 2 * 7 * 32 * 128  # K and V, 7 cross-attention layers
     pipe = fresh(random_pipe)

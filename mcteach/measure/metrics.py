@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_save, write_text
 from ..paths import JUDGE_PATH
 from ..plot import show_images
 from ..sd.pipeline import generate, load_pipeline
@@ -109,11 +110,6 @@ def bootstrap_ci(values, n: int = 2000, seed: int = 0, level: float = 0.95) -> t
     means = v[rng.integers(0, v.size, size=(n, v.size))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(v.mean()), float(lo), float(hi)
-
-
-def fmt_ci(values) -> str:
-    m, lo, hi = bootstrap_ci(values)
-    return f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def single_accuracy(pipe, judge, classes: list[scenes.Emoji], seeds=range(4), position: str = "centre",
@@ -297,3 +293,15 @@ def markdown(report: dict) -> str:
         m, lo, hi = report["pairs"][o]
         rows.append(f"| two objects: {o.replace('_', ' ')} | {m:.2f} [{lo:.2f}, {hi:.2f}] | {report['pairs']['n']} |")
     return "\n".join(rows)
+
+
+def write_page(report: dict, path: Path) -> str:
+    """Write the base model's report as a markdown page beside its JSON (``eval_base.json`` -> ``eval_base.md``);
+    returns the tables."""
+    text = markdown(report)
+    page = (f"# The base model, measured\n\nGenerated from `{Path(path).name}` by `mcteach bench base --markdown`; do "
+            f"not edit by hand. Model: {report.get('model', 'embedded')}; judge: {report.get('judge', 'shipped')}; "
+            f"{report.get('classes')} classes, {report.get('steps')} steps, guidance {report.get('guidance_scale')}."
+            f"\n\n{text}\n")
+    atomic_save(page, Path(path).with_suffix(".md"), write_text)
+    return text

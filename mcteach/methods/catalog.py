@@ -62,10 +62,10 @@ def trainable_groups(pipe, method: str, concept, **settings) -> list[dict]:
     size = p.unet.config.sample_size * p.vae_scale_factor
     concept = concept if isinstance(concept, Concept) else load_concept(concept, size)
     with torch.random.fork_rng(devices=[]):
-        extra = m.setup(p, concept)
+        run = m.setup(p, concept)
     rows: dict[tuple[str, str], dict] = {}
     adapter_names = {n for n in getattr(p.unet, "peft_config", {})} | {"default"}
-    for name, prm in Denoiser(p.unet, p.text_encoder, extra).named_parameters():
+    for name, prm in Denoiser(p.unet, p.text_encoder, run.module).named_parameters():
         if prm.requires_grad:
             part, rest = name.split(".", 1)
             words = [w for w in rest.split(".") if not w.isdigit() and w not in adapter_names]

@@ -19,7 +19,7 @@ Defaults: 1500 steps of 2 images at lr 1e-2 (seeds 0-7, 4900-step base model: cr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..sd.attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
-from .engine import Method
+from .engine import Method, Run
 
 FILE = "free_context.safetensors"
 
@@ -75,18 +75,17 @@ class FreeContext(Method):
     steps: int = 1500
     lr: float = 1e-2
     batch_size: int = 2
-    _offsets: ContextOffsets | None = field(default=None, init=False, repr=False)
 
     def phrase(self, concept) -> str:
         return self.class_word_for(concept)
 
     def setup(self, pipe, concept):
-        self._offsets = new_offsets(pipe).to(pipe.device)
-        attach(pipe, self._offsets)
-        return self._offsets
+        offsets = new_offsets(pipe).to(pipe.device)
+        attach(pipe, offsets)
+        return Run(module=offsets)
 
-    def save(self, pipe, folder, concept, step):
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._offsets.state_dict().items()}, Path(folder) / FILE)
+    def save(self, pipe, folder, concept, step, run: Run):
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.module.state_dict().items()}, Path(folder) / FILE)
         return {"files": {"offsets": FILE}}
 
     @staticmethod

@@ -39,16 +39,19 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from diffusers import UNet2DConditionModel
 from PIL import Image
+from transformers import CLIPTextModel
 
 from ..sd.pipeline import generate
 from ..world import scenes
 from ..world.concepts import POSITION_CYCLE
-from .engine import Method
+from .engine import Method, Run
 
 
 def class_prompts(class_word: str, n: int) -> list[str]:
@@ -80,8 +83,6 @@ def world_prior_sample(n: int, seed: int = 0) -> list[scenes.Emoji]:
     """The base classes of the world prior: all of them when there are at most ``n``, else a seeded sample of ``n`` in
     the world's order (the same for every concept). The 199-class world would otherwise add 199 images to draw and
     train on, against 60 for the first one (the benchmark's drift table measures what the sample keeps of all 199)."""
-    import random
-
     classes = scenes.BASE_CLASSES
     if len(classes) <= n:
         return list(classes)
@@ -124,9 +125,9 @@ class DreamBooth(Method):
         pipe.unet.requires_grad_(True)
         if self.text_encoder:
             pipe.text_encoder.requires_grad_(True)
-        return None
+        return Run()
 
-    def save(self, pipe, folder, concept, step):
+    def save(self, pipe, folder, concept, step, run: Run):
         files = {"unet": "unet"}
         if self.text_encoder:
             files["text_encoder"] = "text_encoder"
@@ -136,9 +137,6 @@ class DreamBooth(Method):
 
     @staticmethod
     def load(pipe, folder, meta):
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
         for part, sub in meta["files"].items():
             model = classes[part].from_pretrained(Path(folder) / sub, dtype=pipe.unet.dtype)

@@ -48,8 +48,11 @@ parameter instead of 8, what DreamBooth (983M parameters with the text encoder) 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import math
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -59,10 +62,11 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..files import atomic_save
+from ..files import atomic_save, write_text
 from ..sd import parts
 from ..sd.attention import record_attention, token_indices
 from ..world import scenes
@@ -74,16 +78,25 @@ IDENTIFIER_LETTERS = "bcdfghjklmnpqrstvwxz"  # consonants only: no English word,
 def default_identifier(slug: str) -> str:
     """Three consonants derived from ``slug`` ("koala" -> the same word on every machine): a rare identifier
     of one's own per concept (DreamBooth's "sks" for everyone cannot tell two concepts apart)."""
-    import hashlib
-
     digest = hashlib.sha256(slug.encode("utf-8")).digest()
     return "".join(IDENTIFIER_LETTERS[b % len(IDENTIFIER_LETTERS)] for b in digest[:3])
 
 
+@dataclass(kw_only=True)
+class Run:
+    """One training run's state, returned by ``Method.setup`` and handed back to ``after_step`` and ``save``; kept
+    apart from the method's settings, which are data (``adapter.json``), as peft keeps ``LoraConfig`` apart from
+    the layers. ``module``: trained weights the pipeline does not own (the hypernetwork), else None. Methods
+    with more state subclass it."""
+
+    module: torch.nn.Module | None = None
+
+
 @dataclass
 class Method:
-    """What a method tells the engine. Subclasses are dataclasses: their fields are the method's
-    settings (written to ``adapter.json``), including the default ``steps``, ``lr`` and ``batch_size``."""
+    """What a method tells the engine. Subclasses are dataclasses: their fields are the method's settings and
+    nothing else (written to ``adapter.json``), including the default ``steps``, ``lr`` and ``batch_size``; what
+    one run creates lives in the ``Run`` that ``setup`` returns."""
     name: ClassVar[str]
     #: fields that set how training runs, not what is learned: adapter.json records the values used under "training"
     schedule_fields: ClassVar[tuple[str, ...]] = ("steps", "lr", "batch_size")
@@ -117,19 +130,19 @@ class Method:
         from the concept's slug, so two concepts trained with the defaults answer to different words."""
         return getattr(self, "identifier", None) or default_identifier(concept.slug)
 
-    def setup(self, pipe, concept: Concept) -> torch.nn.Module | None:
-        """Switch on ``requires_grad`` for what trains (adding it to the pipeline first if it is new);
-        return a module the pipeline does not own (the hypernetwork), else None."""
+    def setup(self, pipe, concept: Concept) -> Run:
+        """Switch on ``requires_grad`` for what trains (adding it to the pipeline first if it is new); return the
+        run's state (``Run.module``: a module the pipeline does not own, e.g. the hypernetwork)."""
         raise NotImplementedError
 
-    def after_step(self) -> None:
+    def after_step(self, run: Run) -> None:
         """Called after each optimizer step (Textual Inversion restores the frozen embedding rows)."""
 
     def prior(self, pipe, concept: Concept, out: Path) -> tuple[list, list[str], float]:
         """Class images, their prompts and the prior-preservation weight; none by default."""
         return [], [], 0.0
 
-    def save(self, pipe, folder: Path, concept: Concept, step: int) -> dict:
+    def save(self, pipe, folder: Path, concept: Concept, step: int, run: Run) -> dict:
         """Write the method's files to ``folder``; return what ``adapter.json`` should add (file names...)."""
         raise NotImplementedError
 
@@ -368,8 +381,6 @@ def _bitsandbytes():
 def small_gpu_defaults(device) -> dict:
     """T4-safe training switches for ``device``: gradient checkpointing on a CUDA GPU with under 20 GB, and 8-bit
     Adam there too when bitsandbytes is installed; both off elsewhere (a CPU, a large GPU)."""
-    import importlib.util
-
     device = torch.device(device)
     small = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 20 * 2**30
     return {"gradient_checkpointing": small,
@@ -493,8 +504,6 @@ def training_fix(n_concepts: int, method: str) -> Regularizers:
 def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regularizers, seed: int) -> Examples:
     """The examples of ``concepts`` (their images, captions with each name replaced by its phrase), plus
     ``reg.composites`` Seg-Mix images when there are several concepts."""
-    import random
-
 
     images, captions, masks, regions = [], [], [], []
     for k, (c, phrase) in enumerate(zip(concepts, phrases)):
@@ -511,6 +520,57 @@ def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regular
             masks.append(np.maximum.reduce(comp.masks))
             regions.append(list(comp.masks))
     return encode_examples(pipe, images, captions, masks, regions, phrases)
+
+
+@dataclass
+class Schedule:
+    """How one training run goes: the method's defaults where the call gave None, checked."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    checkpoint_every: int
+    mask_weight: float
+    reg: Regularizers
+
+
+def resolve_concepts(pipe, concept, method: Method) -> tuple[list[Concept], list[str]]:
+    """The concepts to train (one, or several for joint training), loaded at the pipeline's size, and the phrase
+    each answers to; ValueError when they cannot be trained together."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    parts = [concept] if not isinstance(concept, (list, tuple)) else list(concept)
+    if not parts:
+        raise ValueError("no concept given: pass a concept folder (or several, for joint training)")
+    parts = [c if isinstance(c, Concept) else load_concept(c, size) for c in parts]
+    if len(parts) > 1 and method.name not in JOINT_METHODS:
+        raise ValueError(f"{method.name} trains one concept at a time (train each, then load_adapters); joint "
+                         f"training is for {' and '.join(JOINT_METHODS)}")
+    phrases = [method.phrase(c) for c in parts]
+    if len(set(phrases)) < len(phrases):
+        raise ValueError(f"two concepts would answer to the same phrase {phrases}: give them different class words "
+                         "or identifiers")
+    return parts, phrases
+
+
+def resolve_schedule(method: Method, concepts: int, processes: int, *, steps=None, lr=None, batch_size=None,
+                     seed: int = 0, checkpoint_every: int = 50, mask_weight: float = 0.0,
+                     regularizers: Regularizers | None = None) -> Schedule:
+    """``Schedule`` of a run of ``method`` on ``concepts`` concepts over ``processes`` processes (the batch is
+    global: each process takes ``batch_size / processes`` of it); ValueError before any work when it cannot run."""
+    default_steps, default_batch = method.schedule(concepts)
+    s = Schedule(default_steps if steps is None else steps, method.lr if lr is None else lr,
+                 default_batch if batch_size is None else batch_size, seed, checkpoint_every, mask_weight,
+                 regularizers or Regularizers())
+    if s.steps < 1 or s.batch_size < 1 or s.lr <= 0 or s.checkpoint_every < 1:
+        raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, checkpoint_every >= 1; got "
+                         f"{s.steps}, {s.batch_size}, {s.lr}, {s.checkpoint_every}")
+    lr_at(0, s.steps, s.lr, method.lr_schedule)  # an unknown schedule fails here, before any work
+    if s.batch_size % processes:
+        raise ValueError(f"batch_size {s.batch_size} does not split over {processes} processes: the batch is global, "
+                         f"each process takes batch_size / {processes} of it; use a multiple of {processes} "
+                         "(--batch-size)")
+    return s
 
 
 def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: str | Path, steps: int | None = None,
@@ -531,114 +591,126 @@ def train(pipe, concept: Concept | str | Path | list, method: Method, *, out: st
         ``small_gpu_defaults``: on for a CUDA GPU with under 20 GB (Colab's T4), 8-bit Adam only where bitsandbytes
         is installed; off on a CPU.
     The pipeline must be a fresh base model: Textual Inversion refuses a token it already has.
-    """
-    from accelerate import Accelerator
 
+    The steps: resolve the concepts and the schedule (every check before any work), prepare (class images, the
+    method's new weights, the encoded examples, the optimizer; a checkpoint to resume from), loop, write the adapter.
+    """
     accelerator = accelerator or Accelerator(mixed_precision="fp16" if torch.cuda.is_available() else "no")
     auto = small_gpu_defaults(accelerator.device)
     gradient_checkpointing = auto["gradient_checkpointing"] if gradient_checkpointing is None else gradient_checkpointing
     use_8bit_adam = auto["use_8bit_adam"] if use_8bit_adam is None else use_8bit_adam
-    reg = regularizers or Regularizers()
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    parts = [concept] if not isinstance(concept, (list, tuple)) else list(concept)
-    if not parts:
-        raise ValueError("no concept given: pass a concept folder (or several, for joint training)")
-    parts = [c if isinstance(c, Concept) else load_concept(c, size) for c in parts]
-    if len(parts) > 1 and method.name not in JOINT_METHODS:
-        raise ValueError(f"{method.name} trains one concept at a time (train each, then load_adapters); joint "
-                         f"training is for {' and '.join(JOINT_METHODS)}")
-    phrases = [method.phrase(c) for c in parts]
-    if len(set(phrases)) < len(phrases):
-        raise ValueError(f"two concepts would answer to the same phrase {phrases}: give them different class words "
-                         "or identifiers")
-    concept = parts[0] if len(parts) == 1 else joint_concept(parts)
-    default_steps, default_batch = method.schedule(len(parts))
-    steps = default_steps if steps is None else steps
-    lr = method.lr if lr is None else lr
-    batch_size = default_batch if batch_size is None else batch_size
-    if steps < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
-        raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, checkpoint_every >= 1; got "
-                         f"{steps}, {batch_size}, {lr}, {checkpoint_every}")
-    lr_at(0, steps, lr, method.lr_schedule)  # an unknown schedule fails here, before any work
-    n = accelerator.num_processes
-    if batch_size % n:
-        raise ValueError(f"batch_size {batch_size} does not split over {n} processes: the batch is global, each "
-                         f"process takes batch_size / {n} of it; use a multiple of {n} (--batch-size)")
+    parts, phrases = resolve_concepts(pipe, concept, method)
+    schedule = resolve_schedule(method, len(parts), accelerator.num_processes, steps=steps, lr=lr,
+                                batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
+                                mask_weight=mask_weight, regularizers=regularizers)
     if use_8bit_adam:
         _bitsandbytes()  # missing: a clear error before any work
     if pipe.unet.dtype != torch.float32:
         raise ValueError(f"the pipeline is {pipe.unet.dtype}: load it in float32 to train "
                          "(load_pipeline(..., dtype=torch.float32)); mixed precision comes from accelerate")
-    out = Path(out)
-    started = time.time()
+    out, started = Path(out), time.time()
     base = base_fingerprint(pipe)  # before training: DreamBooth changes the UNet
-    pipe.to(accelerator.device)
-    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
-        part.requires_grad_(False).eval()
-
-    with accelerator.main_process_first():  # DreamBooth: the main process generates, the others read the cache
-        class_images, class_prompts, prior_weight = method.prior(pipe, concept, out)
-    with torch.random.fork_rng(devices=[]):  # new weights (LoRA's A, the hypernetwork) depend on seed only
-        torch.manual_seed(seed)
-        extra = method.setup(pipe, concept)
-    phrase = phrases[0]
-    data = training_set(pipe, parts, phrases, reg, seed)
-    prior = encode_examples(pipe, class_images, class_prompts) if class_images else None
-
-    model = Denoiser(pipe.unet, pipe.text_encoder, extra)
-    params = list(_trainable(model).values())
-    optimizer = make_optimizer(params, lr, use_8bit_adam)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    job = _prepare(pipe, parts, phrases, method, schedule, accelerator, out, use_8bit_adam)
     checkpoint = out / "checkpoints" / "last.pt"
     start, losses = 0, []
     if resume and checkpoint.exists():
-        start, losses = load_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, seed, base)
-
-    model.train()
-    bar = tqdm(range(start, steps), desc=method.name, initial=start, total=steps,
-               disable=not (progress and accelerator.is_main_process))
-    step_seconds = []
+        start, losses = load_checkpoint(checkpoint, method, accelerator.unwrap_model(job.model), job.optimizer, seed,
+                                        base)
     with gradient_checkpointing_on(pipe.unet, pipe.text_encoder, enabled=gradient_checkpointing):
-        for step in bar:
-            began = time.perf_counter()
-            g = step_generator(seed, step)  # the same draws on every process; each keeps its slice
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, lr, method.lr_schedule)
-            optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
-            with accelerator.autocast():
-                loss = step_loss(model, pipe.scheduler, data, prior, prior_weight, g, batch_size, mask_weight,
-                                 accelerator.device, masked_loss=reg.masked_loss, attention_weight=reg.attention_weight,
-                                 unet=pipe.unet, shard=(accelerator.process_index, n))
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            method.after_step()
-            losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
-            step_seconds.append(time.perf_counter() - began)
-            # drawn at tqdm's own pace: in Jupyter every refresh is a widget message, and one per step once made nbval
-            # time out waiting for the training cell's end
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, step + 1, seed,
-                                    losses, base)
-    optimizer.zero_grad(set_to_none=True)  # free the gradients before saving (DreamBooth copies the UNet to save it)
-    model.eval().requires_grad_(False)
-
-    accelerator.wait_for_everyone()
+        step_seconds = _loop(pipe, job, method, schedule, accelerator, start, losses, checkpoint, base, progress)
     meta = {}
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"method": method.name, "concept": concept.slug, "name": concept.name,
-                "class_word": method.class_word_for(parts[0]), "phrase": phrase, "settings": method.settings(),
-                "training": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
-                             "mask_weight": mask_weight, "regularizers": asdict(reg)}, "base": base}
-        if use_8bit_adam:  # changes the weights (gradient checkpointing does not)
-            meta["training"]["optimizer"] = "bitsandbytes.optim.AdamW8bit"
-        if len(parts) > 1:
-            meta |= {"phrases": {c.slug: p for c, p in zip(parts, phrases)},
-                     "names": {c.slug: c.name for c in parts}}
-        meta |= method.save(pipe, out, concept, steps)
-        (out / "adapter.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return TrainResult(method.name, phrase, losses, out, meta, time.time() - started, step_seconds)
+        meta = _write_adapter(pipe, job, method, parts, phrases, schedule, out, base, use_8bit_adam)
+    return TrainResult(method.name, phrases[0], losses, out, meta, time.time() - started, step_seconds)
+
+
+@dataclass
+class _Job:
+    """What ``_prepare`` builds for the loop: the (prepared) model and optimizer, the parameters that train, the
+    method's run, the concept trained (one, or the joint one) and its examples and class images."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list
+    run: Run
+    concept: Concept
+    data: Examples
+    prior: Examples | None
+    prior_weight: float
+
+
+def _prepare(pipe, parts, phrases, method: Method, s: Schedule, accelerator, out: Path, use_8bit_adam: bool) -> _Job:
+    concept = parts[0] if len(parts) == 1 else joint_concept(parts)
+    pipe.to(accelerator.device)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.requires_grad_(False).eval()
+    with accelerator.main_process_first():  # DreamBooth: the main process generates, the others read the cache
+        class_images, class_prompts, prior_weight = method.prior(pipe, concept, out)
+    with torch.random.fork_rng(devices=[]):  # new weights (LoRA's A, the hypernetwork) depend on seed only
+        torch.manual_seed(s.seed)
+        run = method.setup(pipe, concept)
+    data = training_set(pipe, parts, phrases, s.reg, s.seed)
+    prior = encode_examples(pipe, class_images, class_prompts) if class_images else None
+    model = Denoiser(pipe.unet, pipe.text_encoder, run.module)
+    params = list(_trainable(model).values())
+    optimizer = make_optimizer(params, s.lr, use_8bit_adam)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _Job(model, optimizer, params, run, concept, data, prior, prior_weight)
+
+
+def _loop(pipe, job: _Job, method: Method, s: Schedule, accelerator, start: int, losses: list, checkpoint: Path,
+          base: dict, progress: bool) -> list[float]:
+    """Steps ``start .. s.steps - 1``: each draws its batch from the step alone (so a resumed run sees the same
+    batches), appends the global batch's loss to ``losses`` and checkpoints every ``s.checkpoint_every``; returns
+    each step's seconds."""
+    model, optimizer, n = job.model, job.optimizer, accelerator.num_processes
+    model.train()
+    bar = tqdm(range(start, s.steps), desc=method.name, initial=start, total=s.steps,
+               disable=not (progress and accelerator.is_main_process))
+    step_seconds = []
+    for step in bar:
+        began = time.perf_counter()
+        g = step_generator(s.seed, step)  # the same draws on every process; each keeps its slice
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, s.steps, s.lr, method.lr_schedule)
+        optimizer.zero_grad(set_to_none=True)  # before the forward: the last step's gradients are freed first
+        with accelerator.autocast():
+            loss = step_loss(model, pipe.scheduler, job.data, job.prior, job.prior_weight, g, s.batch_size,
+                             s.mask_weight, accelerator.device, masked_loss=s.reg.masked_loss,
+                             attention_weight=s.reg.attention_weight, unet=pipe.unet,
+                             shard=(accelerator.process_index, n))
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(job.params, 1.0)
+        optimizer.step()
+        method.after_step(job.run)
+        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the global batch's loss
+        step_seconds.append(time.perf_counter() - began)
+        # drawn at tqdm's own pace: in Jupyter every refresh is a widget message, and a refresh per step is more
+        # messages than nbval waits for
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint, method, accelerator.unwrap_model(model), optimizer, step + 1, s.seed,
+                                losses, base)
+    optimizer.zero_grad(set_to_none=True)  # free the gradients before saving (DreamBooth copies the UNet to save it)
+    model.eval().requires_grad_(False)
+    accelerator.wait_for_everyone()
+    return step_seconds
+
+
+def _write_adapter(pipe, job: _Job, method: Method, parts, phrases, s: Schedule, out: Path, base: dict,
+                   use_8bit_adam: bool) -> dict:
+    """The method's files and ``adapter.json`` (written last and atomically: a folder with one is complete)."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"method": method.name, "concept": job.concept.slug, "name": job.concept.name,
+            "class_word": method.class_word_for(parts[0]), "phrase": phrases[0], "settings": method.settings(),
+            "training": {"steps": s.steps, "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
+                         "mask_weight": s.mask_weight, "regularizers": asdict(s.reg)}, "base": base}
+    if use_8bit_adam:  # changes the weights (gradient checkpointing does not)
+        meta["training"]["optimizer"] = "bitsandbytes.optim.AdamW8bit"
+    if len(parts) > 1:
+        meta |= {"phrases": {c.slug: p for c, p in zip(parts, phrases)}, "names": {c.slug: c.name for c in parts}}
+    meta |= method.save(pipe, out, job.concept, s.steps, job.run)
+    atomic_save(json.dumps(meta, indent=2) + "\n", out / "adapter.json", write_text)
+    return meta

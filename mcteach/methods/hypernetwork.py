@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from ..sd.attention import ContextProcessor, cross_attention_layers, set_cross_attention_processors
-from .engine import Method
+from .engine import Method, Run
 
 #: the webui's names (its "swish" is Hardswish)
 ACTIVATIONS = {"linear": None, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish,
@@ -130,8 +131,6 @@ def attach(pipe_or_unet, hypernetwork: HypernetworkLayers) -> None:
 
 def detach(pipe_or_unet) -> None:
     """Remove every hypernetwork: diffusers' default processor on the cross-attention layers again."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     unet = _unet(pipe_or_unet)
     unet.set_attn_processor({n: AttnProcessor2_0() if isinstance(p, HypernetworkProcessor) else p
                              for n, p in unet.attn_processors.items()})
@@ -170,18 +169,17 @@ class HyperNetwork(Method):
     layer_structure: list[int] = field(default_factory=lambda: [1, 2, 1])
     activation: str = "relu"
     prompt_phrase: str | None = None  # what replaces the concept's name in captions; default the class word
-    _hn: HypernetworkLayers | None = field(default=None, init=False, repr=False)
 
     def phrase(self, concept) -> str:
         return self.prompt_phrase or self.class_word_for(concept)
 
     def setup(self, pipe, concept):
-        self._hn = HypernetworkLayers(context_dims(pipe), self.layer_structure, self.activation).to(pipe.device)
-        attach(pipe, self._hn)
-        return self._hn
+        hn = HypernetworkLayers(context_dims(pipe), self.layer_structure, self.activation).to(pipe.device)
+        attach(pipe, hn)
+        return Run(module=hn)
 
-    def save(self, pipe, folder, concept, step):
-        save_a1111(self._hn, folder / f"{concept.slug}.pt", concept.slug, step)
+    def save(self, pipe, folder, concept, step, run: Run):
+        save_a1111(run.module, folder / f"{concept.slug}.pt", concept.slug, step)
         return {"files": {"a1111": f"{concept.slug}.pt"}}
 
     @staticmethod

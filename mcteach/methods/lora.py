@@ -45,7 +45,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from ..sd.pipeline import quiet_loading
-from .engine import Method
+from .engine import Method, Run
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: kohya-ss's default: every linear (and 1x1 conv) layer of the UNet's transformer blocks, feed-forward included
@@ -87,6 +87,13 @@ def disabled(pipe):
         pipe.enable_lora()
 
 
+@dataclass(kw_only=True)
+class AdapterRun(Run):
+    """LoRA's run: the name of the peft adapter it added to the UNet (and text encoder)."""
+
+    adapter: str
+
+
 @dataclass
 class LoRA(Method):
     name: ClassVar[str] = "lora"
@@ -103,7 +110,6 @@ class LoRA(Method):
     # module-name endings in the UNet (UNET_TARGETS: attention only)
     targets: list[str] = field(default_factory=lambda: list(UNET_TRANSFORMER_TARGETS))
     adapter_name: str | None = None  # default: the concept's slug
-    _adapter: str = field(default="", init=False, repr=False)
 
     def phrase(self, concept) -> str:
         return f"{self.identifier_for(concept)} {self.class_word_for(concept)}"
@@ -121,25 +127,23 @@ class LoRA(Method):
         if unknown:
             raise ValueError(f"no UNet layer is named {unknown[0]!r}: targets are module-name endings such as "
                              f"{', '.join(UNET_TRANSFORMER_TARGETS)}")
-        self._adapter = self.adapter_name or concept.slug
-        pipe.unet.add_adapter(lora_config(self.rank, self.alpha, self.targets), adapter_name=self._adapter)
+        run = AdapterRun(adapter=self.adapter_name or concept.slug)
+        pipe.unet.add_adapter(lora_config(self.rank, self.alpha, self.targets), adapter_name=run.adapter)
         if self.text_encoder:  # peft directly: transformers 5's add_adapter wants peft >= 0.22
             inject_adapter_in_model(lora_config(self.rank, self.alpha, TEXT_ENCODER_TARGETS), pipe.text_encoder,
-                                    adapter_name=self._adapter)
-        return None
+                                    adapter_name=run.adapter)
+        return run
 
-    def state_dicts(self, pipe) -> dict[str, dict[str, torch.Tensor]]:
-        """{"unet": peft state dict, "text_encoder": ...} of this adapter (keys without the adapter name)."""
+    def state_dicts(self, pipe, adapter: str) -> dict[str, dict[str, torch.Tensor]]:
+        """{"unet": peft state dict, "text_encoder": ...} of ``adapter`` (keys without the adapter name)."""
         parts = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if self.text_encoder else {})
-        return {k: {n: v.detach().cpu() for n, v in get_peft_model_state_dict(m, adapter_name=self._adapter).items()}
+        return {k: {n: v.detach().cpu() for n, v in get_peft_model_state_dict(m, adapter_name=adapter).items()}
                 for k, m in parts.items()}
 
-    def save(self, pipe, folder, concept, step):
-        from diffusers import StableDiffusionPipeline
-
-        sds = self.state_dicts(pipe)
-        meta = {f"{k}_lora_adapter_metadata": getattr(pipe, k).peft_config[self._adapter].to_dict() for k in sds}
-        StableDiffusionPipeline.save_lora_weights(
+    def save(self, pipe, folder, concept, step, run: AdapterRun):
+        sds = self.state_dicts(pipe, run.adapter)
+        meta = {f"{k}_lora_adapter_metadata": getattr(pipe, k).peft_config[run.adapter].to_dict() for k in sds}
+        type(pipe).save_lora_weights(  # a classmethod of StableDiffusionPipeline (its LoRA loader mixin)
             folder, unet_lora_layers=sds["unet"], text_encoder_lora_layers=sds.get("text_encoder"),
             weight_name=DIFFUSERS_FILE, **meta)
         kohya = to_kohya(sds["unet"], self.alpha)
@@ -150,7 +154,7 @@ class LoRA(Method):
         save_file(kohya, folder / kohya_file, metadata={"ss_network_module": "networks.lora",
                                                         "ss_network_dim": str(self.rank),
                                                         "ss_network_alpha": str(self.alpha)})
-        return {"adapter_name": self._adapter, "files": {"diffusers": DIFFUSERS_FILE, "kohya": kohya_file}}
+        return {"adapter_name": run.adapter, "files": {"diffusers": DIFFUSERS_FILE, "kohya": kohya_file}}
 
     @staticmethod
     def load(pipe, folder, meta):

@@ -24,7 +24,7 @@ README's "How the methods' defaults were chosen".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..sd.pipeline import quiet_loading
-from .engine import Method
+from .engine import Method, Run
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -73,6 +73,17 @@ def save_a1111(embeds: torch.Tensor, path: Path, name: str, step: int) -> None:
     torch.save({"string_to_param": {"*": embeds}, "name": name, "step": step}, path)
 
 
+@dataclass(kw_only=True)
+class EmbeddingRun(Run):
+    """Textual Inversion's run: the new tokens' ids, the embedding matrix E (vocab, d) that trains, and the rows
+    that stay frozen (``keep``, (vocab,)) with their values (``frozen``, (vocab, d)), put back after each step."""
+
+    ids: list[int]
+    weight: torch.nn.Parameter
+    keep: torch.Tensor
+    frozen: torch.Tensor
+
+
 @dataclass
 class TextualInversion(Method):
     name: ClassVar[str] = "textual_inversion"
@@ -81,10 +92,6 @@ class TextualInversion(Method):
     batch_size: int = 2
     token: str | None = None  # default "<slug>"
     num_vectors: int = 1
-    _ids: list[int] = field(default_factory=list, init=False, repr=False)
-    _weight: torch.nn.Parameter | None = field(default=None, init=False, repr=False)  # E (vocab, d)
-    _keep: torch.Tensor | None = field(default=None, init=False, repr=False)  # (vocab,) rows that stay frozen
-    _frozen: torch.Tensor | None = field(default=None, init=False, repr=False)  # (vocab, d) their values
 
     def tokens(self, concept) -> list[str]:
         return placeholder_tokens(self.token or f"<{concept.slug}>", self.num_vectors)
@@ -95,21 +102,19 @@ class TextualInversion(Method):
     def setup(self, pipe, concept):
         if self.num_vectors < 1:
             raise ValueError(f"num_vectors must be >= 1, got {self.num_vectors}")
-        self._ids = add_placeholder(pipe.tokenizer, pipe.text_encoder, self.tokens(concept),
-                                    self.class_word_for(concept))
-        self._weight = weight = pipe.text_encoder.get_input_embeddings().weight
-        self._keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-        self._keep[self._ids] = False
-        self._frozen = weight.detach().clone()
+        ids = add_placeholder(pipe.tokenizer, pipe.text_encoder, self.tokens(concept), self.class_word_for(concept))
+        weight = pipe.text_encoder.get_input_embeddings().weight
+        keep = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
+        keep[ids] = False
         weight.requires_grad_(True)
-        return None
+        return EmbeddingRun(ids=ids, weight=weight, keep=keep, frozen=weight.detach().clone())
 
-    def after_step(self) -> None:
+    def after_step(self, run: EmbeddingRun) -> None:
         with torch.no_grad():
-            self._weight[self._keep] = self._frozen[self._keep]
+            run.weight[run.keep] = run.frozen[run.keep]
 
-    def save(self, pipe, folder, concept, step):
-        embeds = self._weight[self._ids].detach().float().cpu()  # (n, d)
+    def save(self, pipe, folder, concept, step, run: EmbeddingRun):
+        embeds = run.weight[run.ids].detach().float().cpu()  # (n, d)
         token = self.phrase(concept)
         save_file({token: embeds.contiguous()}, folder / EMBEDS_FILE)
         save_a1111(embeds, folder / f"{concept.slug}.pt", token, step)

@@ -83,35 +83,21 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
     ``fix.self_attention``: self-attention masks act inside every pass. Cost: one UNet call per region per step."""
 
     unet, sched = pipe.unet, pipe.scheduler
-    size = unet.config.sample_size * pipe.vae_scale_factor
-    masks = region_masks([r.where for r in regions], size)
-    side = unet.config.sample_size
-    m = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")  # (R, 1, s, s)
-    m = m / m.sum(0, keepdim=True).clamp_min(1.0)  # overlaps share
-    rest = (1 - m.sum(0)).clamp_min(0)  # (1, s, s): the background
+    m, rest, masks = region_weights(pipe, regions)
     names = [r.adapter for r in regions]
     has_lora = any(names) and hasattr(pipe, "set_adapters")
     all_adapters = pipe.get_active_adapters() if has_lora else []
     conds = [prompt_embeds(pipe, [r.prompt]) for r in regions]
     glob, uncond = prompt_embeds(pipe, [prompt]), prompt_embeds(pipe, [""])
-    device, dtype = unet.device, unet.dtype
     latents = torch.cat([parts.initial_latents(pipe, 1, s) for s in seeds])
     noise = latents / sched.init_noise_sigma
-    colours = [scenes.background_colour(random.Random(f"bootstrap/{s}")) for s in seeds]
-    bg = parts.encode_images(pipe, [Image.new("RGB", (size, size), c) for c in colours])
-    m, rest = m.to(device, dtype), rest.to(device, dtype)
-    sched.set_timesteps(steps, device=device)
+    bg = plain_backgrounds(pipe, seeds)
+    sched.set_timesteps(steps, device=unet.device)
     n = len(seeds)
     masker = RegionMasker(masks, AttentionMasks(cross="none", self_attention=True, bind_adapters=False),
                           chunk=pipe.tokenizer.model_max_length) if fix.self_attention else None
     scale = guidance_scale * fix.pass_guidance
-
-    shifts = []
-    for r in range(len(regions)):  # latent cells that move region r's centre of mass to the canvas centre
-        w = m[r, 0]
-        ys, xs = torch.arange(side, dtype=w.dtype, device=w.device), torch.arange(side, dtype=w.dtype, device=w.device)
-        cy, cx = float((w.sum(1) * ys).sum() / w.sum()), float((w.sum(0) * xs).sum() / w.sum())
-        shifts.append((round((side - 1) / 2 - cy), round((side - 1) / 2 - cx)) if fix.recentre else (0, 0))
+    shifts = [centring_shift(m[r, 0]) if fix.recentre else (0, 0) for r in range(len(regions))]
 
     def eps_of(z, t, cond, adapter):
         if has_lora:
@@ -150,3 +136,31 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
         if has_lora:
             pipe.set_adapters(all_adapters)
     return parts.decode_latents(pipe, latents)
+
+
+def region_weights(pipe, regions: list[Region]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each region's weight in the pasted noise prediction at the latent grid, (R, 1, s, s) (where regions overlap
+    they share), the background's (1, s, s), and the region masks at the image's size (R, H, W)."""
+    unet = pipe.unet
+    masks = region_masks([r.where for r in regions], unet.config.sample_size * pipe.vae_scale_factor)
+    side = unet.config.sample_size
+    m = F.interpolate(masks[:, None].float(), size=(side, side), mode="area")  # (R, 1, s, s)
+    m = m / m.sum(0, keepdim=True).clamp_min(1.0)  # overlaps share
+    rest = (1 - m.sum(0)).clamp_min(0)  # (1, s, s): the background
+    return m.to(unet.device, unet.dtype), rest.to(unet.device, unet.dtype), masks
+
+
+def centring_shift(w: torch.Tensor) -> tuple[int, int]:
+    """The (dy, dx) latent cells that move the centre of mass of a weight map (s, s) to the canvas centre."""
+    side = w.shape[-1]
+    ys, xs = torch.arange(side, dtype=w.dtype, device=w.device), torch.arange(side, dtype=w.dtype, device=w.device)
+    cy, cx = float((w.sum(1) * ys).sum() / w.sum()), float((w.sum(0) * xs).sum() / w.sum())
+    return round((side - 1) / 2 - cy), round((side - 1) / 2 - cx)
+
+
+def plain_backgrounds(pipe, seeds: list[int]) -> torch.Tensor:
+    """Latents (B, 4, s, s) of one plain background colour per seed (the world's colours, drawn from the seed):
+    what bootstrapped passes see outside their region."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    colours = [scenes.background_colour(random.Random(f"bootstrap/{s}")) for s in seeds]
+    return parts.encode_images(pipe, [Image.new("RGB", (size, size), c) for c in colours])

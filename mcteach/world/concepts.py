@@ -37,7 +37,7 @@ from PIL import Image, ImageOps
 
 from ..paths import CONCEPTS_DIR
 from . import scenes
-from .regions import OPPOSITE_POSITIONS, POSITIONS, REGIONS
+from .regions import OPPOSITE_POSITIONS, REGIONS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 #: positions of a set's images, in turn (a set of 6 shows the concept twice in the centre)
