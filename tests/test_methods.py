@@ -767,3 +767,13 @@ def test_denoising_loss_is_repeatable_and_splits_by_timestep(random_pipe):
     assert denoising_loss(random_pipe, "koala", "cat", timesteps=8)[0] != total
     with pytest.raises(ValueError, match="equal parts"):
         denoising_loss(random_pipe, "koala", "bear", timesteps=10)
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "hypernetwork", "dreambooth", "lora"])
+def test_setup_leaves_the_settings_as_they_were(random_pipe, method):
+    """Settings are data: setup returns the run's state and writes nothing onto the settings object."""
+    m = METHODS[method]()
+    before = dict(vars(m))
+    run = m.setup(fresh(random_pipe), load_concept("koala"))
+    assert vars(m) == before and isinstance(run, engine.Run)
+    assert m.settings() == METHODS[method]().settings() and "lr_schedule" in m.settings()
