@@ -18,7 +18,7 @@ The fixes:
 
     mcteach bench mixing --out data/bench_mixing.json                # everything (hours on 2 cores), resumable
     mcteach bench mixing --quick --json                              # LoRA on the couple, 8 seeds, ~10 min
-    mcteach bench mixing --out data/bench_mixing.json --markdown     # the README's tables
+    mcteach bench mixing --out data/bench_mixing.json --markdown     # its tables and data/bench_mixing.md
 
 ``--save-images DIR`` writes every judged image (``<method>-<fix>-<pair>-<seed>.png``) so anyone can re-judge.
 

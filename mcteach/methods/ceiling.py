@@ -11,7 +11,7 @@ one per token position, for the key and the value context:
 That is 2 x 7 x 32 x 128 = 57,344 free numbers for the tiny model, trained by the same engine and loss. Like the
 HyperNetwork, the offsets also apply to the unconditional branch of classifier-free guidance. It is not a method
 for users (it has no prompt word and ignores position words), so it is not in ``METHODS``: the benchmark uses it
-to tell "TI and HN cannot express it" from "the frozen UNet cannot draw it" (``--ceiling``; the README's table).
+to tell "TI and HN cannot express it" from "the frozen UNet cannot draw it" (``--ceiling``; data/bench_methods.md's table).
 
 Defaults: 1500 steps of 2 images at lr 1e-2 (seeds 0-7, 4900-step base model: croissant 0.88, koala 0.50; after
 500 steps 0.62 and 0.12).

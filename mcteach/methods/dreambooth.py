@@ -31,8 +31,9 @@ safetensors: the other parts come from the base model, so with plain diffusers
 ones rounded to fp16.
 
 Defaults: 800 steps of 2 concept + 2 prior images at lr 3e-4, decayed to 0 on a cosine (``lr_schedule``), the text
-encoder trained too, 10 class images and the world's 60, prior weight 1. How they were chosen, with the measurements: the
-README's "How the methods' defaults were chosen". For SD 1.5, use the usual 5e-6 (``lr=5e-6``).
+encoder trained too, 10 class images and the world's 60, prior weight 1; the cosine decay
+keeps the result from depending on where training stops. Their fidelity: data/bench_methods.md (``mcteach bench
+methods --set KEY=VALUE`` measures another choice). For SD 1.5, use the usual 5e-6 (``lr=5e-6``).
 """
 
 from __future__ import annotations

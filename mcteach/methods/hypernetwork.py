@@ -24,7 +24,7 @@ Saved file (``out/<slug>.pt``): the webui's layout, plain tensors, ints and stri
      "layer_structure": [1, 2, 1], "activation_func": "relu", "name": "koala", "step": 500, ...}
 
 Defaults: 500 steps of 2 images, lr 1e-3, relu. How they were chosen, with the measurements: the
-README's "How the methods' defaults were chosen".
+the figures in data/bench_methods.md (``mcteach bench methods --set KEY=VALUE`` measures another choice).
 """
 
 from __future__ import annotations

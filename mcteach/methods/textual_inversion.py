@@ -19,7 +19,7 @@ Saved files (``out/``):
   (``pipe.load_textual_inversion("out/koala.pt")`` reads it too; in the webui the file name is the word).
 
 Defaults: 500 steps of 2 images at lr 5e-3. How they were chosen, with the measurements: the
-README's "How the methods' defaults were chosen".
+the figures in data/bench_methods.md (``mcteach bench methods --set KEY=VALUE`` measures another choice).
 """
 
 from __future__ import annotations
