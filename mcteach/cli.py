@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import course
 from .bench import methods as bench_methods
@@ -104,7 +103,7 @@ def _add_generate(sub) -> None:
                    help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX); "
                         "none: the plain prompt; repeat to compare (e.g. --fix none --fix inference --sheet)")
     g.add_argument("--sheet", action="store_true",
-                   help="write every image into one PNG: a row per --fix, a column per seed, at 2x size")
+                   help="write every image into one numbered PNG: a row per --fix, a column per seed, at 2x size")
     g.set_defaults(run=_generate)
 
 
@@ -132,7 +131,7 @@ def _generate(a) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if a.sheet:
-        contact_sheet(rows).save(out)
+        calibration.contact_sheet([im for row in rows for im in row], cols=a.num_images).save(out)
         print(out)
         return
     images = [im for row in rows for im in row]
@@ -141,17 +140,6 @@ def _generate(a) -> None:
     for im, name in zip(images, names):
         im.save(out.with_name(name))
         print(out.with_name(name))
-
-
-def contact_sheet(rows: list[list], scale: int = 2, gap: int = 4) -> Image.Image:
-    """Images in a grid, one row per list, each ``scale`` times its size (nearest neighbour), on white."""
-    w, h = rows[0][0].size
-    sheet = Image.new("RGB", (max(map(len, rows)) * (w * scale + gap) - gap, len(rows) * (h * scale + gap) - gap),
-                      "white")
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            sheet.paste(im.resize((w * scale, h * scale), Image.NEAREST), (c * (w * scale + gap), r * (h * scale + gap)))
-    return sheet
 
 
 # ----------------------------------------------------------------------------- train

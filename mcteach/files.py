@@ -22,3 +22,10 @@ def atomic_save(obj, path: Path, save=None) -> None:
 def write_text(text: str, path: Path) -> None:
     """``atomic_save``'s ``save`` for text files (JSON reports)."""
     Path(path).write_text(text, encoding="utf-8")
+
+
+def write_page(json_path: Path, title: str, about: str, tables: str) -> str:
+    """A report's markdown page beside its JSON (``x.json`` -> ``x.md``), written atomically: ``# title``, the line
+    ``about`` (what made it, from which file), then ``tables``; returns ``tables``."""
+    atomic_save(f"# {title}\n\n{about}\n\n{tables}\n", Path(json_path).with_suffix(".md"), write_text)
+    return tables

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import files
 from ..files import atomic_save, write_text
 from ..measure.judge import Judge
 from ..measure.metrics import (
@@ -335,11 +336,9 @@ def markdown(report: dict) -> str:
 def write_page(report: dict, path: Path) -> str:
     """Write the report's markdown page beside its JSON (``bench_methods.json`` -> ``bench_methods.md``); returns
     the tables."""
-    text = markdown(report)
-    page = (f"# The methods' benchmark\n\nGenerated from `{Path(path).name}` by `mcteach bench methods --markdown "
-            f"--out {Path(path).name}`; do not edit by hand. {report.get('seeds', 8)} seeds per cell.\n\n{text}\n")
-    atomic_save(page, Path(path).with_suffix(".md"), write_text)
-    return text
+    return files.write_page(path, "The methods' benchmark", f"Generated from `{Path(path).name}` by `mcteach bench "
+                            f"methods --markdown --out {Path(path).name}`; do not edit by hand. "
+                            f"{report.get('seeds', 8)} seeds per cell.", markdown(report))
 
 
 def parse_settings(pairs: list[str]) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .. import files
 from ..files import atomic_save, write_text
 from ..measure.judge import Judge
 from ..measure.metrics import SAMPLING, bootstrap_ci, judge_instances, summarize_pairs
@@ -350,12 +351,10 @@ def markdown(report: dict) -> str:
 def write_page(report: dict, path: Path) -> str:
     """Write the report's markdown page beside its JSON (``bench_mixing.json`` -> ``bench_mixing.md``); returns
     the tables."""
-    text = markdown(report)
-    page = (f"# The mixing benchmark\n\nGenerated from `{Path(path).name}` by `mcteach bench mixing --markdown`; "
-            f"do not edit by hand. Model: {report.get('model', 'embedded')}; judge: {report.get('judge', 'shipped')}; "
-            f"{report.get('seeds', 16)} seeds per row; 95% bootstrap intervals in brackets.\n\n{text}\n")
-    atomic_save(page, Path(path).with_suffix(".md"), write_text)
-    return text
+    return files.write_page(path, "The mixing benchmark", f"Generated from `{Path(path).name}` by `mcteach bench mixing "
+                            f"--markdown`; do not edit by hand. Model: {report.get('model', 'embedded')}; judge: "
+                            f"{report.get('judge', 'shipped')}; {report.get('seeds', 16)} seeds per row; 95% bootstrap "
+                            "intervals in brackets.", markdown(report))
 
 
 def main_table(report: dict) -> str:

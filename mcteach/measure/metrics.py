@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_save, write_text
+from .. import files
 from ..paths import JUDGE_PATH
 from ..plot import show_images
 from ..sd.pipeline import generate, load_pipeline
@@ -298,10 +298,7 @@ def markdown(report: dict) -> str:
 def write_page(report: dict, path: Path) -> str:
     """Write the base model's report as a markdown page beside its JSON (``eval_base.json`` -> ``eval_base.md``);
     returns the tables."""
-    text = markdown(report)
-    page = (f"# The base model, measured\n\nGenerated from `{Path(path).name}` by `mcteach bench base --markdown`; do "
-            f"not edit by hand. Model: {report.get('model', 'embedded')}; judge: {report.get('judge', 'shipped')}; "
-            f"{report.get('classes')} classes, {report.get('steps')} steps, guidance {report.get('guidance_scale')}."
-            f"\n\n{text}\n")
-    atomic_save(page, Path(path).with_suffix(".md"), write_text)
-    return text
+    return files.write_page(path, "The base model, measured", f"Generated from `{Path(path).name}` by `mcteach bench "
+                            f"base --markdown`; do not edit by hand. Model: {report.get('model', 'embedded')}; judge: "
+                            f"{report.get('judge', 'shipped')}; {report.get('classes')} classes, {report.get('steps')} "
+                            f"steps, guidance {report.get('guidance_scale')}.", markdown(report))
