@@ -282,8 +282,6 @@ def _bench_methods(a) -> None:
     for name in ("drift_concepts", "controls", "ceiling"):  # "--controls none" skips, as an empty "--controls" does
         if getattr(a, name) == ["none"]:
             setattr(a, name, [])
-    if a.world:
-        scenes.use_world(a.world)
     out = a.out or BENCH_METHODS
     if a.merge:
         atomic_save(json.dumps(bench_methods.merge([json.loads(f.read_text()) for f in a.merge]), indent=1) + "\n",
@@ -307,13 +305,12 @@ def _bench_methods(a) -> None:
     if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
         raise SystemExit(f"--shard takes I/N with 0 <= I < N, e.g. --shard 0/2; got {a.shard!r}")
     report = bench_methods.run(a.methods, a.concepts, a.seeds, a.work, a.model, a.drift_concepts, controls, a.out,
-                               bench_methods.parse_settings(a.set), (int(i), int(n)), a.ceiling, judge_path=a.judge)
+                               bench_methods.parse_settings(a.set), (int(i), int(n)), a.ceiling, judge_path=a.judge,
+                               world=a.world)
     print(bench_methods.markdown(report))
 
 
 def _bench_mixing(a) -> int:
-    if a.world:
-        scenes.use_world(a.world)
     if a.sampling_ratio:
         models = [None if m == "embedded" else m for m in a.sampling_ratio]
         print(json.dumps(bench_mixing.sampling_ratio(models), indent=1))
@@ -339,10 +336,11 @@ def _bench_mixing(a) -> int:
         report = json.loads(a.out.read_text()) if a.out and a.out.is_file() else {"rows": []}
     else:
         report = bench_mixing.run(a.methods, a.fixes, a.pairs, a.seeds, a.work, a.out, triple=not a.no_triple,
-                                  base=not a.quick, save_images=a.save_images, model=a.model, judge_path=a.judge)
+                                  base=not a.quick, save_images=a.save_images, model=a.model, judge_path=a.judge,
+                                  world=a.world)
     if a.ablation:
         bench = bench_mixing.Bench(a.work, a.seeds, model=a.model, save_images=a.save_images,
-                                   progress=lambda m: print(m, file=sys.stderr), judge_path=a.judge)
+                                   progress=lambda m: print(m, file=sys.stderr), judge_path=a.judge, world=a.world)
         report["ablation"] = bench_mixing.ablation(bench)
     if a.timing:
         report["timing"] = bench_mixing.timing_report()
@@ -428,7 +426,7 @@ def _judge(a) -> None:
                 "steps": a.steps, "seed": a.seed, "train_minutes": round((time.time() - t0) / 60, 1), **judge.report(j)}
     elif a.judge_command == "train":
         t0 = time.time()
-        classes = scenes.WORLDS[a.world] if a.world else scenes.BASE_CLASSES
+        classes = scenes.world_classes(a.world)
         failures = None
         if a.failures_from:
             bank = a.out.with_name(a.out.stem + "_failures.pt")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 def random_pipe():
     """The tiny architecture with random weights (seeded): for unit tests that need no training."""
     from mcteach.sd import pretrain, tiny
-    from mcteach.world import regions, scenes
+    from mcteach.world import scenes
 
     tokenizer = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, seed=0)

@@ -45,7 +45,7 @@ def train_lora(out):
 
     from mcteach.methods.catalog import train_concept
     from mcteach.sd import pretrain, tiny
-    from mcteach.world import regions, scenes
+    from mcteach.world import scenes
 
     tokenizer = tiny.build_tokenizer(scenes.vocabulary_words(scenes.BASE_CLASSES))
     vae, text_encoder, unet, _ = tiny.build_components(tokenizer, seed=0)

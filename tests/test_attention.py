@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from mcteach.sd import tiny
 from mcteach.sd.attention import AttentionStore, prompt_tokens, record_attention, token_indices
 from mcteach.sd.pipeline import generate
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 
 PROMPT = "a cat on the left and a dog on the right"
 

@@ -16,7 +16,7 @@ from mcteach.measure.judge import Judge
 from mcteach.methods.catalog import train_concept
 from mcteach.methods.changes import changes, format_changes, snapshot
 from mcteach.methods.textual_inversion import embedding_norms, nearest_tokens
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 from mcteach.world.concepts import load_concept
 
 
@@ -133,7 +133,7 @@ def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     seen = []
 
-    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, world=None, **settings):
         seen.append((method, slug, settings))
         return {"method": method, "concept": slug, "settings": settings, "fidelity": 1.0, "position": 1.0,
                 "train_seconds": 1.0, "phrase": "x", **({"drift": {}} if drift else {})}
@@ -147,7 +147,7 @@ def test_run_skips_rows_already_in_the_report(tmp_path, monkeypatch):
 
 def test_run_scores_with_the_judge_it_is_given(tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, **kw: {
+    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, world=None, **kw: {
         "method": m, "concept": slug, "settings": kw, "fidelity": float(judge == "mine"), "position": 0.0,
         "train_seconds": 1.0})
     monkeypatch.setattr("mcteach.measure.judge.Judge.load", classmethod(lambda cls, *a: loaded.append(a) or ("mine" if a else "shipped")))
@@ -158,11 +158,25 @@ def test_run_scores_with_the_judge_it_is_given(tmp_path, monkeypatch):
     assert bench_methods.run(["lora"], ["koala"], controls={}, ceiling=(), log=lambda *a: None)["judge"] == "shipped"
 
 
+def test_run_measures_a_model_of_another_world_with_that_worlds_classes(tmp_path, monkeypatch):
+    worlds = []
+    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, world=None, **kw: worlds.append(
+        world) or {"method": m, "concept": slug, "settings": kw, "fidelity": 1.0, "position": 0.0, "train_seconds": 1.0})
+    monkeypatch.setattr("mcteach.measure.judge.Judge.load", classmethod(lambda cls, *a: None))
+    report = bench_methods.run(["lora"], ["koala"], controls={}, ceiling=(), world="classic", log=lambda *a: None)
+    assert worlds == ["classic"] and report["world"] == "classic"
+    assert "world" not in bench_methods.run(["lora"], ["koala"], controls={}, ceiling=(), log=lambda *a: None)
+    fox = bench_methods.control_set("fox", "dog", tmp_path, world="classic")  # a classic class: rendered
+    assert fox.name == "fox"
+    with pytest.raises(ValueError, match="'hedgehog' is not a base class"):  # a broad-world class only
+        bench_methods.control_set("hedgehog", "dog", tmp_path, world="classic")
+
+
 def test_controls_train_the_frozen_unet_methods_on_a_rendered_base_class(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     seen = []
 
-    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, world=None, **settings):
         concept = load_concept(slug)
         seen.append((method, concept.name, concept.class_word, len(concept)))
         return {"method": method, "concept": concept.slug, "settings": settings, "fidelity": 0.5, "position": 0.0,
@@ -183,7 +197,7 @@ def test_controls_train_the_frozen_unet_methods_on_a_rendered_base_class(tmp_pat
 def test_the_ceiling_runs_with_the_frozen_unet_methods_and_is_tabled(tmp_path, monkeypatch):
     seen = []
 
-    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, world=None, **settings):
         seen.append((method, slug, settings))
         return {"method": method, "concept": slug, "settings": settings, "position": 0.0, "train_seconds": 1.0,
                 "phrase": "bear", "fidelity": {"free_context": 0.5, "hypernetwork": 0.25}.get(method, 0.0),
@@ -207,7 +221,7 @@ def test_set_overrides_are_parsed_and_passed_to_the_rows(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         bench_methods.parse_settings(["num_vectors"])
     seen = []
-    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, *a, drift=False, **kw: seen.append(kw) or {
+    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, *a, drift=False, world=None, **kw: seen.append(kw) or {
         "method": m, "concept": slug, "settings": kw, "fidelity": 0.0, "position": 0.0, "train_seconds": 1.0})
     monkeypatch.setattr("mcteach.measure.judge.Judge.load", classmethod(lambda cls, *a: None))
     bench_methods.run(["textual_inversion"], ["koala"], work=tmp_path, controls={}, settings={"num_vectors": 4},
@@ -218,7 +232,7 @@ def test_set_overrides_are_parsed_and_passed_to_the_rows(tmp_path, monkeypatch):
 def test_shards_split_the_jobs_and_merge_joins_them(tmp_path, monkeypatch):
     seen = []
 
-    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, **settings):
+    def fake_run_one(method, slug, judge, work, seeds, model, drift=False, world=None, **settings):
         seen.append((method, slug))
         scores = {"class_kept": 1.0, "class_draws_concept": 0.0, "base_classes_top1": 1.0}
         return {"method": method, "concept": slug, "settings": settings, "fidelity": 1.0, "position": 0.5,
@@ -313,7 +327,7 @@ def test_run_records_a_set_rendered_under_work_relative_to_it(tmp_path, monkeypa
     """A row of a folder under ``work`` (``--concepts variants``) names it relative to ``work``, so the report holds
     no machine's paths and ``rescore --work`` finds it again; a folder elsewhere keeps its path."""
     elsewhere = tmp_path / "mine" / "rose"
-    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, **kw: {
+    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, world=None, **kw: {
         "method": m, "concept": Path(slug).name, "settings": kw, "folder": str(slug), "fidelity": 1.0,
         "position": 1.0, "train_seconds": 1.0})
     monkeypatch.setattr("mcteach.measure.judge.Judge.load", classmethod(lambda cls, *a: None))
@@ -327,7 +341,7 @@ def test_run_skips_a_folder_concept_already_in_the_report(tmp_path, monkeypatch)
     """Resuming ``--concepts <folders>`` (or ``variants``): a row is keyed by the folder's slug, so it is not trained
     again."""
     out, seen = tmp_path / "bench.json", []
-    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, **kw: seen.append(slug) or {
+    monkeypatch.setattr(bench_methods, "run_one", lambda m, slug, judge, *a, drift=False, world=None, **kw: seen.append(slug) or {
         "method": m, "concept": Path(slug).name, "settings": kw, "folder": str(slug), "fidelity": 1.0,
         "position": 1.0, "train_seconds": 1.0})
     monkeypatch.setattr("mcteach.measure.judge.Judge.load", classmethod(lambda cls, *a: None))

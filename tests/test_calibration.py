@@ -8,7 +8,7 @@ from PIL import Image, ImageFilter
 
 from mcteach.measure import calibration as cal
 from mcteach.measure.judge import Judge
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 
 
 def blob(seed: int) -> Image.Image:

@@ -129,7 +129,7 @@ def test_augment_keeps_range_and_blur_with_zero_sigma_is_identity():
 
 def test_a_judge_for_the_broad_world_trains_on_its_own_labels():
     from mcteach.measure import judge as J
-    from mcteach.world import regions, scenes
+    from mcteach.world import scenes
 
     labels = J.labels_for(scenes.BROAD_CLASSES)
     assert len(labels) == len(scenes.BROAD_CLASSES) + len(scenes.HELDOUT_CONCEPTS) + 2 and labels[-1] == J.NOTHING

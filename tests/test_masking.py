@@ -150,7 +150,7 @@ def test_masks_on_an_sd15_size_unet():
     from mcteach.bench.mixing import processor_timing
     from mcteach.sd import tiny
     from mcteach.sd.attention import with_parts
-    from mcteach.world import regions, scenes
+    from mcteach.world import scenes
 
     tok = tiny.build_tokenizer(scenes.vocabulary_words())
     unet = tiny.build_components(tok, architecture="sd15")[2].eval()

@@ -24,7 +24,7 @@ from mcteach.methods.catalog import METHODS, train_concept
 from mcteach.methods.dreambooth import DreamBooth, class_prompts
 from mcteach.methods.textual_inversion import add_placeholder
 from mcteach.sd import parts
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 from mcteach.world.concepts import Concept, ConceptError, load_concept
 
 FAST = {"dreambooth": dict(num_class_images=2, class_steps=2, lr=1e-3, world_prior=False)}  # 2 class images, 2 steps
@@ -687,15 +687,19 @@ def test_dreambooth_world_prior_adds_one_prompt_per_base_class(random_pipe, tmp_
     _, prompts, weight = DreamBooth(num_class_images=3).prior(random_pipe, koala, tmp_path)  # world_prior: default
     assert weight == 1.0 and prompts[:3] == class_prompts("bear", 3) == ["a bear", "a bear on the left",
                                                                          "a bear on the right"]
-    sample = dreambooth.world_prior_sample(60)
+    sample = dreambooth.world_prior_sample(scenes.BASE_CLASSES, 60)
     assert prompts[3:] == [scenes.caption([(e, "centre")]) for e in sample] and len(prompts) == 63
     assert len({e.name for e in sample}) == 60 and set(sample) <= set(scenes.BASE_CLASSES)
-    assert sample == dreambooth.world_prior_sample(60)  # the same sample for every concept
+    assert sample == dreambooth.world_prior_sample(scenes.BASE_CLASSES, 60)  # the same sample for every concept
     assert [e.category for e in sample].count("person") >= 10  # a spread of the world, not its first 60
     _, prompts, _ = DreamBooth(num_class_images=3, world_prior_classes=500).prior(random_pipe, koala, tmp_path)
     assert prompts[3:] == [scenes.caption([(e, "centre")]) for e in scenes.BASE_CLASSES]  # a smaller world: all of it
     _, prompts, _ = DreamBooth(num_class_images=3, world_prior=False).prior(random_pipe, koala, tmp_path)
     assert prompts == class_prompts("bear", 3)  # the paper's prior: the class only
+    _, prompts, _ = DreamBooth(num_class_images=3, world="classic").prior(random_pipe, koala, tmp_path)
+    assert prompts[3:] == [scenes.caption([(e, "centre")]) for e in scenes.CLASSIC_CLASSES]  # another world's classes
+    with pytest.raises(ValueError, match="unknown world 'tiny'"):
+        DreamBooth(num_class_images=3, world="tiny").prior(random_pipe, koala, tmp_path)
 
 
 # ---------------------------------------------------------------- command line

@@ -12,7 +12,7 @@ import torch
 
 from mcteach.methods.catalog import train_concept
 from mcteach.sd import pretrain, tiny
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 
 
 def memory_gb() -> float:

@@ -9,7 +9,7 @@ from PIL import Image
 from mcteach.cli import main as cli_main
 from mcteach.measure.judge import Judge
 from mcteach.measure.metrics import global_similarity, instance_outcome, judge_instances, summarize_pairs
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 from mcteach.world.concepts import load_concept
 
 A, B = "woman with red hair and medium skin", "man with curly hair and light skin"

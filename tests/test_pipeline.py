@@ -9,11 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-import mcteach
 from mcteach.paths import EMBEDDED_MODEL
 from mcteach.sd import parts
 from mcteach.sd.pipeline import SD15, ModelNotAvailable, generate, load_pipeline
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 
 
 def test_embedded_model_is_a_plain_diffusers_pipeline(pipe):

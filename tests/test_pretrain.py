@@ -110,7 +110,7 @@ def test_a_resumed_run_refuses_another_recipe(tmp_path):
 def test_the_unet_starts_from_an_exported_pipeline_with_a_resized_vocabulary(tmp_path):
     """Continuing from the shipped model: same UNet, text encoder rows matched by token string."""
     from mcteach.sd import tiny
-    from mcteach.world import regions, scenes
+    from mcteach.world import scenes
 
     old_tok = tiny.build_tokenizer(scenes.vocabulary_words(scenes.CLASSIC_CLASSES))
     _, old_te, old_unet, _ = tiny.build_components(old_tok, seed=1)

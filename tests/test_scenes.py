@@ -171,12 +171,9 @@ def test_a_pillow_without_text_shaping_is_caught_with_a_fix(monkeypatch):
     scenes.glyph.cache_clear()
 
 
-def test_use_world_switches_the_base_classes_for_a_candidate_model(monkeypatch):
-    from mcteach.methods import dreambooth
-
-    monkeypatch.setattr(scenes, "BASE_CLASSES", scenes.BASE_CLASSES)  # put back after the test
-    assert scenes.use_world("broad") is scenes.BROAD_CLASSES and scenes.BASE_CLASSES is scenes.BROAD_CLASSES
-    sample = dreambooth.world_prior_sample(60)  # read at call time: the broad world's sample
-    assert len(sample) == 60 and not set(sample) <= set(scenes.CLASSIC_CLASSES)
-    with pytest.raises(ValueError, match="unknown world"):
-        scenes.use_world("tiny")
+def test_world_classes_names_a_world_and_refuses_an_unknown_one():
+    assert scenes.world_classes() is scenes.BASE_CLASSES is scenes.BROAD_CLASSES
+    assert scenes.world_classes("classic") is scenes.CLASSIC_CLASSES and len(scenes.CLASSIC_CLASSES) == 60
+    assert set(scenes.CLASSIC_CLASSES) < set(scenes.BROAD_CLASSES)
+    with pytest.raises(ValueError, match=r"unknown world 'tiny'; choose one of \['broad', 'classic'\]"):
+        scenes.world_classes("tiny")

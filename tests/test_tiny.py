@@ -3,7 +3,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from mcteach.sd import tiny
-from mcteach.world import regions, scenes
+from mcteach.world import scenes
 
 
 @pytest.fixture(scope="module")

@@ -94,33 +94,39 @@ def variant_sets(work: Path = DEFAULT_WORK) -> list[Path]:
     return [make_concept_set(e, word, Path(work) / "variants" / e.slug) for e, word in emojis]
 
 
-def control_set(name: str, class_word: str, work: Path = DEFAULT_WORK) -> Path:
-    """Render a few-shot set of base class ``name`` (class word ``class_word``) under ``work/controls/``."""
-    emoji = next((e for e in scenes.BASE_CLASSES if e.name == name), None)
+def control_set(name: str, class_word: str, work: Path = DEFAULT_WORK, world: str | None = None) -> Path:
+    """Render a few-shot set of base class ``name`` (class word ``class_word``; a class of ``world``, default the
+    shipped model's) under ``work/controls/``."""
+    classes = scenes.world_classes(world)
+    emoji = next((e for e in classes if e.name == name), None)
     if emoji is None:
-        raise ValueError(f"{name!r} is not a base class; choose one of {[e.name for e in scenes.BASE_CLASSES]}")
+        raise ValueError(f"{name!r} is not a base class; choose one of {[e.name for e in classes]}")
     return make_concept_set(emoji, class_word, Path(work) / "controls" / name.replace(" ", "_"))
 
 
 def run_one(method: str, slug: str | Path, judge, work: Path, seeds: int = 8, model=None, drift: bool = False,
-            **settings) -> dict:
+            world: str | None = None, **settings) -> dict:
     """Train ``method`` on concept ``slug`` (or a concept folder) with the defaults (plus ``settings``) and
-    score it."""
+    score it. ``world``: the base model's world (``scenes.WORLDS``; default the shipped model's), whose classes the
+    drift table scores and DreamBooth's world prior draws."""
+    classes = scenes.world_classes(world)
     concept = load_concept(slug)
     judge = judge_for(judge, concept.name, slug)
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
     class_word = settings.get("class_word") or concept.class_word
-    before = class_scores(pipe, judge, class_word, concept.name, seeds) if drift else None
+    before = class_scores(pipe, judge, class_word, concept.name, seeds, classes) if drift else None
     tag = _tag(method, settings)
     if method == FreeContext.name:  # not a user method: not in METHODS
         result = train(pipe, concept, FreeContext(**settings), out=work / tag / concept.slug, progress=False)
     else:
-        result = train_concept(pipe, concept, method, out=work / tag / concept.slug, progress=False, **settings)
+        world_setting = {"world": world} if world and method == "dreambooth" else {}
+        result = train_concept(pipe, concept, method, out=work / tag / concept.slug, progress=False,
+                               **settings | world_setting)
     row = {"method": method, "concept": concept.slug, "settings": settings, "phrase": result.phrase,
            **({} if str(slug) == concept.slug else {"folder": str(slug)}),
            "train_seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
            "final_loss": float(np.mean(result.losses[-20:]))}
-    return row | _scored(pipe, judge, result.phrase, concept.name, result.meta["class_word"], seeds, before)
+    return row | _scored(pipe, judge, result.phrase, concept.name, result.meta["class_word"], seeds, before, classes)
 
 
 def judge_for(judge, name: str, folder) -> "Judge":
@@ -130,12 +136,12 @@ def judge_for(judge, name: str, folder) -> "Judge":
     return judge if name in judge.labels else judge.with_concepts([load_concept(folder)])
 
 
-def _scored(pipe, judge, phrase: str, name: str, class_word: str, seeds: int, before=None) -> dict:
+def _scored(pipe, judge, phrase: str, name: str, class_word: str, seeds: int, before=None, classes=None) -> dict:
     """``concept_scores`` of a trained pipeline, and its drift (``before``, then the class word's scores now) when
     the scores ``before`` training are given: what ``run_one`` measures and ``rescore`` measures again."""
     row = concept_scores(pipe, judge, phrase, name, seeds)
     if before is not None:
-        row["drift"] = {"before": before, "after": class_scores(pipe, judge, class_word, name, seeds)}
+        row["drift"] = {"before": before, "after": class_scores(pipe, judge, class_word, name, seeds, classes)}
     return row
 
 
@@ -151,7 +157,7 @@ def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path
     """``report`` scored again by ``judge``, from the adapters its run left under ``work``: no training. A better
     judge (or a calibrated one) re-measures a benchmark in minutes; the training times and losses are kept."""
     work = Path(work or DEFAULT_WORK)
-    out = {**report, "judge": str(judge_path or "shipped")}
+    out, classes = {**report, "judge": str(judge_path or "shipped")}, scenes.world_classes(report.get("world"))
     for table in TABLES:
         rows = []
         for row in report.get(table, []):
@@ -162,12 +168,12 @@ def rescore(report: dict, judge, work: Path = None, model=None, judge_path: Path
             if "folder" in row and not Path(concept).is_absolute():  # a set rendered under work (variants/rose)
                 concept = work / concept
             judge_row = judge_for(judge, meta["name"], concept)
-            before = (class_scores(pipe, judge_row, meta["class_word"], meta["name"], report.get("seeds", 8))
+            before = (class_scores(pipe, judge_row, meta["class_word"], meta["name"], report.get("seeds", 8), classes)
                       if table == "drift" else None)
             check_base(pipe, meta, folder)
             (FreeContext if row["method"] == FreeContext.name else METHODS[row["method"]]).load(pipe, folder, meta)
             new = {**row, **_scored(pipe, judge_row, row["phrase"], meta["name"], meta["class_word"],
-                                    report.get("seeds", 8), before)}
+                                    report.get("seeds", 8), before, classes)}
             log(f"{row['method']:18s} {row['concept']:38s} fidelity {row['fidelity']:.2f} -> {new['fidelity']:.2f}")
             rows.append(new)
         out[table] = rows
@@ -192,12 +198,14 @@ def merge(reports: list[dict]) -> dict:
 
 def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, model=None,
         drift_concepts=DRIFT_CONCEPTS, controls=CONTROLS, out: Path | None = None, settings: dict | None = None,
-        shard: tuple[int, int] = (0, 1), ceiling=CEILING_CONCEPTS, log=print, judge_path: Path | None = None) -> dict:
+        shard: tuple[int, int] = (0, 1), ceiling=CEILING_CONCEPTS, log=print, judge_path: Path | None = None,
+        world: str | None = None) -> dict:
     """The whole benchmark (see the module docstring); writes ``out`` after every row (resumable:
     rows already in ``out`` are kept and skipped). ``settings`` (e.g. ``{"num_vectors": 4}``) override the
     defaults in the method x concept rows, for a sweep; each row records them. ``shard=(i, n)`` runs only
     jobs i, i+n, i+2n...: n processes with their own ``out`` share the cores, and ``merge`` joins their files.
-    ``judge_path``: the judge's weights (default: the shipped judge), e.g. one trained for a candidate model's world."""
+    ``judge_path``: the judge's weights (default: the shipped judge), e.g. one trained for a candidate model's world;
+    ``world``: that model's world (``scenes.WORLDS``), recorded in the report."""
     methods = list(methods or METHODS)
     concepts = list(concepts or list_concepts())
     judge = Judge.load(judge_path) if judge_path else Judge.load()
@@ -213,13 +221,14 @@ def run(methods=None, concepts=None, seeds: int = 8, work: Path = DEFAULT_WORK, 
         jobs += [("free_context", c, {}, "ceiling") for c in ceiling]
     jobs = jobs[shard[0]::shard[1]]
     report |= {"seeds": seeds, "model": str(model or "embedded"), "judge": str(judge_path or "shipped"), "generation": SAMPLING,
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(), **({"world": world} if world else {})}
     for method, slug, job_settings, table in jobs:
         if _key({"method": method, "concept": Path(str(slug)).name, "settings": job_settings}) in done:  # a folder: its slug
             continue
         t0 = time.time()
-        concept = control_set(slug, controls[slug], work) if table == "controls" else slug
-        row = run_one(method, concept, judge, Path(work), seeds, model, drift=table == "drift", **job_settings)
+        concept = control_set(slug, controls[slug], work, world) if table == "controls" else slug
+        row = run_one(method, concept, judge, Path(work), seeds, model, drift=table == "drift", world=world,
+                      **job_settings)
         if "folder" in row:  # a set under work is named relative to it (variants/rose); symlinks kept as given
             folder, root = Path(os.path.abspath(row["folder"])), Path(os.path.abspath(work))
             if folder.is_relative_to(root):

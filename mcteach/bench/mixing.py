@@ -86,7 +86,12 @@ class Bench:
     """Runs the jobs; keeps trained adapters under ``work`` and finished rows in ``out`` (resumable)."""
 
     def __init__(self, work: Path = DEFAULT_WORK, seeds: int = 16, fidelity_seeds: int = 8, model=None,
-                 save_images: Path | None = None, progress=print, judge_path: Path | None = None):
+                 save_images: Path | None = None, progress=print, judge_path: Path | None = None,
+                 world: str | None = None):
+        """``world``: the base model's world (``scenes.WORLDS``) when ``model`` was trained on another one than the
+        shipped model's: DreamBooth's world prior draws its classes."""
+        scenes.world_classes(world)  # a clear error for an unknown world before any training
+        self.world_setting = {"world": world} if world else {}
 
         self.work, self.seeds, self.fidelity_seeds, self.model = Path(work), seeds, fidelity_seeds, model
         self.save_images, self.log = save_images, progress
@@ -106,7 +111,8 @@ class Bench:
                 self.log(f"  training {method} on {' + '.join(group)}{' (training fix)' if regularized else ''}")
                 pipe = load_pipeline(self.model, device="cpu", dtype=torch.float32)
                 r = train_concept(pipe, list(group) if len(group) > 1 else group[0], method, out=folder,
-                                  regularizers=reg, progress=False)
+                                  regularizers=reg, progress=False,
+                                  **(self.world_setting if method == "dreambooth" else {}))
                 atomic_save(json.dumps({"seconds": r.seconds, "threads": torch.get_num_threads()}), info, write_text)
             stale = _stale(folder, method, len(group))
             if stale:
@@ -265,13 +271,14 @@ def _prompt(phrases: list[str], positions) -> str:
 
 def run(methods=tuple(METHODS), fixes=FIXES, pairs=tuple(CONCEPT_PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
         out: Path | None = None, triple: bool = True, base: bool = True, save_images=None, model=None,
-        judge_path: Path | None = None) -> dict:
+        judge_path: Path | None = None, world: str | None = None) -> dict:
     """Every (method, fix, pair) row not yet in ``out``; the report is rewritten after each row. ``judge_path``: the
-    judge's weights (default: the shipped judge), e.g. the one trained for a candidate model's world."""
+    judge's weights (default: the shipped judge), e.g. the one trained for a candidate model's world; ``world``:
+    that model's world (see ``Bench``)."""
     report = json.loads(Path(out).read_text()) if out and Path(out).is_file() else {"rows": []}
     done = {_key(r) for r in report["rows"]}
     bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr),
-                  judge_path=judge_path)
+                  judge_path=judge_path, world=world)
     report |= {"seeds": seeds, "generation": SAMPLING, "model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
     jobs = [(m, f, p, CONCEPT_PAIRS[p]) for m in methods for p in pairs for f in fixes]
     if triple:

@@ -490,7 +490,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 3) -> 
 
 
 @torch.no_grad()
-def evaluate(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augmented: bool = False) -> dict:
+def accuracy(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES, augmented: bool = False) -> dict:
     """Accuracy on ``n`` held-out renders of the "eval" stream, overall and per category."""
     judge.eval()
     correct, total = Counter(), Counter()
@@ -573,6 +573,6 @@ def report(judge: Judge, seed: int = EVAL_SEED, n: int = EVAL_SAMPLES) -> dict:
     return {
         "eval_seed": seed,
         "eval_samples": n,
-        "accuracy": evaluate(judge, seed, n),
-        "accuracy_augmented": evaluate(judge, seed, n, augmented=True),
+        "accuracy": accuracy(judge, seed, n),
+        "accuracy_augmented": accuracy(judge, seed, n, augmented=True),
     }

@@ -244,11 +244,14 @@ def concept_scores(pipe, judge, phrase: str, name: str, seeds: int = 8) -> dict:
     return {"fidelity": samples.fidelity, "position": samples.position, "centre_labels": samples.centre_labels}
 
 
-def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8) -> dict:
-    """What "a <class word>" draws (still the class? the concept?), and top-1 over all base classes (seed 0)."""
+def class_scores(pipe, judge, class_word: str, concept_name: str, seeds: int = 8,
+                 classes: list[scenes.Emoji] | None = None) -> dict:
+    """What "a <class word>" draws (still the class? the concept?), and top-1 over all base classes (seed 0):
+    ``classes``, default the shipped model's."""
+    classes = classes or scenes.BASE_CLASSES
     own = judged(pipe, judge, [f"a {class_word}"] * seeds, list(range(seeds)), ["centre"] * seeds)
-    names = [e.name for e in scenes.BASE_CLASSES]
-    every = judged(pipe, judge, [scenes.caption([(e, "centre")]) for e in scenes.BASE_CLASSES],
+    names = [e.name for e in classes]
+    every = judged(pipe, judge, [scenes.caption([(e, "centre")]) for e in classes],
                    [0] * len(names), ["centre"] * len(names))
     return {"class_kept": float(np.mean([p == class_word for p in own])),
             "class_draws_concept": float(np.mean([p == concept_name for p in own])),

@@ -4,13 +4,13 @@ The emoji judge (``mcteach.measure.judge``) knows the emoji world and nothing el
 own concepts (4-8 photos each) this module plays its part: it crops each region of a generated image and
 compares the crop with every concept's reference photos in the embedding space of a pretrained encoder.
 
-    >>> from mcteach import evaluate
+    >>> from mcteach.measure import metrics
     >>> from mcteach.measure.photo_judge import PhotoJudge
     >>> judge = PhotoJudge.load(device="cuda")                  # CLIP ViT-B/32, DINOv2-small, OWLv2 (downloads)
     >>> refs = judge.references({"my dog": dog_photos, "my cat": cat_photos})      # lists of PIL images
     >>> layout = {"left": "my dog", "right": "my cat"}          # region -> the concept asked there
     >>> results = judge.judge(images, layout, refs)             # images: SD 1.5 outputs for that prompt
-    >>> print(evaluate.summary_table({"LoRA + masking": evaluate.summarize_pairs(results)}))
+    >>> print(metrics.summary_table({"LoRA + masking": metrics.summarize_pairs(results)}))
     >>> judge.dc_score(images[0], refs, queries={"my dog": "dog", "my cat": "cat"}).score   # MuDI's D&C (OWLv2)
 
 **Region similarity.** Region r of the image (a name of ``mcteach.world.regions.REGIONS`` or the world's

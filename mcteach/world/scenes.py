@@ -180,7 +180,7 @@ def _emojis(category: str, chars: str) -> list[Emoji]:
 
 W, M = "\U0001F469", "\U0001F468"  # woman, man
 FEMALE, MALE = "\u2640\ufe0f", "\u2642\ufe0f"
-#: the classes of the first embedded model (60); the shipped model's world (BROAD_CLASSES) holds them all
+#: a smaller world of 60 classes (``--world classic``); the shipped model's world (BROAD_CLASSES) holds them all
 CLASSIC_CLASSES: list[Emoji] = (
     _emojis("animal", "🦊 🐱 🐶 🐯 🦁 🐸 🐵 🐮 🐷 🐰 🐭 🐻 🐼 🐺 🐴 🦄 🐔 🐧 🐙 🐢 🦉 🐝 🐟 🦋")
     + _emojis("person", f"{W} {M} 👦 👧 👴 👵 👶 {W}{ZWJ}🦱 {M}{ZWJ}🦰 {W}🏿 {M}🏾 {W}{ZWJ}🦳")
@@ -245,7 +245,8 @@ BROAD_CLASSES: list[Emoji] = (
     + CLASSIC_CLASSES[48:]
     + _emojis("object", "🎹 🥁 🎻 🚲 🚌 🚁 ⛵ 🏠 ⌚ 📷 🔨 🎒 👑 🌂 🌈 ⭐ 🌙 🌲 🌷 🧸")
 )
-#: the classes the shipped base model (data/tiny-sd) was trained on; CLASSIC_CLASSES were the first model's
+#: the classes the shipped base model (data/tiny-sd) was trained on; a model trained on another world (``WORLDS``)
+#: is measured with ``--world``
 BASE_CLASSES: list[Emoji] = BROAD_CLASSES
 WORLDS = {"classic": CLASSIC_CLASSES, "broad": BROAD_CLASSES}
 EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} | {
@@ -253,15 +254,14 @@ EMOJI: dict[str, Emoji] = {e.name: e for e in CLASSIC_CLASSES + BROAD_CLASSES} |
 }
 
 
-def use_world(name: str) -> list[Emoji]:
-    """Make world ``name``'s classes this process's base classes, to measure a model trained on another world than
-    the shipped one (its DreamBooth world prior, the drift table's "all base classes" come from them); returns them.
-    The benchmarks' ``--world`` calls it."""
-    global BASE_CLASSES
+def world_classes(name: str | None = None) -> list[Emoji]:
+    """World ``name``'s classes (``WORLDS``; None: the shipped base model's, ``BASE_CLASSES``), with a clear error
+    for an unknown name: what a model trained on another world than the shipped one is measured against."""
+    if name is None:
+        return BASE_CLASSES
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; choose one of {sorted(WORLDS)}")
-    BASE_CLASSES = WORLDS[name]
-    return BASE_CLASSES
+    return WORLDS[name]
 
 
 @functools.lru_cache(maxsize=512)
