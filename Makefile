@@ -20,4 +20,4 @@ test: setup
 	$(PYTHON) -m pytest
 
 course: setup
-	$(PYTHON) -m mcteach.course
+	$(PYTHON) -m mcteach course

@@ -2,7 +2,13 @@
 
     mcteach course            # all notebooks, in order
     mcteach course 01         # the notebooks whose name starts with 01
-    mcteach course --sync     # only rewrite every notebook's Colab badge and install cell
+    mcteach course --sync     # only rewrite every notebook's Colab badge and install cell, and the learner's version
+
+**Two builds from one source** (nbgrader's convention). A build-it cell holds its solution between
+``### BEGIN SOLUTION`` and ``### END SOLUTION``; ``learner_version`` replaces each such block with a stub that
+raises ``NotImplementedError``, and ``write_learner`` writes those notebooks under ``notebooks/learner/`` with the
+solved run's outputs kept (a reader sees what they should get). The Colab badges open the learner's version; the
+course runs (and CI executes) the solved one.
 
 Outputs are saved in place (readers see them on GitHub) with noisy metadata stripped
 (execution timestamps, widget state), so re-running with unchanged code gives a small diff.
@@ -40,9 +46,66 @@ print(describe_environment())"""
 TIME_RE = re.compile(r"\*\*Time:\*\* (\d+) s on 2 CPU cores")
 
 
-def colab_url(name: str) -> str:
-    """The Colab address of notebook ``name`` (e.g. "00_setup_and_tour.ipynb") in ``REPO_URL``."""
-    return f"https://colab.research.google.com/github/{REPO_URL.removeprefix('https://github.com/')}/blob/{BRANCH}/notebooks/{name}"
+LEARNER = NOTEBOOKS / "learner"
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+STUB = 'raise NotImplementedError("your code here: the docstring above says what to return")'
+#: the learner's copy lives one folder down; its cells run where the solved one's do (runs/, outputs/)
+LEARNER_CHDIR = 'import os\nif os.path.basename(os.getcwd()) == "learner":\n    os.chdir("..")  # run where the solved notebook runs'
+
+
+def colab_url(name: str, learner: bool = True) -> str:
+    """The Colab address of notebook ``name`` (e.g. "00_setup_and_tour.ipynb") in ``REPO_URL``: the learner's
+    version (``notebooks/learner/``) by default, the solved one with ``learner=False``."""
+    folder = "notebooks/learner" if learner else "notebooks"
+    return f"https://colab.research.google.com/github/{REPO_URL.removeprefix('https://github.com/')}/blob/{BRANCH}/{folder}/{name}"
+
+
+def strip_solutions(source: str) -> str:
+    """``source`` with every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` block replaced by ``STUB`` at the
+    block's indentation. Raises ValueError for an unclosed or nested block."""
+    out, inside = [], False
+    for line in source.splitlines():
+        mark = line.strip()
+        if mark == BEGIN:
+            if inside:
+                raise ValueError(f"a {BEGIN} inside another one: {source[:80]!r}")
+            inside = True
+            out.append(line[: len(line) - len(line.lstrip())] + STUB)
+        elif mark == END:
+            if not inside:
+                raise ValueError(f"an {END} without its {BEGIN}: {source[:80]!r}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise ValueError(f"a {BEGIN} without its {END}: {source[:80]!r}")
+    return "\n".join(out)
+
+
+def learner_version(nb):
+    """A copy of notebook ``nb`` for the learner: solutions stubbed (``strip_solutions``), the solved outputs kept,
+    the install cell also moving to ``notebooks/`` so that relative paths work from ``notebooks/learner/``."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and BEGIN in cell.source:
+            cell.source = strip_solutions(cell.source)
+    i = install_cell_index(nb)
+    nb.cells[i].source = nb.cells[i].source + "\n" + LEARNER_CHDIR
+    return nb
+
+
+def write_learner(paths) -> list[Path]:
+    """Write ``learner_version`` of each notebook in ``paths`` under ``LEARNER``; returns the files written."""
+    import nbformat
+
+    LEARNER.mkdir(exist_ok=True)
+    written = []
+    for path in paths:
+        nbformat.write(learner_version(nbformat.read(path, as_version=4)), LEARNER / path.name)
+        written.append(LEARNER / path.name)
+    return written
 
 
 def install_cell_index(nb) -> int:
@@ -103,13 +166,21 @@ def _progress_text(state: dict, model_id: str) -> str | None:
 def clean(nb) -> None:
     """Strip what changes on every run but teaches nothing: timestamps, widget state, ids' noise. Progress bars
     (tqdm widgets, whose state is dropped) keep their final text, so a reader sees "100%|██████████| 500/500"
-    where the notebook would otherwise show the bar's first frame ("0%")."""
+    where the notebook would otherwise show the bar's first frame ("0%"); other widgets (the sliders beside a
+    static figure) are dropped from the saved outputs, which would show ``VBox(children=...)`` on GitHub."""
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     for cell in nb.cells:
+        kept = []
         for out in cell.get("outputs", []):
             view = out.get("data", {}).get("application/vnd.jupyter.widget-view+json")
-            if view and (text := _progress_text(state, view.get("model_id", ""))) is not None:
-                out["data"]["text/plain"] = text
+            if not view:
+                kept.append(out)
+            elif (text := _progress_text(state, view.get("model_id", ""))) is not None:
+                out["data"] = {"text/plain": text}
+                kept.append(out)
+            # any other widget (sliders, interact) is live only: without its state a reader would see its repr
+        if "outputs" in cell:
+            cell["outputs"] = kept
     nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     for cell in nb.cells:
@@ -134,6 +205,7 @@ def run_notebook(path: Path, timeout: int = 1800, stamp: bool = True) -> float:
     if stamp:
         stamp_time(nb, seconds)
     nbformat.write(nb, path)
+    write_learner([path])
     return seconds
 
 
@@ -154,6 +226,7 @@ def run(prefixes=(), *, sync_only: bool = False, stamp: bool = True) -> int:
             nb = nbformat.read(path, as_version=4)
             sync(nb, path.name)
             nbformat.write(nb, path)
+        write_learner(paths)
         return 0
     times = {}
     for path in paths:

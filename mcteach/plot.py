@@ -179,3 +179,18 @@ def explore(draw, **controls):
     box = ipywidgets.VBox([*widgets.values(), out])
     display(box)
     return box
+
+
+def show_table(*tables: str):
+    """Display markdown tables as tables (Jupyter, nbconvert and GitHub render them), not as printed text; outside
+    a notebook, print them."""
+    text = "\n\n".join(tables)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(text)
+    else:
+        display(Markdown(text))

@@ -106,3 +106,16 @@ def test_cli_out_folder_gets_a_file_inside_it_before_the_run(tmp_path, monkeypat
     cli_main(["bench", "base", "--out", str(tmp_path / "mine.json")])
     # a folder becomes <folder>/eval_base.json (write_text would refuse the folder itself, after the whole run)
     assert seen == [tmp_path / "eval_base.json", tmp_path / "mine.json"]
+
+
+def test_summary_table_is_a_markdown_table_with_every_rate_and_its_interval():
+    from mcteach.measure import metrics
+
+    results = [metrics.PairResult("", ("a", "b"), ("left", "right"), i, ("a", "b"), (1.0, 1.0), (0.25, 0.0), o)
+               for i, o in enumerate(["success", "success", "swap", "neglect"])]
+    table = metrics.summary_table({"lora / none": metrics.summarize_pairs(results)}).splitlines()
+    assert table[0] == "| | success | swap | duplication | neglect | other | blend | n |"
+    assert table[1] == "|---|---|---|---|---|---|---|---|"
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[0] == "lora / none" and cells[-1] == "4" and cells[1].startswith("0.50 [")
+    assert cells[3].startswith("0.00 [0.00, 0.00]") and cells[6].startswith("0.12 [")  # duplication; blend mean

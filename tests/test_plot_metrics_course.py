@@ -130,3 +130,19 @@ def test_clean_keeps_a_finished_progress_bar_not_its_first_frame():
     clean(nb)
     assert nb.cells[0].outputs[0]["data"]["text/plain"] == "lora: 100%|██████████| 500/500 [00:27<00:00, 18.3it/s]"
     assert "widgets" not in nb.metadata
+
+
+def test_clean_drops_a_live_widget_but_keeps_the_static_figure_beside_it():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("explore(draw, w=slider)")
+    figure = nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})
+    widget = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "vbox", "version_major": 2, "version_minor": 0},
+        "text/plain": "VBox(children=(FloatSlider(value=5.0),))"})
+    cell.outputs = [figure, widget]
+    nb.cells = [cell]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {
+        "vbox": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_s"]}},
+        "s": {"model_name": "FloatSliderModel", "state": {"value": 5.0}}}}}
+    clean(nb)
+    assert nb.cells[0].outputs == [figure]

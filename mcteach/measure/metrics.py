@@ -67,20 +67,26 @@ def instance_outcome(labels: list[str], probs: list[torch.Tensor], intended: lis
     for p, i in zip(probs, idx):
         others = float(sum(p[j] for j in idx if j != i))
         blend.append(others / (float(p[i]) + others + 1e-12))
+    return outcome_of(pred, conf, intended, tau), pred, conf, tuple(blend)
+
+
+def outcome_of(pred: tuple[str, ...], conf: tuple[float, ...], intended, tau: float = 0.5) -> str:
+    """One image's outcome from the judge's label ``pred[i]`` (confidence ``conf[i]``) in the region where
+    ``intended[i]`` was asked: "success" (every region confidently its own concept), "swap" (the same concepts in
+    the wrong regions), "duplication" (one concept in several regions), "neglect" (a concept missing while
+    another shows) or "other" (an unsure region, or nothing asked)."""
     sure = all(c >= tau for c in conf)
     shown = {x for x, c in zip(pred, conf) if c >= tau}
     wanted = set(intended)
-    if sure and pred == tuple(intended):
-        outcome = "success"
-    elif sure and sorted(pred) == sorted(intended):
-        outcome = "swap"
-    elif sure and set(pred) <= wanted:
-        outcome = "duplication"
-    elif not wanted <= shown and shown & wanted:
-        outcome = "neglect"
-    else:
-        outcome = "other"
-    return outcome, pred, conf, tuple(blend)
+    if sure and tuple(pred) == tuple(intended):
+        return "success"
+    if sure and sorted(pred) == sorted(intended):
+        return "swap"
+    if sure and set(pred) <= wanted:
+        return "duplication"
+    if not wanted <= shown and shown & wanted:
+        return "neglect"
+    return "other"
 
 
 def pair_outcome(labels: list[str], probs_a: torch.Tensor, probs_b: torch.Tensor, a: str, b: str,
@@ -160,14 +166,14 @@ def pair_results(pipe, judge, pairs, seeds=range(2), tau: float = 0.5, batch: in
 
 
 def summary_table(summaries: dict[str, dict]) -> str:
-    """A text table of ``summarize_pairs`` results, one row per name: the outcome rates and the blend index
-    with their 95% intervals."""
+    """A markdown table of ``summarize_pairs`` results, one row per name: the outcome rates and the blend index
+    with their 95% intervals, and the number of images ``n`` (``plot.show_table`` renders it in a notebook)."""
     keys = OUTCOMES + ("blend_index",)
-    width = max(len(k) for k in summaries) + 2
-    lines = [" " * width + "".join(f"{k.replace('_index', ''):>19}" for k in keys) + "     n"]
+    lines = ["| | " + " | ".join(k.replace("_index", "") for k in keys) + " | n |",
+             "|---|" + "---|" * (len(keys) + 1)]
     for name, s in summaries.items():
-        cells = "".join(f"{s[k][0]:>7.2f} [{s[k][1]:.2f},{s[k][2]:.2f}]" for k in keys)
-        lines.append(f"{name:<{width}}{cells}  {s['n']:>4}")
+        cells = " | ".join(f"{s[k][0]:.2f} [{s[k][1]:.2f}, {s[k][2]:.2f}]" for k in keys)
+        lines.append(f"| {name} | {cells} | {s['n']} |")
     return "\n".join(lines)
 
 

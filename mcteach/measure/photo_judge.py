@@ -33,7 +33,7 @@ the constant similarity ``s0`` joins them, so a region unlike every concept can 
 through ``mcteach.measure.metrics.instance_outcome``, the emoji judge's own rule: success / swap / duplication /
 neglect / other, and the blend index ``p(others) / (p(intended) + p(others))`` per region (0: pure, 0.5: an
 even mix, 1: swapped). The results are ``evaluate.PairResult`` objects, so ``evaluate.summarize_pairs`` and
-``evaluate.summary_table`` print the same tables as on the emoji world.
+``metrics.summary_table`` print the same tables as on the emoji world.
 
 **Detect-and-Compare (D&C, MuDI: Jang et al. 2024, "Identity Decoupling for Multi-Subject Personalization of
 Text-to-Image Models").** Find the subjects (OWLv2 with a text query per concept, boxes scored above

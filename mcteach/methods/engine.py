@@ -315,16 +315,38 @@ def step_loss(model, scheduler, data: Examples, prior: Examples | None, prior_we
             pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
     else:
         pred = model(z_t.to(device), t.to(device), ids.to(device)).float()
-    err = (pred - eps.to(device)).pow(2)
-    w = (masks / masks.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)) if masked_loss else 1 + mask_weight * masks
+    w = loss_weights(masks, mask_weight, masked_loss)
     w[batch_size:] = 1.0
-    per_example = (w.to(device) * err).mean(dim=(1, 2, 3))
-    loss = per_example[:batch_size].mean()
-    if prior is not None:
-        loss = loss + prior_weight * per_example[batch_size:].mean()
+    loss = prior_preservation_loss(pred, eps.to(device), batch_size, prior_weight if prior is not None else 0.0,
+                                   w.to(device))
     if store is not None:
         regions, tokens = (x[i * b:(i + 1) * b] for x in parts[0][3:])
         loss = loss + attention_weight * attention_loss(store, regions.to(device), tokens.to(device))
+    return loss
+
+
+def loss_weights(masks: torch.Tensor, mask_weight: float = 0.0, masked_loss: bool = False) -> torch.Tensor:
+    """Per-pixel weights of the denoising loss from the concept masks (B, 1, h, w) at the latent grid:
+    ``1 + mask_weight * m`` (the concept's pixels count more), or with ``masked_loss`` the mask alone, normalised
+    to mean 1 per example (the background does not count at all: the training fix's masked loss)."""
+    if masked_loss:
+        return masks / masks.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return 1 + mask_weight * masks
+
+
+def prior_preservation_loss(pred: torch.Tensor, eps: torch.Tensor, n_instances: int, prior_weight: float,
+                            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DreamBooth's loss on a batch of ``n_instances`` concept examples followed by class (prior) examples::
+
+        L = mean_i w (eps_i - pred_i)^2 + prior_weight * mean_j (eps_j - pred_j)^2
+            (i < n_instances: concept)     (j >= n_instances: class images)
+
+    pred, eps: (B, C, h, w); weights: per-pixel loss weights (``loss_weights``), 1 by default. Each half is
+    averaged on its own, so the prior counts as much as the concept whatever the split."""
+    per_example = ((pred - eps).pow(2) * (1.0 if weights is None else weights)).mean(dim=(1, 2, 3))
+    loss = per_example[:n_instances].mean()
+    if prior_weight and len(per_example) > n_instances:
+        loss = loss + prior_weight * per_example[n_instances:].mean()
     return loss
 
 

@@ -49,6 +49,14 @@ from .engine import Method, Run
 EMBEDS_FILE = "learned_embeds.safetensors"
 
 
+@torch.no_grad()
+def restore_rows(weight: torch.Tensor, frozen: torch.Tensor, keep: torch.Tensor) -> None:
+    """Put the rows ``keep`` (a (vocab,) bool mask: every row but the new tokens') of the embedding matrix
+    ``weight`` (vocab, d) back to ``frozen``, in place, after each optimizer step: Adam's moments and weight decay
+    would move them even with zero gradients, and only the new rows may learn."""
+    weight[keep] = frozen[keep]
+
+
 def placeholder_tokens(token: str, num_vectors: int = 1) -> list[str]:
     """``<koala>``, ``<koala>_1``, ...: the names diffusers gives a multi-vector embedding's tokens."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
@@ -122,8 +130,7 @@ class TextualInversion(Method):
         return EmbeddingRun(ids=ids, weight=weight, keep=keep, frozen=weight.detach().clone())
 
     def after_step(self, run: EmbeddingRun) -> None:
-        with torch.no_grad():
-            run.weight[run.keep] = run.frozen[run.keep]
+        restore_rows(run.weight, run.frozen, run.keep)
 
     def save(self, pipe, folder, concept, step, run: EmbeddingRun):
         embeds = run.weight[run.ids].detach().float().cpu()  # (n, d)

@@ -112,7 +112,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
         e_u, e_c = unet(x, t, ctx).sample.chunk(2)
         if has_lora and not adapter:
             pipe.enable_lora()
-        return e_u + scale * (e_c - e_u)
+        return parts.guided_noise(e_u, e_c, scale)
 
     try:
         with ExitStack() as stack:
@@ -120,7 +120,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
                 stack.enter_context(masked(pipe, masker))
             for i, t in enumerate(sched.timesteps):
                 progress = i / len(sched.timesteps)
-                eps = 0
+                per_region = []
                 for r, cond in enumerate(conds):
                     z = latents
                     if progress < fix.bootstrap:  # outside the region (mostly): noised plain background
@@ -128,14 +128,29 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
                         z = m[r] * latents + (1 - m[r]) * torch.where(1 - m[r] > 0.5, z_bg, latents)
                     dy, dx = shifts[r]
                     e = eps_of(torch.roll(z, (dy, dx), dims=(2, 3)), t, cond, names[r])
-                    eps = eps + m[r] * torch.roll(e, (-dy, -dx), dims=(2, 3))
-                if rest.max() > 0:
-                    eps = eps + rest * eps_of(latents, t, glob, "*" if has_lora else None)
+                    per_region.append(torch.roll(e, (-dy, -dx), dims=(2, 3)))
+                e_rest = eps_of(latents, t, glob, "*" if has_lora else None) if rest.max() > 0 else None
+                eps = paste_predictions(per_region, m, e_rest, rest)
                 latents = sched.step(eps, t, latents).prev_sample
     finally:
         if has_lora:
             pipe.set_adapters(all_adapters)
     return parts.decode_latents(pipe, latents)
+
+
+def paste_predictions(eps_regions: list[torch.Tensor], weights: torch.Tensor, eps_rest: torch.Tensor | None,
+                      rest: torch.Tensor) -> torch.Tensor:
+    """The region passes' noise predictions pasted by region::
+
+        eps = sum_r w_r eps_r + rest * eps_rest
+
+    eps_regions: R predictions (B, C, h, w); weights: (R, 1, h, w), each region's share of every latent cell
+    (``region_weights``: overlapping regions share, so sum_r w_r <= 1); rest = 1 - sum_r w_r, the background's
+    share, (1, h, w); eps_rest: the global prompt's prediction, or None when no cell is background."""
+    eps = sum(w * e for w, e in zip(weights, eps_regions))
+    if eps_rest is not None:
+        eps = eps + rest * eps_rest
+    return eps
 
 
 def region_weights(pipe, regions: list[Region]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,6 +19,12 @@ from PIL import Image
 from .pipeline import initial_noise
 
 
+def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``eps_uncond + scale * (eps_cond - eps_uncond)``; scale 1 is the conditional
+    prediction alone, scale 0 the unconditional one."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
 def device_of(pipe) -> torch.device:
     return pipe.unet.device
 
