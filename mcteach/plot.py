@@ -113,11 +113,17 @@ def show_losses(losses, ax=None, smooth: int = 25, title: str | None = None, lab
 
 
 def show_outcomes(images, results, ncols: int = 8, size: float = 1.6, suptitle: str | None = None):
-    """Generated images titled with the judge's per-region verdict (``evaluate.PairResult``s, same order):
-    what each region was judged, and the outcome (✓ success, ⇄ swap, ×2 duplication, ∅ neglect, ? other)."""
+    """Generated images titled with the judge's per-region verdict (``metrics.PairResult``s, same order): the
+    outcome (✓ success, ⇄ swap, ×2 duplication, ∅ neglect, ? other), then one line per region with what it was
+    judged (``short_label``: "woman with red h…" stays distinct from the base class "woman")."""
     marks = {"success": "✓", "swap": "⇄", "duplication": "×2", "neglect": "∅", "other": "?"}
-    titles = [f"{marks[r.outcome]} " + " | ".join(p.split(" with ")[0][:9] for p in r.predicted) for r in results]
+    titles = [f"{marks[r.outcome]} {r.outcome}\n" + "\n".join(short_label(p) for p in r.predicted) for r in results]
     return show_images(images, titles=titles, ncols=ncols, size=size, suptitle=suptitle)
+
+
+def short_label(label: str, width: int = 18) -> str:
+    """``label`` cut to ``width`` characters with an ellipsis, so a title fits under a small image."""
+    return label if len(label) <= width else label[: width - 1].rstrip() + "…"
 
 
 def show_token_grid(image, maps, tokens: list[str], ncols: int = 8, size: float = 1.4, suptitle: str | None = None):

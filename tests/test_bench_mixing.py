@@ -119,3 +119,31 @@ def test_headline_pools_the_pairs_and_picks_the_best_fix():
     rows.append({"method": "lora", "fix": "inference", "pair": "three", "success": [0.0] * 3, "n": 4})  # not a pair
     table = bench_mixing.headline({"rows": rows, "seeds": 4})
     assert "| lora | 0.00 [0.00, 0.00] | inference | 1.00 [1.00, 1.00] | 0.00 → 1.00 |" in table
+
+
+def test_ablation_fixes_are_the_shipped_reports_rows_each_a_named_fix():
+    from mcteach.bench import mixing as bench_mixing
+    from mcteach.mixing.masking import AttentionMasks
+    from mcteach.mixing.passes import INFERENCE_FIX, RegionPasses
+    from mcteach.paths import BENCH_MIXING
+
+    fixes = bench_mixing.ablation_fixes()
+    shipped = [r["fix"] for r in json.loads(BENCH_MIXING.read_text())["ablation"]]
+    assert list(fixes) == shipped
+    assert all(isinstance(f, AttentionMasks | RegionPasses) for f in fixes.values())
+    passes = [name for name, f in fixes.items() if isinstance(f, RegionPasses)]
+    assert passes == [name for name in shipped if "pass" in name and "single-pass" not in name]
+    assert fixes[shipped[-1]] is INFERENCE_FIX and fixes["(d) passes, bootstrapped, recentred"].recentre
+
+
+def test_main_table_names_the_rows_it_could_not_measure_instead_of_printing_nan():
+    from mcteach.bench import mixing as bench_mixing
+    from mcteach.paths import BENCH_MIXING
+
+    report = json.loads(BENCH_MIXING.read_text())
+    table = bench_mixing.main_table(report)
+    failed = [r for r in report["rows"] if "error" in r]
+    assert failed and "nan" not in table
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(report["rows"]) - len(failed)
+    assert table.splitlines()[-1].startswith("Not measurable: hypernetwork on same_class (none, training")
+    assert "/root" not in table and "both answer to 'woman'" in table

@@ -146,3 +146,15 @@ def test_clean_drops_a_live_widget_but_keeps_the_static_figure_beside_it():
         "s": {"model_name": "FloatSliderModel", "state": {"value": 5.0}}}}}
     clean(nb)
     assert nb.cells[0].outputs == [figure]
+
+
+def test_outcome_titles_keep_a_concept_apart_from_its_base_class(monkeypatch):
+    from mcteach.measure.metrics import PairResult
+
+    seen = {}
+    monkeypatch.setattr(plot, "show_images", lambda images, titles, **kw: seen.setdefault("titles", titles))
+    r = PairResult("", ("a", "b"), ("left", "right"), 0, ("woman with red hair and medium skin", "woman"),
+                   (0.9, 0.9), (0.0, 0.0), "other")
+    plot.show_outcomes([None], [r])
+    assert seen["titles"] == ["? other\nwoman with red ha…\nwoman"]
+    assert plot.short_label("man") == "man" and len(plot.short_label("x" * 40)) == 18

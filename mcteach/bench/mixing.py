@@ -30,6 +30,7 @@ processors' time against diffusers' default (``gpu_report``; ``pytest -m gpu`` a
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ from ..methods.catalog import METHODS, make_method, train_concept
 from ..methods.engine import JOINT_METHODS, Regularizers, training_fix
 from ..mixing.generate import regional_generate
 from ..mixing.masking import NO_FIX, AttentionMasks, Region, RegionMasker
-from ..mixing.passes import INFERENCE_FIX, sub_prompt
+from ..mixing.passes import INFERENCE_FIX, RegionPasses, sub_prompt
 from ..paths import CACHE
 from ..sd import pretrain, tiny
 from ..sd.attention import with_parts
@@ -196,9 +197,9 @@ def ablation_fixes() -> dict:
         "(b+c) regional + self-attention": AttentionMasks("regional", True, False),
         "(d) regional + region-bound LoRA": AttentionMasks("regional", False, True),
         "(b+c+d) every single-pass mask": AttentionMasks("regional", True, True),
-        "(d) one pass per region": AttentionMasks("none", False, False, passes=True),
-        "(d) passes, bootstrapped": AttentionMasks("none", False, False, passes=True, bootstrap=0.5),
-        "(d) passes, bootstrapped, recentred": AttentionMasks("none", False, False, passes=True, bootstrap=0.5, recentre=True),
+        "(d) one pass per region": RegionPasses(),
+        "(d) passes, bootstrapped": RegionPasses(bootstrap=0.5),
+        "(d) passes, bootstrapped, recentred": RegionPasses(bootstrap=0.5, recentre=True),
         "(d) passes, bootstrapped, half the guidance inside (the fix)": INFERENCE_FIX,
     }
 
@@ -365,8 +366,11 @@ def write_page(report: dict, path: Path) -> str:
 
 
 def main_table(report: dict) -> str:
+    """Every measured row as a markdown table, by pair, method and fix; the rows that could not be measured (an
+    ``error``, e.g. two hypernetworks that both answer to "woman") are named under it, not shown as empty rows."""
     order = {m: i for i, m in enumerate(("base model",) + tuple(METHODS))}
-    rows = sorted(report["rows"], key=lambda r: (list(CONCEPT_PAIRS).index(r["pair"]) if r["pair"] in CONCEPT_PAIRS else 99,
+    failed = [r for r in report["rows"] if "error" in r]
+    rows = sorted((r for r in report["rows"] if "error" not in r), key=lambda r: (list(CONCEPT_PAIRS).index(r["pair"]) if r["pair"] in CONCEPT_PAIRS else 99,
                                                   order.get(r["method"], 99), FIXES.index(r["fix"])))
     out = ["| pair | method | fix | success | swap | neglect | duplication | blend | fidelity alone | train s | s / image |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -375,7 +379,19 @@ def main_table(report: dict) -> str:
                    f"{_cell(r['neglect'])} | {_cell(r['duplication'])} | {_cell(r['blend'])} | "
                    f"{_cell(r['fidelity'])} | {r['train_s']:.0f} | "
                    f"{'–' if r['image_s'] != r['image_s'] else format(r['image_s'], '.2f')} |")
+    if failed:
+        reasons = {}
+        for r in failed:
+            reasons.setdefault((r["method"], r["pair"]), []).append(r["fix"])
+        out.append("")
+        out.append("Not measurable: " + "; ".join(f"{m} on {p} ({', '.join(fixes)})" for (m, p), fixes in reasons.items())
+                   + ": " + _reason(failed[0]["error"]) + ".")
     return "\n".join(out)
+
+
+def _reason(error: str) -> str:
+    """An error message without the machine's paths (the report's rows keep them in full)."""
+    return re.sub(r"(/[^\s:,'\"]+)+", lambda m: Path(m.group(0)).name, error).rstrip(".")
 
 
 def timing_report(sd15: bool = True) -> dict:
