@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 
@@ -160,11 +161,12 @@ def _figure(titles, width=12.0, height=4.0, legend=(), widths=None):
     bottom. Returns (figure, axes).
 
     Made by pyplot (which, in Jupyter, turns on the inline display of figures) and at once closed there, so a
-    cell that returns it shows it once and nothing is left open."""
+    cell that returns it shows it once and nothing is left open; it keeps an Agg canvas to draw on."""
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(width, height), facecolor="white")
     plt.close(fig)
+    FigureCanvasAgg(fig)
     widths = widths or [width / len(titles)] * len(titles)
     bottom = 0.32 if legend else 0.05
     axes, x = [], 0.0
