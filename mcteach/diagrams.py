@@ -487,7 +487,7 @@ def _fix_self(ax):
 
 
 def _fix_passes(ax):
-    """(d) one UNet pass per region, the predictions pasted by region masks: the course's fix."""
+    """(e) one UNet pass per region, the predictions pasted by region masks: the course's fix."""
     _text(ax, 1.5, 3.22, "the course's working fix", 8, INK, weight="bold", style="italic")
     passes = [("pass 1", "woman's prompt + LoRA", "$\\epsilon_1$", CONCEPT1),
               ("pass 2", "man's prompt + LoRA", "$\\epsilon_2$", CONCEPT2),
@@ -510,7 +510,7 @@ def fixes() -> Figure:
     legend = [('concept 1: "cpd woman" (left)', CONCEPT1, False), ('concept 2: "tkb man" (right)', CONCEPT2, False),
               ("text: tokens, prompts", TEXT, False), ("image: canvas, pixels", IMAGE, False)]
     fig, axes = _figure(["(a) token masks", "(b) regional prompts", "(c) self-attention masks",
-                         "(d) one UNet pass per region"], legend=legend)
+                         "(e) one UNet pass per region"], legend=legend)
     for ax, draw in zip(axes, (_fix_tokens, _fix_regional, _fix_self, _fix_passes)):
         draw(ax)
     return fig

@@ -133,7 +133,7 @@ def test_ablation_fixes_are_the_shipped_reports_rows_each_a_named_fix():
     assert all(isinstance(f, AttentionMasks | RegionPasses) for f in fixes.values())
     passes = [name for name, f in fixes.items() if isinstance(f, RegionPasses)]
     assert passes == [name for name in shipped if "pass" in name and "single-pass" not in name]
-    assert fixes[shipped[-1]] is INFERENCE_FIX and fixes["(d) passes, bootstrapped, recentred"].recentre
+    assert fixes[shipped[-1]] is INFERENCE_FIX and fixes["(e) passes, bootstrapped, recentred"].recentre
 
 
 def test_main_table_names_the_rows_it_could_not_measure_instead_of_printing_nan():

@@ -187,7 +187,8 @@ class Bench:
 
 
 def ablation_fixes() -> dict:
-    """The inference fixes notebook 07 compares, by the module docstring's letters (a)-(d)."""
+    """The inference fixes notebook 07 compares, by letter: (a) token masks, (b) regional prompts, (c)
+    self-attention masks, (d) LoRA bound to its region, (e) one UNet pass per region."""
     return {
         "none": NO_FIX,
         "(a) tokens, end-of-text kept": AttentionMasks("tokens", False, False),
@@ -197,10 +198,10 @@ def ablation_fixes() -> dict:
         "(b+c) regional + self-attention": AttentionMasks("regional", True, False),
         "(d) regional + region-bound LoRA": AttentionMasks("regional", False, True),
         "(b+c+d) every single-pass mask": AttentionMasks("regional", True, True),
-        "(d) one pass per region": RegionPasses(),
-        "(d) passes, bootstrapped": RegionPasses(bootstrap=0.5),
-        "(d) passes, bootstrapped, recentred": RegionPasses(bootstrap=0.5, recentre=True),
-        "(d) passes, bootstrapped, half the guidance inside (the fix)": INFERENCE_FIX,
+        "(e) one pass per region": RegionPasses(),
+        "(e) passes, bootstrapped": RegionPasses(bootstrap=0.5),
+        "(e) passes, bootstrapped, recentred": RegionPasses(bootstrap=0.5, recentre=True),
+        "(e) passes, bootstrapped, half the guidance inside (the fix)": INFERENCE_FIX,
     }
 
 

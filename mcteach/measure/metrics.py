@@ -33,7 +33,7 @@ import torch
 
 from .. import files
 from ..paths import JUDGE_PATH
-from ..plot import show_images
+from ..plot import short_label, show_images
 from ..sd.pipeline import generate, load_pipeline
 from ..world import scenes
 from ..world.regions import OPPOSITE_POSITIONS
@@ -225,9 +225,9 @@ class ConceptSamples:
     def show(self, size: float = 1.5):
         """One row per prompt (centre, left, right), one column per seed, each image titled with the
         judge's label (✓ when it is the concept)."""
-        mark = lambda label: ("✓ " if label == self.name else "✗ ") + label[:14]  # noqa: E731
+        mark = lambda label: ("✓ " if label == self.name else "✗ ") + short_label(label, 16)  # noqa: E731
         titles = ([mark(x) for x in self.centre_labels]
-                  + [f"{p}: {mark(x)}" for p, x in zip(self.placed_positions, self.placed_labels)])
+                  + [f"{p}\n{mark(x)}" for p, x in zip(self.placed_positions, self.placed_labels)])
         return show_images(self.centre + self.placed, titles=titles, ncols=len(self.centre), size=size,
                            suptitle=f"'a {self.phrase}', '... on the left', '... on the right': fidelity "
                                     f"{self.fidelity:.0%}, in the asked half {self.position:.0%}")

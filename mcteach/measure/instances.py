@@ -1,0 +1,182 @@
+"""Position-free per-instance judging (notebook 07): find the objects in an image, then match them to the asked
+concepts, wherever they are.
+
+Per-half judging (``metrics.judge_instances``) asks "is the woman in the left half?". It needs a layout, and it is
+fooled by one face split down the middle (left half the woman, right half the man reads as a success). Here:
+
+1. **Find the instances.** The world's images are objects on a plain background. The background colour is the
+   median of the border pixels; a pixel is foreground when its colour lies more than ``threshold`` (RGB distance, of
+   255) from it; the foreground's 8-connected components larger than ``min_area`` pixels are the instances (a
+   morphological opening first removes specks and thin bridges).
+2. **Judge each instance** on a square crop around its bounding box (``margin`` times its longer side, at least
+   ``min_crop`` pixels: the judge was trained on regions with background around the object).
+3. **Match** instances to the asked concepts with the Hungarian algorithm on the judge's probabilities
+   (``scipy.optimize.linear_sum_assignment``): each concept gets at most one instance, each instance one concept.
+
+Per image (``InstanceResult``): ``count`` (instances found) against the concepts asked; each concept ``found`` when its
+matched instance's top label is that concept with confidence >= tau; the outcome, in this order:
+
+- **success**: as many instances as concepts, each concept found (and, given ``positions``, each in its asked region:
+  the instance's centre of mass lies inside it);
+- **swap**: every concept found, but some in another concept's region (only with ``positions``);
+- **duplication**: one asked concept is the confident top label of two or more instances;
+- **neglect**: an asked concept is not found while another is;
+- **other**: anything else (nothing confident, or the wrong number of instances with nothing found).
+
+and the **identity confusion margin** of each concept (UMO's ID-Conf): with s1 >= s2 the two highest probabilities
+of the concept over the image's instances, (s1 - s2) / s1: 1 when one instance alone is the concept, near 0 when two
+look equally like it (a blend or a duplicate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+from ..world import scenes
+from ..world.regions import region_mask
+from .metrics import OUTCOMES, bootstrap_ci
+
+
+@dataclass
+class Instance:
+    """One object found in an image: its bounding box (x0, y0, x1, y1) in pixels, its area, centre of mass (x, y),
+    the judge's probabilities over its labels on the crop, and the top label with its confidence."""
+    box: tuple[int, int, int, int]
+    area: int
+    centre: tuple[float, float]
+    probs: torch.Tensor
+    label: str
+    confidence: float
+
+
+@dataclass
+class InstanceResult:
+    """One judged image: the instances, the asked concepts, the instance each concept was matched to (or None),
+    whether it was found there, the outcome and each concept's identity confusion margin."""
+    instances: list[Instance]
+    intended: tuple[str, ...]
+    matched: tuple[int | None, ...]
+    found: tuple[bool, ...]
+    outcome: str
+    id_conf: tuple[float, ...]
+
+    @property
+    def count_ok(self) -> bool:
+        return len(self.instances) == len(self.intended)
+
+
+def foreground(image: Image.Image, threshold: float = 40.0) -> np.ndarray:
+    """(H, W) bool: the pixels whose colour is more than ``threshold`` from the background's (the median of the
+    border pixels)."""
+    x = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    return np.linalg.norm(x - np.median(border, axis=0), axis=-1) > threshold
+
+
+def components(mask: np.ndarray, min_area: int = 40) -> list[np.ndarray]:
+    """The 8-connected components of ``mask`` of at least ``min_area`` pixels, after a 3x3 opening, largest first."""
+    opened = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
+    labelled, n = ndimage.label(opened, structure=np.ones((3, 3), bool))
+    parts = [labelled == i for i in range(1, n + 1)]
+    return sorted((p for p in parts if p.sum() >= min_area), key=lambda p: -int(p.sum()))
+
+
+def crop_box(part: np.ndarray, margin: float = 1.3, min_crop: int = 32) -> tuple[int, int, int, int]:
+    """A square box around the component ``part`` (H, W): ``margin`` times its longer side, at least ``min_crop``
+    pixels, moved (not cut) to stay inside the image."""
+    ys, xs = np.nonzero(part)
+    h, w = part.shape
+    side = int(min(max(min_crop, margin * max(ys.ptp() + 1, xs.ptp() + 1)), h, w))
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def find_instances(judge, image: Image.Image, threshold: float = 40.0, min_area: int = 40) -> list[Instance]:
+    """The instances of ``image`` (see the module docstring), each judged on its crop."""
+    parts = components(foreground(image, threshold), min_area)
+    if not parts:
+        return []
+    size = image.size[0]
+    boxes = [crop_box(p) for p in parts]
+    probs = judge.probs([image] * len(parts), [tuple(v / size for v in b) for b in boxes])
+    out = []
+    for part, box, p in zip(parts, boxes, probs):
+        ys, xs = np.nonzero(part)
+        conf, i = p.max(0)
+        out.append(Instance(box, int(part.sum()), (float(xs.mean()), float(ys.mean())), p, judge.labels[int(i)],
+                            float(conf)))
+    return out
+
+
+def judge_image(judge, image: Image.Image, intended, positions=None, tau: float = 0.5, **find) -> InstanceResult:
+    """Find, judge and match the instances of one image against the ``intended`` concepts (judge labels);
+    ``positions``: the region asked for each concept (names or boxes), or None for a layout-free prompt."""
+    intended = tuple(intended)
+    for name in intended:
+        if name not in judge.labels:
+            raise ValueError(f"the judge has no label {name!r}: give a judge that knows it (Judge.with_concepts)")
+    instances = find_instances(judge, image, **find)
+    k = [judge.labels.index(c) for c in intended]
+    p = torch.stack([inst.probs[k] for inst in instances]).numpy() if instances else np.zeros((0, len(k)))
+    rows, cols = linear_sum_assignment(-p) if len(instances) else ([], [])
+    matched = [None] * len(intended)
+    for r, c in zip(rows, cols):
+        matched[c] = int(r)
+    found = [m is not None and instances[m].label == c and instances[m].confidence >= tau
+             for m, c in zip(matched, intended)]
+    inside = [True] * len(intended)
+    if positions is not None:
+        size = image.size[0]
+        for j, (m, where) in enumerate(zip(matched, positions)):
+            if m is not None:
+                x, y = instances[m].centre
+                inside[j] = bool(region_mask(where, size)[min(int(y), size - 1), min(int(x), size - 1)] > 0.5)
+    confident = [inst.label for inst in instances if inst.confidence >= tau]
+    if len(instances) == len(intended) and all(found) and all(inside):
+        outcome = "success"
+    elif all(found) and not all(inside):
+        outcome = "swap"
+    elif any(confident.count(c) >= 2 for c in intended):
+        outcome = "duplication"
+    elif any(found) and not all(found):
+        outcome = "neglect"
+    else:
+        outcome = "other"
+    id_conf = []
+    for j in range(len(intended)):
+        s = np.sort(p[:, j])[::-1] if len(p) else np.zeros(1)
+        s1, s2 = float(s[0]), float(s[1]) if len(s) > 1 else 0.0
+        id_conf.append((s1 - s2) / s1 if s1 > 0 else 0.0)
+    return InstanceResult(instances, intended, tuple(matched), tuple(found), outcome, tuple(id_conf))
+
+
+def judge_images(judge, images, intended, positions=None, tau: float = 0.5, **find) -> list[InstanceResult]:
+    """``judge_image`` for every image of a prompt."""
+    return [judge_image(judge, im, intended, positions, tau, **find) for im in images]
+
+
+def summarize(results: list[InstanceResult]) -> dict:
+    """Outcome rates, count accuracy and mean identity confusion margin, each with a 95% bootstrap interval."""
+    out = {o: bootstrap_ci([r.outcome == o for r in results]) for o in OUTCOMES}
+    out["count_ok"] = bootstrap_ci([r.count_ok for r in results])
+    out["id_conf"] = bootstrap_ci([m for r in results for m in r.id_conf])
+    out["n"] = len(results)
+    return out
+
+
+def split_face(left: scenes.Emoji, right: scenes.Emoji, seed: int = 0) -> Image.Image:
+    """One face made of two: the left half of ``left`` drawn at the centre, the right half of ``right`` beside it,
+    on one background: the image per-half judging calls a success and this judge must not."""
+    a = np.asarray(scenes.render_scene([(left, "centre")], seed=seed).image).copy()
+    b = scenes.render_scene([(right, "centre")], seed=seed, background=tuple(int(v) for v in a[0, 0])).image
+    half = a.shape[1] // 2
+    a[:, half:] = np.asarray(b)[:, half:]
+    return Image.fromarray(a)
