@@ -1,0 +1,99 @@
+"""Position-free per-instance judging on hand-built images: correct, swapped, duplicated, blended, one face split
+down the middle, three of three, nothing at all."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mcteach.measure import instances
+from mcteach.measure.judge import Judge
+from mcteach.world import scenes
+
+WOMAN, MAN = scenes.EMOJI["woman with red hair and medium skin"], scenes.EMOJI["man with curly hair and light skin"]
+COUPLE = (WOMAN.name, MAN.name)
+LR = ("left", "right")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge.load()
+
+
+def pair(a, b, seed=3):
+    return scenes.render_scene([(a, "left"), (b, "right")], seed=seed).image
+
+
+def thirds(emojis, seed=0):
+    """Three objects side by side, one per third of a 64-pixel canvas, on one background."""
+    bg = scenes.background_colour(__import__("random").Random(seed))
+    canvas = np.full((64, 64, 3), bg, dtype=np.uint8)
+    for k, e in enumerate(emojis):
+        small = np.asarray(scenes.render_scene([(e, "centre")], seed=seed + k, background=bg, size=28).image)
+        canvas[18:46, 21 * k + 1:21 * k + 20] = small[:, 4:23]  # 19 of each third's 21 columns: two apart
+    return Image.fromarray(canvas)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_a_correct_couple_is_two_instances_each_its_concept_in_its_place(judge, seed):
+    r = instances.judge_image(judge, pair(WOMAN, MAN, seed), COUPLE, LR)
+    assert r.count_ok and r.found == (True, True) and r.outcome == "success"
+    assert [i.label for i in r.instances] == list(COUPLE) or sorted(i.label for i in r.instances) == sorted(COUPLE)
+    assert min(r.id_conf) > 0.9  # each concept in one instance only
+
+
+def test_a_swap_is_a_swap_with_a_layout_and_a_success_without_one(judge):
+    image = pair(MAN, WOMAN)
+    assert instances.judge_image(judge, image, COUPLE, LR).outcome == "swap"
+    assert instances.judge_image(judge, image, COUPLE).outcome == "success"  # position-free: both are there
+
+
+def test_one_concept_twice_is_a_duplication_and_its_margin_is_low(judge):
+    r = instances.judge_image(judge, pair(WOMAN, WOMAN), COUPLE, LR)
+    assert r.outcome == "duplication" and r.count_ok and r.id_conf[0] < 0.1
+
+
+def test_one_face_split_down_the_middle_is_one_instance_not_a_success(judge):
+    r = instances.judge_image(judge, instances.split_face(WOMAN, MAN, seed=3), COUPLE)
+    assert len(r.instances) == 1 and not r.count_ok and r.outcome != "success"
+
+
+def test_two_half_and_half_blends_are_not_a_success(judge):
+    blend = Image.blend(pair(WOMAN, MAN), pair(MAN, WOMAN), 0.5)
+    r = instances.judge_image(judge, blend, COUPLE, LR)
+    assert r.outcome != "success" and not all(r.found)
+
+
+def test_three_of_three_in_thirds(judge):
+    fox, owl = scenes.EMOJI["fox"], scenes.EMOJI["owl"]
+    names = (WOMAN.name, fox.name, owl.name)
+    r = instances.judge_image(judge, thirds([WOMAN, fox, owl]), names, ("left-third", "middle-third", "right-third"))
+    assert len(r.instances) == 3 and r.outcome == "success", [(i.label, i.confidence) for i in r.instances]
+    r = instances.judge_image(judge, thirds([fox, WOMAN, owl]), names, ("left-third", "middle-third", "right-third"))
+    assert r.outcome == "swap"
+
+
+def test_an_empty_image_has_no_instances_and_an_unknown_concept_is_refused(judge):
+    empty = Image.new("RGB", (64, 64), (200, 180, 220))
+    r = instances.judge_image(judge, empty, COUPLE)
+    assert r.instances == [] and r.outcome == "other" and r.matched == (None, None)
+    with pytest.raises(ValueError, match="no label 'dragon queen'"):
+        instances.judge_image(judge, empty, ("dragon queen",))
+
+
+def test_components_join_an_emojis_parts_and_drop_specks():
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:20] = True    # a face
+    mask[21:30, 8:22] = True     # its shirt, one pixel row apart
+    mask[50:53, 50:53] = True    # a speck (9 px, under min_area)
+    mask[40:60, 30:45] = True    # a second object
+    parts = instances.components(mask)
+    assert [int(p.sum()) for p in parts] == [300, 100 + 126]  # largest first
+    assert len(instances.components(mask, gap=0)) == 3  # without the gap the face and its shirt are two
+
+
+def test_summarize_counts_outcomes_and_count_accuracy(judge):
+    images = [pair(WOMAN, MAN), pair(MAN, WOMAN), instances.split_face(WOMAN, MAN, seed=3), pair(WOMAN, WOMAN)]
+    results = instances.judge_images(judge, images, COUPLE, LR)
+    s = instances.summarize(results)
+    assert s["n"] == 4 and s["success"][0] == 0.25 and s["swap"][0] == 0.25 and s["duplication"][0] == 0.25
+    assert s["count_ok"][0] == 0.75
