@@ -6,8 +6,9 @@ fooled by one face split down the middle (left half the woman, right half the ma
 
 1. **Find the instances.** The world's images are objects on a plain background. The background colour is the
    median of the border pixels; a pixel is foreground when its colour lies more than ``threshold`` (RGB distance, of
-   255, 30 by default) from it; the foreground's connected objects of at least ``min_area`` pixels are the instances (``components``:
-   an opening removes specks and thin bridges, parts two pixels apart are one object).
+   255, 30 by default) from it; the foreground's connected objects of at least ``min_area`` pixels are the
+   instances (``components``: an opening removes specks and thin bridges, parts two pixels apart are one object;
+   two objects that touch are one instance, which counts against the image).
 2. **Judge each instance** on a square crop around its bounding box (``margin`` times its longer side, at least
    ``min_crop`` pixels) of the image with every other instance painted over in the background colour, resized to the
    judge's 64 pixels: the object then fills the crop as a lone object fills the frame in the judge's training
