@@ -33,8 +33,9 @@ Defaults: rank 4, alpha 4, 400 steps of 4 images at lr 2e-3 (several concepts tr
 kohya-ss's sd-scripts train them. Why 400 of 4: the same images seen as 800 of 2, and on 2 CPU threads one step of 4
 costs far less than two of 2 (the hamster: 59.3 s against 103.5 s); on the shipped model it gives 1.00 on all 11
 held-out concepts (seeds 0-7) and on three concepts none of the course's sets has (kangaroo, cupcake, prince). Why
-the feed-forward layers: with attention-only targets the trumpet stays at 0.38 (the right colours and outline, but
-mushy) whatever the steps, rank or rate; with them every held-out concept reaches >= 0.88. The shipped model's
+the feed-forward layers (measured on a base model of the 60-class world, ``mcteach pretrain --world classic``): with
+attention-only targets the trumpet stays at 0.38 (the right colours and outline, but mushy) whatever the steps, rank
+or rate; with them every held-out concept reaches >= 0.88. The shipped model's
 figures: data/bench_methods.md. For SD 1.5 the usual rate is 1e-4.
 """
 
