@@ -112,12 +112,15 @@ def show_losses(losses, ax=None, smooth: int = 25, title: str | None = None, lab
     return ax
 
 
+#: the mark a figure title gives each per-instance outcome
+OUTCOME_MARKS = {"success": "✓", "swap": "⇄", "duplication": "×2", "neglect": "∅", "other": "?"}
+
+
 def show_outcomes(images, results, ncols: int = 8, size: float = 1.6, suptitle: str | None = None):
     """Generated images titled with the judge's per-region verdict (``metrics.PairResult``s, same order): the
     outcome (✓ success, ⇄ swap, ×2 duplication, ∅ neglect, ? other), then one line per region with what it was
     judged (``short_label``: "woman with red h…" stays distinct from the base class "woman")."""
-    marks = {"success": "✓", "swap": "⇄", "duplication": "×2", "neglect": "∅", "other": "?"}
-    titles = [f"{marks[r.outcome]} {r.outcome}\n" + "\n".join(short_label(p) for p in r.predicted) for r in results]
+    titles = [f"{OUTCOME_MARKS[r.outcome]} {r.outcome}\n" + "\n".join(short_label(p) for p in r.predicted) for r in results]
     return show_images(images, titles=titles, ncols=ncols, size=size, suptitle=suptitle)
 
 

@@ -147,3 +147,15 @@ def test_main_table_names_the_rows_it_could_not_measure_instead_of_printing_nan(
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(report["rows"]) - len(failed)
     assert table.splitlines()[-1].startswith("Not measurable: hypernetwork on same_class (none, training")
     assert "/root" not in table and "both answer to 'woman'" in table
+
+
+def test_main_table_gives_each_unmeasurable_row_its_own_reason():
+    from mcteach.bench import mixing as bench_mixing
+
+    nan = [float("nan")] * 3
+    failed = [{"method": m, "fix": "none", "pair": p, "error": why, "success": nan}
+              for m, p, why in (("hypernetwork", "same_class", "/a/b/x and /a/b/y both answer to 'woman'"),
+                                ("textual_inversion", "control", "no label for 'trumpet'"))]
+    lines = bench_mixing.main_table({"rows": failed}).splitlines()[3:]
+    assert lines == ["Not measurable: hypernetwork on same_class (none): x and y both answer to 'woman'.",
+                     "Not measurable: textual_inversion on control (none): no label for 'trumpet'."]

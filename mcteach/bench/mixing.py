@@ -380,13 +380,11 @@ def main_table(report: dict) -> str:
                    f"{_cell(r['neglect'])} | {_cell(r['duplication'])} | {_cell(r['blend'])} | "
                    f"{_cell(r['fidelity'])} | {r['train_s']:.0f} | "
                    f"{'–' if r['image_s'] != r['image_s'] else format(r['image_s'], '.2f')} |")
-    if failed:
-        reasons = {}
-        for r in failed:
-            reasons.setdefault((r["method"], r["pair"]), []).append(r["fix"])
-        out.append("")
-        out.append("Not measurable: " + "; ".join(f"{m} on {p} ({', '.join(fixes)})" for (m, p), fixes in reasons.items())
-                   + ": " + _reason(failed[0]["error"]) + ".")
+    groups: dict[tuple[str, str, str], list[str]] = {}  # (method, pair, reason) -> its fixes
+    for r in failed:
+        groups.setdefault((r["method"], r["pair"], _reason(r["error"])), []).append(r["fix"])
+    if groups:
+        out += [""] + [f"Not measurable: {m} on {p} ({', '.join(fixes)}): {why}." for (m, p, why), fixes in groups.items()]
     return "\n".join(out)
 
 
