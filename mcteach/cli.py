@@ -51,9 +51,9 @@ from .methods.adapters import load_adapters, phrases
 from .methods.catalog import METHODS, train_concept
 from .methods.engine import Regularizers, training_fix
 from .mixing.generate import regional_generate
-from .mixing.masking import NO_FIX, Region
+from .mixing.masking import NO_FIX, SINGLE_PASS_FIX, Region
 from .mixing.passes import INFERENCE_FIX
-from .paths import BENCH_METHODS, BENCH_MIXING, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
+from .paths import BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
 from .sd import pretrain, tiny
 from .sd.pipeline import ModelNotAvailable, generate, load_pipeline
 from .world import scenes
@@ -61,7 +61,7 @@ from .world.concepts import make_concept_sets
 from .world.regions import REGIONS, RegionError, parse_box
 
 #: the inference fixes ``generate --fix`` knows
-FIXES = {"none": NO_FIX, "inference": INFERENCE_FIX}
+FIXES = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX}
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -101,6 +101,7 @@ def _add_generate(sub) -> None:
                         "or a box x0,y0,x1,y1 in [0, 1]; e.g. --region 'left=a cpd woman on the left'")
     g.add_argument("--fix", choices=list(FIXES), action="append", default=None,
                    help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX); "
+                        "single: attention masks in one UNet pass (masking.SINGLE_PASS_FIX); "
                         "none: the plain prompt; repeat to compare (e.g. --fix none --fix inference --sheet)")
     g.add_argument("--sheet", action="store_true",
                    help="write every image into one numbered PNG: a row per --fix, a column per seed, at 2x size")
@@ -117,8 +118,9 @@ def _generate(a) -> None:
                 if phrase not in a.prompt:
                     print(f"note: {meta['concept']} is written {phrase!r} in prompts", file=sys.stderr)
     fixes = a.fix or ["none"]
-    if "inference" in fixes and not a.region:
-        raise ValueError("--fix inference needs one --region per concept, e.g. --region 'left=a cpd woman on the left'")
+    for fix in ("inference", "single"):
+        if fix in fixes and not a.region:
+            raise ValueError(f"--fix {fix} needs one --region per concept, e.g. --region 'left=a cpd woman on the left'")
     regions = [parse_region(r, metas) for r in a.region]
     rows = []
     for fix in fixes:
@@ -252,6 +254,9 @@ def _add_bench(sub) -> None:
     x.add_argument("--json", action="store_true", help="print the report as one JSON object")
     x.add_argument("--ablation", action="store_true", help="also compare every inference fix on LoRA and the couple")
     x.add_argument("--timing", action="store_true", help="also time the single-pass masks (tiny and SD 1.5-size UNet)")
+    x.add_argument("--sweep", type=Path, nargs="?", const=BENCH_SWEEP, default=None, metavar="FILE",
+                   help="only the sweep of where single-pass masks act (notebook 07), into FILE "
+                        "(default data/bench_sweep.json; 8 seeds per prompt)")
     x.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
     x.add_argument("--merge", nargs="+", type=Path, default=None,
                    help="merge these reports (e.g. two processes run with different --methods) into --out")
@@ -329,6 +334,13 @@ def _bench_mixing(a) -> int:
     if a.markdown and not a.quick and (a.out or BENCH_MIXING).is_file() and not (a.ablation or a.timing):
         out = a.out or BENCH_MIXING
         print(bench_mixing.write_page(json.loads(out.read_text()), out))
+        return 0
+    if a.sweep:
+        bench = bench_mixing.Bench(a.work, model=a.model, progress=lambda m: print(m, file=sys.stderr),
+                                   judge_path=a.judge, world=a.world)
+        report = bench_mixing.sweep_report(bench, log=lambda m: print(m, file=sys.stderr))
+        atomic_save(json.dumps(report, indent=1) + "\n", a.sweep, write_text)
+        print(f"wrote {a.sweep}")
         return 0
     if a.quick:
         a.methods, a.fixes, a.pairs, a.seeds, a.no_triple = ["lora"], ["none", "inference"], ["couple"], 8, True

@@ -376,6 +376,24 @@ def check_token_bias(fn) -> None:
         _close(got, want, f"{fn.__name__}(side {side}, spans {spans})")
 
 
+@_checked("the regional prompts of mcteach.mixing.masking.RegionMasker", trials=4)
+def check_regional_bias(fn) -> None:
+    """``fn(masks, chunk, on)``: the cross-attention logit bias (N, (R + 1) chunk) of regional prompts, the context
+    [global | sub_1 | ... | sub_R]: where masks act (``on``), a pixel of region r reads only sub_r and a pixel of no
+    region only the global prompt; where they are off, every pixel reads the global prompt alone."""
+    for seed, (side, chunk, n_regions, on) in [(0, (4, 5, 2, True)), (1, (4, 3, 2, False)), (2, (8, 4, 3, True)),
+                                               (3, (2, 6, 1, False))]:
+        pick = torch.randint(0, n_regions + 1, (side * side,), generator=_gen(seed))  # n_regions: the background
+        masks = torch.stack([pick == r for r in range(n_regions)])
+        fix = AttentionMasks(cross="regional", self_attention=False, bind_adapters=False, resolutions=None if on else (0,))
+        masker = RegionMasker(torch.zeros(n_regions, 1, 1), fix, chunk=chunk)
+        masker._hard[side] = masks
+        want = masker.bias("layer", side * side, (n_regions + 1) * chunk, 2, True, torch.zeros(1))[0, 0]
+        want = want.expand(side * side, -1)
+        got = _as_tensor(_call(fn, masks, chunk, on), fn.__name__).float()
+        _close(got, want, f"{fn.__name__}({n_regions} regions, chunk {chunk}, masks {'on' if on else 'off'})")
+
+
 @_checked("mcteach.mixing.passes.paste_predictions")
 def check_paste(fn) -> None:
     """``fn(eps_regions, weights, eps_rest, rest)``: sum_r w_r eps_r + rest * eps_rest."""
@@ -442,6 +460,6 @@ CHECKS = {
     "04": (check_prior_loss, check_cosine_lr),
     "05": (check_lora_forward, check_merge_lora),
     "06": (check_outcome, check_blend_index),
-    "07": (check_mask_at, check_token_bias, check_paste),
+    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias),
     "08": (check_bootstrap, check_outcome_rates),
 }

@@ -25,6 +25,7 @@ CALIBRATION_SET = DATA / "calibration_broad_full"
 #: the benchmarks' reports (their markdown pages are written beside them)
 BENCH_METHODS = DATA / "bench_methods.json"
 BENCH_MIXING = DATA / "bench_mixing.json"
+BENCH_SWEEP = DATA / "bench_sweep.json"
 EVAL_BASE = DATA / "eval_base.json"
 #: long jobs' checkpoints and trained adapters: outside the work tree, kept between sessions
 CACHE = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach"))

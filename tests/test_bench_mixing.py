@@ -159,3 +159,17 @@ def test_main_table_gives_each_unmeasurable_row_its_own_reason():
     lines = bench_mixing.main_table({"rows": failed}).splitlines()[3:]
     assert lines == ["Not measurable: hypernetwork on same_class (none): x and y both answer to 'woman'.",
                      "Not measurable: textual_inversion on control (none): no label for 'trumpet'."]
+
+
+def test_the_bench_prompt_names_each_place_in_words():
+    assert bench_mixing._prompt(["cpd woman", "tkb man"], bench_mixing.LAYOUT) == \
+        "a cpd woman on the left and a tkb man on the right"
+    assert bench_mixing._prompt(["a", "b", "c"], bench_mixing.THIRDS) == "a a and a b and a c"
+
+
+def test_every_bench_fix_has_a_sampler_and_the_single_pass_fix_is_one_unet_pass():
+    from mcteach.mixing.masking import SINGLE_PASS_FIX, AttentionMasks
+
+    assert set(bench_mixing.SAMPLER_OF) == set(bench_mixing.FIXES)
+    assert bench_mixing.SAMPLER_OF["single"] is SINGLE_PASS_FIX and isinstance(SINGLE_PASS_FIX, AttentionMasks)
+    assert not SINGLE_PASS_FIX.coarse and SINGLE_PASS_FIX.bind_adapters and SINGLE_PASS_FIX.self_attention

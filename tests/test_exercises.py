@@ -156,6 +156,29 @@ def inverted_token_bias(masks, spans, n_keys):
 MISTAKES.append(("check_token_bias", inverted_token_bias, "elements differ"))
 
 
+def regional_bias(masks, chunk, on, masks_off_open=False):
+    """The solution, or with ``masks_off_open`` the mistake the course's own code once made: masks off, no bias."""
+    n_regions, n = masks.shape
+    if not on:
+        return torch.zeros(n, (n_regions + 1) * chunk) if masks_off_open else \
+            torch.cat([torch.zeros(n, chunk), torch.full((n, n_regions * chunk), float("-inf"))], 1)
+    bias = torch.full((n, (n_regions + 1) * chunk), float("-inf"))
+    bias[~masks.any(0), :chunk] = 0
+    for r in range(n_regions):
+        bias[masks[r], (r + 1) * chunk : (r + 2) * chunk] = 0
+    return bias
+
+
+MISTAKES += [
+    ("check_regional_bias", lambda m, chunk, on: regional_bias(m, chunk, on, masks_off_open=True), "masks off"),
+    ("check_regional_bias", lambda m, chunk, on: regional_bias(m, chunk, True), "masks off"),  # always on
+]
+
+
+def test_the_regional_bias_solution_passes():
+    assert exercises.check_regional_bias(regional_bias)
+
+
 @pytest.mark.parametrize("check, fn, message", MISTAKES, ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES)])
 def test_a_typical_mistake_fails_with_a_message_that_says_what_differs(check, fn, message):
     with pytest.raises(CheckFailed, match=message):

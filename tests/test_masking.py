@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from mcteach.mixing.generate import regional_generate
-from mcteach.mixing.masking import NO_FIX, AttentionMasks, Region, RegionMasker, make_masker
+from mcteach.mixing.masking import (
+    NO_FIX,
+    SINGLE_PASS_FIX,
+    AttentionMasks,
+    Region,
+    RegionMasker,
+    attention_sides,
+    coarsest_side,
+    make_masker,
+)
 from mcteach.mixing.passes import INFERENCE_FIX, RegionPasses, sub_prompt
 from mcteach.sd.attention import record_attention
 from mcteach.sd.pipeline import generate
@@ -91,12 +100,39 @@ def test_self_attention_masking_removes_the_cross_region_mass(random_pipe):
 
 
 def test_masks_act_only_in_their_timestep_range(random_pipe):
-    masker = make_masker(random_pipe, PROMPT, REGIONS, AttentionMasks(steps=(0.0, 0.3)))
+    masker = make_masker(random_pipe, PROMPT, REGIONS, AttentionMasks("tokens", steps=(0.0, 0.3)))
     like = torch.zeros(1)
     masker.progress = 0.1
-    assert masker.bias("x", 256, 96, 2, True, like) is not None
+    assert masker.bias("x", 256, 32, 2, True, like) is not None
     masker.progress = 0.5
-    assert masker.bias("x", 256, 96, 2, True, like) is None
+    assert masker.bias("x", 256, 32, 2, True, like) is None
+
+
+def test_regional_prompts_outside_their_window_read_the_global_prompt_alone(random_pipe):
+    """Where regional masks are off (a step or grid outside the fix's), the context still holds every sub-prompt:
+    the bias must close them, or each pixel reads all R + 1 prompts at once."""
+    masker = make_masker(random_pipe, PROMPT, REGIONS, AttentionMasks(steps=(0.0, 0.3), resolutions=(16,)))
+    like, t = torch.zeros(1), random_pipe.tokenizer.model_max_length
+    for progress, n_queries in ((0.5, 256), (0.1, 64)):  # a step outside the window; a grid outside the set
+        masker.progress = progress
+        b = masker.bias("x", n_queries, 3 * t, 2, True, like).flatten()
+        assert (b[:t] == 0).all() and torch.isinf(b[t:]).all()
+    # the generation with masks nowhere is the plain one (up to the attention kernel's rounding)
+    nowhere = AttentionMasks("regional", False, False, resolutions=(999,))
+    plain = generate(random_pipe, [PROMPT], seed=[0], steps=3, output_type="np")
+    off = regional_generate(random_pipe, PROMPT, REGIONS, fix=nowhere, seed=[0], steps=3, output_type="np")
+    assert np.abs(np.asarray(plain) - np.asarray(off)).max() < 1e-4
+
+
+def test_the_coarsest_grid_can_be_left_unmasked(random_pipe):
+    sides = attention_sides(random_pipe.unet)
+    assert sides == [16, 8, 4] and coarsest_side(random_pipe.unet) == 4
+    like = torch.zeros(1)
+    masker = make_masker(random_pipe, PROMPT, REGIONS, SINGLE_PASS_FIX)
+    assert [masker.active(s) for s in sides] == [True, True, False]
+    assert make_masker(random_pipe, PROMPT, REGIONS, AttentionMasks("tokens", True)).active(4)
+    assert masker.bias("x", 16, 16, 2, False, like) is None  # no self-attention mask at 4x4
+    assert masker.bias("x", 64, 64, 2, False, like) is not None
 
 
 def test_a_phrase_missing_from_the_prompt_is_a_clear_error(random_pipe):

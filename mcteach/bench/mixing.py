@@ -10,7 +10,9 @@ index, each with a 95% bootstrap interval; beside them each concept's fidelity a
 The fixes:
 - ``none``: the concepts trained one by one and loaded together (``load_adapters``); DreamBooth, which cannot
   combine two models, is trained jointly on both sets (the DreamBooth paper's way);
-- ``inference``: the same weights, sampled with ``passes.INFERENCE_FIX`` (``regional_generate``);
+- ``inference``: the same weights, sampled with ``passes.INFERENCE_FIX`` (``regional_generate``): one UNet pass per
+  region;
+- ``single``: the same weights, sampled with ``masking.SINGLE_PASS_FIX``: attention masks in one UNet pass;
 - ``training``: LoRA and DreamBooth trained jointly with ``engine.TRAINING_FIX`` (Seg-Mix composites, masked
   loss, attention loss); Textual Inversion and the HyperNetwork, which learn one concept at a time, with the
   masked and attention losses;
@@ -19,6 +21,9 @@ The fixes:
     mcteach bench mixing --out data/bench_mixing.json                # everything (hours on 2 cores), resumable
     mcteach bench mixing --quick --json                              # LoRA on the couple, 8 seeds, ~10 min
     mcteach bench mixing --out data/bench_mixing.json --markdown     # its tables and data/bench_mixing.md
+
+Each row is judged per half and by the position-free judge (``measure.instances``: ``free_success``, ``count_ok``,
+``id_conf``). ``--sweep`` runs notebook 07's sweep of where single-pass masks act into ``data/bench_sweep.json``.
 
 ``--save-images DIR`` writes every judged image (``<method>-<fix>-<pair>-<seed>.png``) so anyone can re-judge.
 
@@ -39,13 +44,14 @@ import torch
 
 from .. import files
 from ..files import atomic_save, write_text
+from ..measure import instances
 from ..measure.judge import Judge
 from ..measure.metrics import SAMPLING, bootstrap_ci, judge_instances, summarize_pairs
 from ..methods.adapters import load_adapters, phrases
 from ..methods.catalog import METHODS, make_method, train_concept
 from ..methods.engine import JOINT_METHODS, Regularizers, training_fix
 from ..mixing.generate import regional_generate
-from ..mixing.masking import NO_FIX, AttentionMasks, Region, RegionMasker
+from ..mixing.masking import NO_FIX, SINGLE_PASS_FIX, AttentionMasks, Region, RegionMasker
 from ..mixing.passes import INFERENCE_FIX, RegionPasses, sub_prompt
 from ..paths import CACHE
 from ..sd import pretrain, tiny
@@ -64,7 +70,12 @@ CONCEPT_PAIRS = {
     "control": ("croissant", "trumpet"),
 }
 TRIPLE = ("woman_with_red_hair_and_medium_skin", "koala", "man_with_curly_hair_and_light_skin")
-FIXES = ("none", "inference", "training", "both")
+FIXES = ("none", "inference", "single", "training", "both")
+#: the sampler of each fix: "single" is attention masking in one UNet pass (``masking.SINGLE_PASS_FIX``) on the
+#: untrained-fix weights; "training" samples the training fix's weights without masks, "both" with the passes
+SAMPLER_OF = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX, "training": NO_FIX,
+              "both": INFERENCE_FIX}
+TRAINED_WITH_FIX = ("training", "both")
 LAYOUT = ("left", "right")
 THIRDS = ("left-third", "middle-third", "right-third")
 
@@ -136,8 +147,8 @@ class Bench:
 
     # --------------------------------------------------------------- one row
     def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
-        pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in ("training", "both"))
-        masks = INFERENCE_FIX if fix in ("inference", "both") else NO_FIX
+        pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in TRAINED_WITH_FIX)
+        masks = SAMPLER_OF[fix]
         positions = THIRDS if len(slugs) == 3 else LAYOUT
         prompt = _prompt([said[s] for s in slugs], positions)
         regions = [Region(p, sub_prompt(said[s], p), phrase=said[s], adapter=adapter_of[s])
@@ -147,6 +158,7 @@ class Bench:
         images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **SAMPLING)
         image_s = (time.time() - t0) / len(seeds)
         results = judge_instances(judge, images, [c.name for c in concepts], list(positions), prompt, seeds)
+        free = instances.summarize(instances.judge_images(judge, images, [c.name for c in concepts]))
         if self.save_images:
             self._save(images, f"{method}-{fix}-{pair}")
         # each concept alone on the same pipeline, the fix on: "a <phrase>", its region the whole image
@@ -160,6 +172,7 @@ class Bench:
                 **{k: list(s[k]) for k in ("success", "swap", "duplication", "neglect", "other")},
                 "blend": list(s["blend_index"]), "fidelity": list(bootstrap_ci(fid)), "train_s": round(train_s, 1),
                 "image_s": round(image_s, 3), "n": len(results), "threads": torch.get_num_threads(),
+                **_free_fields(free),
                 "outcomes": [r.outcome for r in results], "predicted": [list(r.predicted) for r in results]}
 
     def base_row(self, pair: str, slugs: tuple[str, str]) -> dict:
@@ -184,6 +197,12 @@ class Bench:
         self.save_images.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             im.save(self.save_images / f"{stem}-{i:02d}.png")
+
+
+def _free_fields(free: dict) -> dict:
+    """The position-free judge's figures of a row (``instances.summarize``): its success, count accuracy and identity
+    confusion margin, each (mean, lo, hi)."""
+    return {"free_success": list(free["success"]), "count_ok": list(free["count_ok"]), "id_conf": list(free["id_conf"])}
 
 
 def ablation_fixes() -> dict:
@@ -228,6 +247,44 @@ def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[d
     return rows
 
 
+def sweep_report(bench: Bench, seeds: int = 8, log=print) -> dict:
+    """Notebook 07's sweep of where masks act (``bench.sweep``): the base model on ``sweep.BASE_PAIRS`` with
+    ``BASE_MODES``, then the couple's two LoRAs with ``LORA_MODES``; with the same-run seconds per image of the plain
+    pipeline, the single-pass fix and the passes fix on the couple (``fix_timing``)."""
+    from . import sweep as sw
+
+    out = {"seeds": seeds, "model": str(bench.model or "embedded")}
+    log("sweep: the base model")
+    out["base"] = sw.sweep(load_pipeline(bench.model), bench.judge, sw.BASE_PAIRS, modes=sw.BASE_MODES,
+                           seeds=range(seeds), log=log)
+    slugs = CONCEPT_PAIRS["couple"]
+    pipe, said, adapter_of, concepts, judge, _ = bench.loaded("lora", slugs, False)
+    names = {s: c.name for s, c in zip(slugs, concepts)}
+    log("sweep: the couple's LoRAs")
+    out["couple"] = sw.sweep(pipe, judge, [tuple(names[s] for s in slugs)], modes=sw.LORA_MODES, seeds=range(seeds),
+                             phrases={names[s]: said[s] for s in slugs},
+                             adapters={names[s]: adapter_of[s] for s in slugs}, log=log)
+    prompt = _prompt([said[s] for s in slugs], LAYOUT)
+    regions = [Region(p, sub_prompt(said[s], p), phrase=said[s], adapter=adapter_of[s]) for s, p in zip(slugs, LAYOUT)]
+    out["timing"] = fix_timing(pipe, prompt, regions, {"none": NO_FIX, "single": SINGLE_PASS_FIX,
+                                                        "inference": INFERENCE_FIX})
+    return out
+
+
+def fix_timing(pipe, prompt: str, regions: list[Region], fixes: dict, images: int = 8, repeats: int = 3) -> dict:
+    """Seconds per image of each fix on the same prompt and regions (the course's sampling), measured alternately
+    in one run, best of ``repeats``; ``ratio``: each against the first fix (the plain pipeline)."""
+    best = {k: float("inf") for k in fixes}
+    for _ in range(repeats):
+        for name, fix in fixes.items():
+            t0 = time.perf_counter()
+            regional_generate(pipe, prompt, regions, fix=fix, seed=list(range(images)), **SAMPLING)
+            best[name] = min(best[name], (time.perf_counter() - t0) / images)
+    first = next(iter(fixes))
+    return {"seconds": best, "ratio": {k: best[k] / best[first] for k in best}, "images": images,
+            "threads": torch.get_num_threads()}
+
+
 @torch.no_grad()
 def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     """Seconds per UNet call (batch 2, as with guidance) with the default processors, and with the single-pass
@@ -263,7 +320,7 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
 
 
 def _where(position: str) -> str:
-    return " " + POSITIONS[position][0] if position in POSITIONS else ""
+    return " " + POSITIONS[position] if position in POSITIONS else ""
 
 
 def _prompt(phrases: list[str], positions) -> str:
@@ -284,7 +341,7 @@ def run(methods=tuple(METHODS), fixes=FIXES, pairs=tuple(CONCEPT_PAIRS), seeds: 
     report |= {"seeds": seeds, "generation": SAMPLING, "model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
     jobs = [(m, f, p, CONCEPT_PAIRS[p]) for m in methods for p in pairs for f in fixes]
     if triple:
-        jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference")]
+        jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference", "single") if f in fixes]
     if base:
         jobs = [("base model", "none", p, CONCEPT_PAIRS[p]) for p in pairs] + jobs
     for method, fix, pair, slugs in jobs:

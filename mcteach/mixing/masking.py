@@ -63,6 +63,7 @@ class AttentionMasks:
     guidance_steps: tuple[float, float] = (0.0, 0.4)
     resolutions: tuple[int, ...] | None = None  # UNet grid sides where masks act (None: all)
     steps: tuple[float, float] = (0.0, 1.0)  # part of the denoising process where masks act
+    coarse: bool = True  # False: no attention masks at the UNet's coarsest grid (its middle block), where the layout is set
 
     def __post_init__(self):
         if self.cross not in CROSS_MODES:
@@ -77,6 +78,12 @@ class AttentionMasks:
 #: no masks at all: ``regional_generate`` with it is ``generate``, bit for bit
 NO_FIX = AttentionMasks(cross="none", self_attention=False, bind_adapters=False)
 
+#: the course's single-pass fix, chosen by the sweep in notebook 07 (``mcteach bench mixing --sweep``): regional
+#: prompts, self-attention masks and each LoRA bound to its region, at every step and every attention grid but the
+#: coarsest. Masks at the coarsest grid (4x4 here, the middle block) score 0.00 in every mode the sweep tries; without
+#: them, 1.00 on the couple and on two pairs of concepts rendered for the choice (8 seeds each)
+SINGLE_PASS_FIX = AttentionMasks(cross="regional", self_attention=True, bind_adapters=True, coarse=False)
+
 
 class RegionMasker:
     """The ``masker`` part of ``attention.Processor``: the logit bias of every attention call.
@@ -84,11 +91,13 @@ class RegionMasker:
     masks: (R, H, W) region masks; spans: for cross="tokens", each region's token positions in the prompt;
     chunk: for cross="regional", the token length T of each encoded prompt; guidance: the batch is
     [unconditional, conditional] (token masks act on the conditional half only). ``progress`` (0..1) is
-    set before each UNet call (``masked``)."""
+    set before each UNet call (``masked``). Where the masks are off (a resolution or step outside ``fix``'s),
+    regional prompts give every pixel the global prompt alone."""
 
     def __init__(self, masks: torch.Tensor, fix: AttentionMasks, *, spans=None, eot=None, chunk: int | None = None,
-                 guidance: bool = True):
+                 guidance: bool = True, coarsest: int | None = None):
         self.masks, self.fix, self.spans, self.eot, self.chunk, self.guidance = masks, fix, spans, eot, chunk, guidance
+        self.coarsest = coarsest  # the side of the UNet's coarsest grid (``coarsest_side``), for ``fix.coarse``
         self.progress = 0.0
         self.suspended = False  # True: no bias at all (the layout-guidance pass reads plain attention)
         self._cache: dict = {}
@@ -102,13 +111,18 @@ class RegionMasker:
 
     def active(self, side: int) -> bool:
         lo, hi = self.fix.steps
+        if not self.fix.coarse and self.coarsest is not None and side <= self.coarsest:
+            return False
         return lo <= self.progress <= hi and (self.fix.resolutions is None or side in self.fix.resolutions)
 
     def bias(self, layer: str, n_queries: int, n_keys: int, batch: int, is_cross: bool, like: torch.Tensor):
         side = math.isqrt(n_queries)
-        if self.suspended or side * side != n_queries or not self.active(side):
+        if side * side != n_queries:
             return None
-        if (is_cross and self.fix.cross == "none") or (not is_cross and not self.fix.self_attention):
+        on = not self.suspended and self.active(side)
+        if is_cross and self.fix.cross == "regional" and not on:  # masks off here: every pixel reads the global prompt
+            return self._global_only(n_keys, like)
+        if not on or (is_cross and self.fix.cross == "none") or (not is_cross and not self.fix.self_attention):
             return None
         key = (is_cross, side, n_keys, batch, like.dtype, like.device)
         if key not in self._cache:
@@ -122,6 +136,15 @@ class RegionMasker:
             if is_cross and self.fix.cross == "tokens" and self.guidance:  # the unconditional half is untouched
                 b = torch.cat([torch.zeros_like(b).expand(batch // 2, -1, -1, -1), b.expand(batch - batch // 2, -1, -1, -1)])
             self._cache[key] = b.to(like.device)
+        return self._cache[key]
+
+    def _global_only(self, n_keys: int, like: torch.Tensor) -> torch.Tensor:
+        """(1, 1, 1, T'): the regional context's chunk 0 (the global prompt) open, every sub-prompt closed."""
+        key = ("global", n_keys, like.dtype, like.device)
+        if key not in self._cache:
+            b = torch.full((n_keys,), float("-inf"), dtype=like.dtype)
+            b[: self.chunk] = 0
+            self._cache[key] = b.view(1, 1, 1, -1).to(like.device)
         return self._cache[key]
 
     def _cross(self, side: int, n_keys: int) -> torch.Tensor:
@@ -262,7 +285,20 @@ def make_masker(pipe, prompt: str, regions: list[Region], fix: AttentionMasks, g
         spans = [token_indices(pipe.tokenizer, expanded, pipe.maybe_convert_prompt(r.words, pipe.tokenizer))
                  for r in regions]
         eot = eot_positions(pipe.tokenizer, expanded)
-    return RegionMasker(masks, fix, spans=spans, eot=eot, chunk=pipe.tokenizer.model_max_length, guidance=guidance)
+    return RegionMasker(masks, fix, spans=spans, eot=eot, chunk=pipe.tokenizer.model_max_length, guidance=guidance,
+                        coarsest=coarsest_side(pipe.unet))
+
+
+def attention_sides(unet) -> list[int]:
+    """The grid sides the UNet's attention layers work at, finest first: [16, 8, 4] for the embedded model (64 px),
+    [64, 32, 16, 8] for SD 1.5 (512 px)."""
+    side, levels = unet.config.sample_size, len(unet.config.block_out_channels)
+    return [side // 2 ** k for k in range(levels)]
+
+
+def coarsest_side(unet) -> int:
+    """The side of the UNet's coarsest grid (its middle block's): 4 for the embedded model, 8 for SD 1.5."""
+    return attention_sides(unet)[-1]
 
 
 def masked_generate(pipe, prompt: str, regions: list[Region], *, fix: AttentionMasks, seeds: list[int], steps: int = 25,
