@@ -173,3 +173,33 @@ def test_every_bench_fix_has_a_sampler_and_the_single_pass_fix_is_one_unet_pass(
     assert set(bench_mixing.SAMPLER_OF) == set(bench_mixing.FIXES)
     assert bench_mixing.SAMPLER_OF["single"] is SINGLE_PASS_FIX and isinstance(SINGLE_PASS_FIX, AttentionMasks)
     assert not SINGLE_PASS_FIX.coarse and SINGLE_PASS_FIX.bind_adapters and SINGLE_PASS_FIX.self_attention
+
+
+def test_fix_timing_times_every_fix_alternately_and_divides_by_the_first(monkeypatch):
+    calls = []
+
+    def fake(pipe, prompt, regions, *, fix, seed, **kw):
+        calls.append(fix)
+        import time
+
+        time.sleep(0.002 if fix == "plain" else 0.004)
+        return [None] * len(seed)
+
+    monkeypatch.setattr(bench_mixing, "regional_generate", fake)
+    t = bench_mixing.fix_timing(None, "p", [], {"plain": "plain", "slow": "slow"}, images=2, repeats=3)
+    assert calls == ["plain", "slow"] * 3  # alternately, in one run
+    assert t["ratio"]["plain"] == 1.0 and t["ratio"]["slow"] > 1.3
+
+
+def test_the_sweep_verb_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_mixing, "sweep_report", lambda bench, log=None: {"base": {}, "couple": {}, "timing": {}})
+    monkeypatch.setattr(bench_mixing.Bench, "__init__", lambda self, *a, **k: None)
+    out = tmp_path / "sweep.json"
+    assert cli_main(["bench", "mixing", "--sweep", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"base": {}, "couple": {}, "timing": {}}
+
+
+def test_generate_with_the_single_pass_fix_needs_regions(capsys, tmp_path):
+    assert cli_main(["generate", "--prompt", "a cat", "--fix", "single", "--out", str(tmp_path / "x.png")]) != 0
+    assert "--fix single needs one --region per concept" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -226,20 +226,27 @@ def bind_lora(unet, masker: RegionMasker, bindings: dict[str, int]) -> list:
 
 
 def _binder(masker: RegionMasker, region: int, text_side: bool):
+    cache: dict = {}  # the multiplier of each output shape, made once (the hook runs at every LoRA layer call)
+
+    def multiplier(out: torch.Tensor) -> torch.Tensor:
+        key = (out.ndim, out.shape[1], out.shape[-1], out.dtype, out.device)
+        if key not in cache:
+            if text_side:  # (B, T', C): the tokens of region r's sub-prompt
+                keep = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+                keep[(region + 1) * masker.chunk : (region + 2) * masker.chunk] = 1
+                cache[key] = keep[None, :, None]
+            elif out.ndim == 4:  # conv 1x1 (proj_in/out): (B, C, H, W)
+                side = out.shape[-1]
+                cache[key] = masker.hard(side)[region].view(1, 1, side, side).to(out)
+            else:  # (B, N, C) pixels
+                side = math.isqrt(out.shape[1])
+                cache[key] = masker.hard(side)[region].view(1, -1, 1).to(out)
+        return cache[key]
+
     def hook(module, args, out):
-        if not masker.fix.bind_adapters:
+        if not masker.fix.bind_adapters or (text_side and masker.fix.cross != "regional"):
             return out
-        if text_side:  # (B, T', C): the tokens of region r's sub-prompt (regional prompts only)
-            if masker.fix.cross != "regional":
-                return out
-            keep = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
-            keep[(region + 1) * masker.chunk : (region + 2) * masker.chunk] = 1
-            return out * keep[None, :, None]
-        if out.ndim == 4:  # conv 1x1 (proj_in/out): (B, C, H, W)
-            side = out.shape[-1]
-            return out * masker.hard(side)[region].view(1, 1, side, side).to(out)
-        side = math.isqrt(out.shape[1])  # (B, N, C) pixels
-        return out * masker.hard(side)[region].view(1, -1, 1).to(out)
+        return out * multiplier(out)
 
     return hook
 
