@@ -24,7 +24,9 @@ of those paths with an additive bias on the attention logits, ``softmax(QK^T / s
 
 Masks act on every UNet resolution (a region spec becomes a mask at 16x16, 8x8, 4x4 here; 64..8 in
 SD 1.5), optionally only at some resolutions (``resolutions``) and some part of the denoising process
-(``steps``: fractions, 0 = pure noise, 1 = the end).
+(``steps``: fractions, 0 = pure noise, 1 = the end), or everywhere but the coarsest grid (``coarse=False``: the middle
+block, which lays out the whole image; masks there break the layout, as the sweep of notebook 07 measures). Where
+regional masks are off, every pixel reads the global prompt alone. ``SINGLE_PASS_FIX`` is the course's choice.
 
     regions = [Region("left", "a sks woman on the left", adapter="woman_..."),
                Region("right", "a zqv man on the right", adapter="man_...")]
