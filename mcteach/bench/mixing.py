@@ -151,8 +151,7 @@ class Bench:
         masks = SAMPLER_OF[fix]
         positions = THIRDS if len(slugs) == 3 else LAYOUT
         prompt = _prompt([said[s] for s in slugs], positions)
-        regions = [Region(p, sub_prompt(said[s], p), phrase=said[s], adapter=adapter_of[s])
-                   for s, p in zip(slugs, positions)]
+        regions = _regions(slugs, positions, said, adapter_of)
         seeds = list(range(self.seeds))
         t0 = time.time()
         images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **SAMPLING)
@@ -232,8 +231,7 @@ def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[d
     seeds = list(range(bench.seeds))
     rows = []
     for name, fix in ablation_fixes().items():
-        regions = [Region(p, sub_prompt(said[s], p, fix), phrase=said[s], adapter=adapter_of[s])
-                   for s, p in zip(slugs, LAYOUT)]
+        regions = _regions(slugs, LAYOUT, said, adapter_of, fix)
         t0 = time.time()
         images = regional_generate(pipe, prompt, regions, fix=fix, seed=seeds, **SAMPLING)
         image_s = (time.time() - t0) / len(seeds)
@@ -265,7 +263,7 @@ def sweep_report(bench: Bench, seeds: int = 8, log=print) -> dict:
                              phrases={names[s]: said[s] for s in slugs},
                              adapters={names[s]: adapter_of[s] for s in slugs}, log=log)
     prompt = _prompt([said[s] for s in slugs], LAYOUT)
-    regions = [Region(p, sub_prompt(said[s], p), phrase=said[s], adapter=adapter_of[s]) for s, p in zip(slugs, LAYOUT)]
+    regions = _regions(slugs, LAYOUT, said, adapter_of)
     out["timing"] = fix_timing(pipe, prompt, regions, {"none": NO_FIX, "single": SINGLE_PASS_FIX,
                                                         "inference": INFERENCE_FIX})
     return out
@@ -317,6 +315,11 @@ def processor_timing(unet, tokens: int = 32, repeats: int = 5, seed: int = 0) ->
                 unet.set_attn_processor(previous)
     return {"seconds": best, "ratio": {k: best[k] / best["default"] for k in best}, "latent": side,
             "threads": torch.get_num_threads()}
+
+
+def _regions(slugs, positions, said: dict, adapter_of: dict, fix=None) -> list[Region]:
+    """One region per concept: its place, its sub-prompt for ``fix`` (``passes.sub_prompt``), its phrase and adapter."""
+    return [Region(p, sub_prompt(said[s], p, fix), phrase=said[s], adapter=adapter_of[s]) for s, p in zip(slugs, positions)]
 
 
 def _where(position: str) -> str:

@@ -14,6 +14,7 @@ LoRAs) into ``data/bench_sweep.json``; notebook 07 reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -22,6 +23,7 @@ import numpy as np
 from ..measure.metrics import bootstrap_ci, judge_instances
 from ..mixing.generate import regional_generate
 from ..mixing.masking import AttentionMasks, Region, attention_sides
+from ..mixing.passes import sub_prompt
 
 #: the parts of the denoising process a mask may act in (fractions: 0 = pure noise, 1 = the end)
 WINDOWS = {"every step": (0.0, 1.0), "first 30%": (0.0, 0.3), "after 30%": (0.3, 1.0)}
@@ -80,13 +82,12 @@ def sweep(pipe, judge, pairs, *, modes: dict[str, AttentionMasks], seeds=range(8
         for res in resolutions.values():
             cells = {k: [] for k in grids}
             for lo_hi in windows.values():
-                fix = AttentionMasks(mode.cross, mode.self_attention, mode.bind_adapters, eot=mode.eot, base=mode.base,
-                                     resolutions=res, steps=lo_hi)
+                fix = dataclasses.replace(mode, resolutions=res, steps=lo_hi)
                 hits = {k: [] for k in grids}
                 for a, b in pairs:
                     words = [phrases.get(a, a), phrases.get(b, b)]
                     prompt = f"a {words[0]} on the left and a {words[1]} on the right"
-                    regions = [Region(side, f"a {w} on the {side}" if place_words else f"a {w}", phrase=w,
+                    regions = [Region(side, sub_prompt(w, side, fix) if place_words else f"a {w}", phrase=w,
                                       adapter=adapters.get(c)) for side, w, c in zip(("left", "right"), words, (a, b))]
                     images = regional_generate(pipe, prompt, regions, fix=fix, seed=seeds)
                     for r in judge_instances(judge, images, [a, b], ["left", "right"]):
