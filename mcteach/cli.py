@@ -9,6 +9,8 @@ Two concepts in one image (notebooks 06-07): one adapter each, one region each, 
     mcteach generate --adapter runs/woman --adapter runs/man \\
         --prompt "a cpd woman on the left and a tkb man on the right" \\
         --region "left=a cpd woman on the left" --region "right=a tkb man on the right" --fix inference --out couple.png
+    mcteach generate --adapter runs/woman --adapter runs/man --prompt "a cpd woman and a tkb man" --fix auto \\
+        --out couple.png                                  # no regions: the model chooses each concept's half
     mcteach train --method lora --concept woman_with_red_hair_and_medium_skin \\
         --concept man_with_curly_hair_and_light_skin --fix training --out runs/couple   # joint, with the training fix
 
@@ -52,8 +54,9 @@ from .methods.catalog import METHODS, train_concept
 from .methods.engine import Regularizers, training_fix
 from .mixing.generate import regional_generate
 from .mixing.masking import NO_FIX, SINGLE_PASS_FIX, Region
-from .mixing.passes import INFERENCE_FIX
-from .paths import BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
+from .mixing.layout import auto_generate
+from .mixing.passes import INFERENCE_FIX, WINDOW_FIX, canvas_for
+from .paths import BENCH_COSTS, BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
 from .sd import pretrain, tiny
 from .sd.pipeline import ModelNotAvailable, generate, load_pipeline
 from .world import scenes
@@ -61,7 +64,8 @@ from .world.concepts import make_concept_sets
 from .world.regions import REGIONS, RegionError, parse_box
 
 #: the inference fixes ``generate --fix`` knows
-FIXES = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX}
+FIXES = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX, "auto": INFERENCE_FIX,
+         "wide": WINDOW_FIX}
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -83,6 +87,18 @@ def parse_region(text: str, metas: list[dict]) -> Region:
     return Region(place, prompt.strip(), phrase=phrase, adapter=adapter)
 
 
+def prompt_concepts(prompt: str, metas: list[dict]) -> list[tuple[str, str | None]]:
+    """(phrase, adapter name) of every learned concept the prompt names, in the prompt's order: what ``--fix auto``
+    places. A clear error when fewer than two are named."""
+    found = [(prompt.find(p), p, m.get("adapter_name")) for m in metas for p in phrases(m).values() if p in prompt]
+    if len(found) < 2:
+        said = ", ".join(repr(p) for m in metas for p in phrases(m).values()) or "none (give --adapter folders)"
+        raise ValueError(f"--fix auto places two or more learned concepts named in the prompt; {'only one is' if found else 'none is'} "
+                         f"named in {prompt!r}. Name each adapter's concept in the prompt (they are written {said}), "
+                         "e.g. --prompt 'a cpd woman and a tkb man'")
+    return [(p, ad) for _, p, ad in sorted(found)]
+
+
 def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate images from a prompt (with learned concepts, regions and a fix)")
     g.add_argument("--prompt", required=True)
@@ -102,6 +118,12 @@ def _add_generate(sub) -> None:
     g.add_argument("--fix", choices=list(FIXES), action="append", default=None,
                    help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX); "
                         "single: attention masks in one UNet pass (masking.SINGLE_PASS_FIX); "
+                        "auto: no --region needed, the model's attention chooses each concept's half, then the passes "
+                        "(layout.auto_generate; the prompt names each --adapter's concept, e.g. 'a cpd woman and a tkb "
+                        "man'); "
+                        "wide: three or more concepts on a canvas wide enough that each --region gets a window of the "
+                        "model's size, each pass drawn on its window (passes.WINDOW_FIX, canvas_for; regions such as "
+                        "left-third, or the quadrants); "
                         "none: the plain prompt; repeat to compare (e.g. --fix none --fix inference --sheet)")
     g.add_argument("--sheet", action="store_true",
                    help="write every image into one numbered PNG: a row per --fix, a column per seed, at 2x size")
@@ -118,14 +140,21 @@ def _generate(a) -> None:
                 if phrase not in a.prompt:
                     print(f"note: {meta['concept']} is written {phrase!r} in prompts", file=sys.stderr)
     fixes = a.fix or ["none"]
-    for fix in ("inference", "single"):
+    for fix in ("inference", "single", "wide"):
         if fix in fixes and not a.region:
             raise ValueError(f"--fix {fix} needs one --region per concept, e.g. --region 'left=a cpd woman on the left'")
     regions = [parse_region(r, metas) for r in a.region]
     rows = []
     for fix in fixes:
-        if regions:
-            rows.append(regional_generate(pipe, a.prompt, regions, fix=FIXES[fix], steps=a.steps,
+        if fix == "auto":
+            named = prompt_concepts(a.prompt, metas)
+            rows.append(auto_generate(pipe, a.prompt, [p for p, _ in named], adapters=[ad for _, ad in named],
+                                      seed=[a.seed + i for i in range(a.num_images)], steps=a.steps,
+                                      guidance_scale=a.guidance).images)
+        elif regions:
+            native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            canvas = dict(zip(("height", "width"), canvas_for([r.where for r in regions], native))) if fix == "wide" else {}
+            rows.append(regional_generate(pipe, a.prompt, regions, fix=FIXES[fix], steps=a.steps, **canvas,
                                           seed=[a.seed + i for i in range(a.num_images)], guidance_scale=a.guidance))
         else:
             rows.append(generate(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance,
@@ -238,7 +267,8 @@ def _add_bench(sub) -> None:
 
     x = verbs.add_parser("mixing", help="every method x every fix x each concept pair, judged per instance",
                          description=bench_mixing.__doc__, formatter_class=RAW)
-    x.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    x.add_argument("--methods", nargs="+", default=list(bench_mixing.BENCH_METHODS), choices=list(bench_mixing.BENCH_METHODS),
+                   help="fused_lora: the LoRAs trained one by one, fused into one adapter (methods.fusion)")
     x.add_argument("--fixes", nargs="+", default=list(bench_mixing.FIXES), choices=bench_mixing.FIXES)
     x.add_argument("--pairs", nargs="+", default=list(bench_mixing.CONCEPT_PAIRS),
                    choices=list(bench_mixing.CONCEPT_PAIRS))
@@ -257,6 +287,11 @@ def _add_bench(sub) -> None:
     x.add_argument("--sweep", type=Path, nargs="?", const=BENCH_SWEEP, default=None, metavar="FILE",
                    help="only the sweep of where single-pass masks act (notebook 07), into FILE "
                         "(default data/bench_sweep.json; 8 seeds per prompt)")
+    x.add_argument("--costs", type=Path, nargs="?", const=BENCH_COSTS, default=None, metavar="FILE",
+                   help="only the seconds per image of every inference fix on the couple, measured in one run, into "
+                        "FILE (default data/bench_costs.json)")
+    x.add_argument("--rejudge", type=Path, default=None, metavar="DIR",
+                   help="judge the rows of --out again, position-free, from the images --save-images wrote into DIR")
     x.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
     x.add_argument("--merge", nargs="+", type=Path, default=None,
                    help="merge these reports (e.g. two processes run with different --methods) into --out")
@@ -341,6 +376,19 @@ def _bench_mixing(a) -> int:
         report = bench_mixing.sweep_report(bench, log=lambda m: print(m, file=sys.stderr))
         atomic_save(json.dumps(report, indent=1) + "\n", a.sweep, write_text)
         print(f"wrote {a.sweep}")
+        return 0
+    if a.rejudge:
+        out = a.out or BENCH_MIXING
+        report = bench_mixing.rejudge(json.loads(out.read_text()), a.rejudge, a.judge,
+                                      log=lambda m: print(m, file=sys.stderr))
+        atomic_save(json.dumps(report, indent=1) + "\n", out, write_text)
+        print(bench_mixing.write_page(report, out))
+        return 0
+    if a.costs:
+        bench = bench_mixing.Bench(a.work, model=a.model, progress=lambda m: print(m, file=sys.stderr),
+                                   judge_path=a.judge, world=a.world)
+        atomic_save(json.dumps(bench_mixing.cost_report(bench), indent=1) + "\n", a.costs, write_text)
+        print(f"wrote {a.costs}")
         return 0
     if a.quick:
         a.methods, a.fixes, a.pairs, a.seeds, a.no_triple = ["lora"], ["none", "inference"], ["couple"], 8, True

@@ -26,6 +26,7 @@ from diffusers import DDIMScheduler
 from .measure import metrics
 from .methods import engine, textual_inversion
 from .methods.hypernetwork import HypernetworkLayers, HypernetworkModule
+from .mixing import layout
 from .mixing.masking import AttentionMasks, RegionMasker
 from .mixing.passes import paste_predictions
 from .paths import EMBEDDED_MODEL
@@ -394,6 +395,26 @@ def check_regional_bias(fn) -> None:
         _close(got, want, f"{fn.__name__}({n_regions} regions, chunk {chunk}, masks {'on' if on else 'off'})")
 
 
+@_checked("mcteach.mixing.layout.layout_score")
+def check_layout_score(fn) -> None:
+    """``fn(maps, places)``: one candidate layout's score, for maps (R, s, s) (each concept's attention, any scale)
+    and places (R, s, s) bool (the place it gives each concept): the mean over concepts of the share of the
+    concept's attention inside its place, one number in [0, 1]."""
+    for seed, (n, side) in [(0, (2, 8)), (1, (3, 6)), (2, (2, 4))]:
+        g = _gen(seed)
+        maps = torch.rand(n, side, side, generator=g) ** 3 * torch.logspace(0, 2, n)[:, None, None]  # unlike scales
+        pick = torch.randint(0, n, (side, side), generator=g)
+        places = torch.stack([pick == k for k in range(n)])
+        want = float(layout.layout_score(maps, places))
+        got = _call(fn, maps, places)
+        got = got.item() if isinstance(got, torch.Tensor) and got.numel() == 1 else got
+        if not isinstance(got, (float, int)):
+            raise CheckFailed(f"{fn.__name__}: returned {type(got).__name__}, expected one number")
+        if abs(float(got) - want) > 1e-5:
+            raise CheckFailed(f"{fn.__name__}({n} concepts at {side}x{side}): got {float(got):.4f}, expected "
+                              f"{want:.4f} (each concept's share of its own attention inside its place, then the mean)")
+
+
 @_checked("mcteach.mixing.passes.paste_predictions")
 def check_paste(fn) -> None:
     """``fn(eps_regions, weights, eps_rest, rest)``: sum_r w_r eps_r + rest * eps_rest."""
@@ -460,6 +481,6 @@ CHECKS = {
     "04": (check_prior_loss, check_cosine_lr),
     "05": (check_lora_forward, check_merge_lora),
     "06": (check_outcome, check_blend_index),
-    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias),
+    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias, check_layout_score),
     "08": (check_bootstrap, check_outcome_rates),
 }

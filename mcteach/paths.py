@@ -26,6 +26,7 @@ CALIBRATION_SET = DATA / "calibration_broad_full"
 BENCH_METHODS = DATA / "bench_methods.json"
 BENCH_MIXING = DATA / "bench_mixing.json"
 BENCH_SWEEP = DATA / "bench_sweep.json"
+BENCH_COSTS = DATA / "bench_costs.json"
 EVAL_BASE = DATA / "eval_base.json"
 #: long jobs' checkpoints and trained adapters: outside the work tree, kept between sessions
 CACHE = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach"))

@@ -53,8 +53,10 @@ def show_images(images, titles=None, ncols: int | None = None, size: float = 1.8
     images = list(images)
     ncols = ncols or min(len(images), 8)
     nrows = -(-len(images) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.3 if suptitle else 0)),
-                             squeeze=False)
+    first = images[0] if images else None
+    aspect = first.height / first.width if hasattr(first, "height") else 1.0  # a wide canvas: rows as high as it
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * aspect * nrows + (0.3 if suptitle else 0)
+                                                    + (0.3 * nrows if titles and aspect < 1 else 0)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < len(images):
             show_image(images[i], ax=ax, title=titles[i] if titles else None, **kwargs)

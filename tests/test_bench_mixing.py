@@ -189,6 +189,24 @@ def test_fix_timing_times_every_fix_alternately_and_divides_by_the_first(monkeyp
     t = bench_mixing.fix_timing(None, "p", [], {"plain": "plain", "slow": "slow"}, images=2, repeats=3)
     assert calls == ["plain", "slow"] * 3  # alternately, in one run
     assert t["ratio"]["plain"] == 1.0 and t["ratio"]["slow"] > 1.3
+    calls.clear()
+    t = bench_mixing.fix_timing(None, "p", [], {"plain": "plain", "own": lambda seeds: calls.append(seeds)}, images=2,
+                                repeats=2)
+    assert calls == ["plain", [0, 1]] * 2  # a function of the seeds is called, not handed to regional_generate
+
+
+def test_the_costs_verb_times_every_inference_fix(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_mixing.Bench, "__init__", lambda self, *a, **k: setattr(self, "model", None))
+    monkeypatch.setattr(bench_mixing.Bench, "loaded", lambda self, *a: (None, {"w": "cpd woman", "m": "tkb man"},
+                                                                        {"w": "a", "m": "b"}, None, None, 0))
+    monkeypatch.setattr(bench_mixing, "CONCEPT_PAIRS", {"couple": ("w", "m")})
+    monkeypatch.setattr(bench_mixing, "fix_timing",
+                        lambda pipe, prompt, regions, fixes, *a: seen.append((prompt, list(fixes))) or {"ratio": {}})
+    out = tmp_path / "costs.json"
+    assert cli_main(["bench", "mixing", "--costs", str(out)]) == 0
+    assert seen == [("a cpd woman on the left and a tkb man on the right", list(bench_mixing.COSTED))]
+    assert json.loads(out.read_text()) == {"ratio": {}, "model": "embedded"}
 
 
 def test_the_sweep_verb_writes_its_report(tmp_path, monkeypatch):
@@ -203,3 +221,20 @@ def test_generate_with_the_single_pass_fix_needs_regions(capsys, tmp_path):
     assert cli_main(["generate", "--prompt", "a cat", "--fix", "single", "--out", str(tmp_path / "x.png")]) != 0
     assert "--fix single needs one --region per concept" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_rejudge_recomputes_the_position_free_figures_from_the_saved_images(tmp_path, capsys):
+    from mcteach.measure import instances
+    from mcteach.world import scenes
+
+    woman, man = scenes.EMOJI["woman with red hair and medium skin"], scenes.EMOJI["man with curly hair and light skin"]
+    scenes.render_scene([(woman, "left"), (man, "right")], seed=3).image.save(tmp_path / "lora-auto-couple-00.png")
+    instances.split_face(woman, man, seed=3).save(tmp_path / "lora-auto-couple-01.png")
+    slugs = list(bench_mixing.CONCEPT_PAIRS["couple"])
+    row = {**fake_row("lora", "auto", "couple", slugs), "n": 2, "free_success": [0.0] * 3}
+    kept = {**fake_row("lora", "none", "couple", slugs), "n": 2, "free_success": [0.25] * 3}
+    report = bench_mixing.rejudge({"rows": [row, kept]}, tmp_path, log=print)
+    assert report["rows"][0]["free_success"][0] == 0.5  # the pair found, the split face not
+    assert report["rows"][0]["count_ok"][0] == 0.5
+    assert report["rows"][1]["free_success"] == [0.25] * 3  # no images saved: left as it was, and said
+    assert "lora / none / couple: images not saved" in capsys.readouterr().out

@@ -175,6 +175,25 @@ MISTAKES += [
 ]
 
 
+def layout_score(maps, places, normalise=True, mean=True):
+    """The solution, or two typical mistakes: raw attention mass (the loud concept outweighs the quiet one), or the
+    sum over concepts instead of the mean."""
+    share = maps.flatten(1) / (maps.flatten(1).sum(1, keepdim=True) if normalise else maps.sum())
+    inside = (share * places.flatten(1)).sum(1)
+    return float(inside.mean() if mean else inside.sum())
+
+
+MISTAKES += [
+    ("check_layout_score", lambda m, p: layout_score(m, p, normalise=False), "expected"),
+    ("check_layout_score", lambda m, p: layout_score(m, p, mean=False), "expected"),
+    ("check_layout_score", lambda m, p: torch.tensor([0.5, 0.5]), "expected one number"),
+]
+
+
+def test_the_layout_score_solution_passes():
+    assert exercises.check_layout_score(layout_score)
+
+
 def test_the_regional_bias_solution_passes():
     assert exercises.check_regional_bias(regional_bias)
 

@@ -57,6 +57,43 @@ def test_one_face_split_down_the_middle_is_one_instance_not_a_success(judge):
     assert len(r.instances) == 1 and not r.count_ok and r.outcome != "success"
 
 
+def touching(a, b, seed=3, overlap=2):
+    """Two objects side by side, each cut to its own pixels, the right one ``overlap`` columns over the left one's
+    last: one foreground component."""
+    bg = scenes.background_colour(__import__("random").Random(seed))
+    canvas = np.full((64, 64, 3), bg, dtype=np.uint8)
+    x = 32
+    for k, e in enumerate((a, b)):
+        im = np.asarray(scenes.render_scene([(e, "centre")], seed=seed, background=bg, size=30).image)
+        fg = np.linalg.norm(im.astype(float) - bg, axis=-1) > 30
+        cols = np.nonzero(fg.any(0))[0]
+        im, fg = im[:, cols[0]:cols[-1] + 1], fg[:, cols[0]:cols[-1] + 1]
+        x0 = x - im.shape[1] if k == 0 else x - overlap
+        region = canvas[17:47, x0:x0 + im.shape[1]]
+        region[fg] = im[fg]
+    return Image.fromarray(canvas)
+
+
+@pytest.mark.parametrize("a, b", [(WOMAN, MAN), (scenes.EMOJI["fox"], scenes.EMOJI["owl"])])
+def test_two_objects_that_touch_are_cut_at_their_neck_into_two_instances(judge, a, b):
+    image = touching(a, b)
+    assert len(instances.components(instances.foreground(image))) == 1  # one component ...
+    r = instances.judge_image(judge, image, (a.name, b.name), LR)
+    assert len(r.instances) == 2 and r.outcome == "success", [(i.label, i.confidence) for i in r.instances]
+    assert instances.neck_split(instances.components(instances.foreground(image))[0]) is not None
+
+
+def test_a_face_has_no_neck_and_a_cut_the_judge_cannot_name_is_not_made(judge):
+    face = instances.components(instances.foreground(instances.split_face(WOMAN, MAN, seed=3)))[0]
+    assert instances.neck_split(face) is None
+    bar = np.zeros((64, 64), bool)
+    bar[20:40, 10:30] = bar[20:40, 34:54] = True
+    bar[27:33, 30:34] = True  # two squares joined by a bridge: a neck, but no concept on either side
+    assert instances.neck_split(bar) is not None
+    image = Image.fromarray(np.where(bar[..., None], np.uint8([40, 40, 40]), np.uint8([220, 200, 230])))
+    assert len(instances.find_instances(judge, image, concepts=COUPLE)) == 1
+
+
 def test_two_half_and_half_blends_are_not_a_success(judge):
     blend = Image.blend(pair(WOMAN, MAN), pair(MAN, WOMAN), 0.5)
     r = instances.judge_image(judge, blend, COUPLE, LR)

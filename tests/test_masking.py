@@ -148,7 +148,7 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
     import copy
 
     from mcteach.methods.lora import lora_config
-    from mcteach.mixing.masking import bind_lora
+    from mcteach.mixing.masking import adapter_regions, bind_lora
 
     pipe = copy.deepcopy(random_pipe)
     pipe.unet.add_adapter(lora_config(4, 4, ["to_q", "to_out.0", "proj_in"]), adapter_name="a")
@@ -162,7 +162,7 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
     tokens = torch.randn(2, 256, block.transformer_blocks[0].attn1.to_q.base_layer.in_features)
     with torch.no_grad():
         full = block.proj_in(x), block.transformer_blocks[0].attn1.to_q(tokens)
-        handles = bind_lora(pipe.unet, masker, {"a": 0})
+        handles = bind_lora(pipe.unet, masker, {"a": [0]})
         bound = block.proj_in(x), block.transformer_blocks[0].attn1.to_q(tokens)
         for h in handles:
             h.remove()
@@ -176,7 +176,22 @@ def test_lora_binding_confines_the_update_to_its_region(random_pipe):
     torch.testing.assert_close(bound[1][:, left.flatten()], full[1][:, left.flatten()])
     torch.testing.assert_close(bound[1][:, ~left.flatten()], base[1][:, ~left.flatten()])
     with pytest.raises(ValueError, match="no LoRA adapter named 'b'"):
-        bind_lora(pipe.unet, masker, {"b": 0})
+        bind_lora(pipe.unet, masker, {"b": [0]})
+
+    # one adapter that knows two concepts (joint or fused), in the left and the right third: bound to both
+    regions = [Region("left-third", "a cat", adapter="a"), Region("middle-third", "a dog"),
+               Region("right-third", "a fox", adapter="a")]
+    assert adapter_regions(regions) == {"a": [0, 2]}
+    masker = make_masker(pipe, PROMPT, regions, AttentionMasks(cross="none", self_attention=False))
+    pipe.enable_lora()
+    with torch.no_grad():
+        handles = bind_lora(pipe.unet, masker, adapter_regions(regions))
+        bound = block.proj_in(x)
+        for h in handles:
+            h.remove()
+    outer = masks_at(region_masks(["left-third", "right-third"]), 16).any(0).view(16, 16)
+    torch.testing.assert_close(bound[..., outer], full[0][..., outer])
+    torch.testing.assert_close(bound[..., ~outer], base[0][..., ~outer])
 
 
 @pytest.mark.slow
@@ -298,6 +313,15 @@ def test_command_line_two_adapters_with_the_fix(tmp_path, capsys):
     assert "needs one --region per concept" in capsys.readouterr().err
     assert main(args + ["--region", "left=a cpd woman", "--region", "left=a tkb man", "--fix", "inference"]) == 2
     assert "entirely inside" in capsys.readouterr().err
+    koala = str(ADAPTERS_DIR / "lora" / "koala")  # three in a row: a canvas of three overlapping windows
+    three = ["generate", "--adapter", a, "--adapter", koala, "--adapter", b, "--prompt", "a cpd woman and a bbm bear "
+             "and a tkb man", "--steps", "2", "--out", str(out), "--region", "left-third=a cpd woman", "--region",
+             "middle-third=a bbm bear", "--region", "right-third=a tkb man"]
+    assert main(three + ["--fix", "wide"]) == 0 and Image.open(out).size == (160, 64)
+    assert main(three + ["--fix", "none", "--fix", "wide", "--sheet"]) == 0
+    assert Image.open(out).size == (160 * 2, 2 * (64 * 2 + 14))  # the 64 px row and the wide row, 2x
+    assert main(args + ["--region", "left=a cpd woman", "--region", "right=a tkb man", "--fix", "wide"]) == 0
+    assert Image.open(out).size == (112, 64)
 
 
 def test_overlapping_regions_are_refused_but_a_thin_shared_edge_is_not():
@@ -306,3 +330,107 @@ def test_overlapping_regions_are_refused_but_a_thin_shared_edge_is_not():
     with pytest.raises(RegionError, match="overlap on .* trim the boxes"):
         region_masks(["left", "0.4,0,1,1"])  # shares a fifth of the right box with the left half
     assert region_masks(["left", "0.49,0,1,1"]).shape == (2, 64, 64)  # one shared column of 64: allowed
+
+
+def test_batched_region_passes_are_the_passes_one_call_at_a_time():
+    """``RegionPasses(batched=True)``: one UNet call per step for every pass, each LoRA gated to its own passes'
+    images; the same images as one call per pass (the boxes leave a background, so the global pass is in it too)."""
+    from dataclasses import replace
+
+    from mcteach.methods.adapters import load_adapters
+    from mcteach.mixing import passes
+    from mcteach.paths import ADAPTERS_DIR
+    from mcteach.sd.pipeline import load_pipeline
+
+    pipe = load_pipeline(device="cpu")
+    load_adapters(pipe, [ADAPTERS_DIR / "lora" / s for s in ("woman_with_red_hair_and_medium_skin",
+                                                             "man_with_curly_hair_and_light_skin")])
+    names = pipe.get_active_adapters()
+    regions = [Region((0.0, 0.1, 0.45, 0.9), "a cpd woman on the left", adapter=names[0]),
+               Region((0.55, 0.1, 1.0, 0.9), "a tkb man on the right", adapter=names[1])]
+    prompt = "a cpd woman on the left and a tkb man on the right"
+
+    def draw(fix):
+        return np.stack([np.asarray(im, dtype=int) for im in
+                         regional_generate(pipe, prompt, regions, fix=fix, seed=[0, 1], steps=3)])
+
+    one_by_one = draw(INFERENCE_FIX)
+    assert np.abs(draw(replace(INFERENCE_FIX, batched=True)) - one_by_one).max() <= 2
+    assert pipe.get_active_adapters() == names  # every adapter on again afterwards
+    real = passes._pass_gates
+    passes._pass_gates = lambda adapters, pass_adapters, n: real(adapters, ["*"] * len(pass_adapters), n)
+    try:  # every LoRA in every pass: not the fix
+        assert np.abs(draw(replace(INFERENCE_FIX, batched=True)) - one_by_one).max() > 2
+    finally:
+        passes._pass_gates = real
+
+
+def test_lora_gates_check_the_batch():
+    import torch
+
+    from mcteach.mixing.passes import _pass_gates
+
+    g = _pass_gates(["a", "b"], ["a", "b", "*"], 2)
+    assert g["a"].tolist() == [1, 1, 0, 0, 1, 1] * 2 and g["b"].tolist() == [0, 0, 1, 1, 1, 1] * 2
+    assert _pass_gates(["a"], [None, "a"], 1)["a"].tolist() == [0, 1, 0, 1]
+    assert torch.is_tensor(g["a"])
+
+
+def test_a_canvas_for_places_gives_each_a_window_of_the_models_size():
+    from mcteach.mixing.passes import canvas_for
+
+    assert canvas_for(("left-third", "middle-third", "right-third"), 64) == (64, 160)
+    assert canvas_for(("top-left", "top-right", "bottom-left", "bottom-right"), 64) == (112, 112)
+    assert canvas_for(("left", "right"), 64) == (64, 112)
+    assert canvas_for(("centre",), 64) == (64, 64)
+    assert region_masks(["left-third", "right-third"], (64, 160)).shape == (2, 64, 160)
+    assert region_masks(["right"], (8, 20))[0].sum() == 8 * 10
+
+
+def test_pass_windows_hold_their_regions_or_say_what_to_do():
+    import torch.nn.functional as F
+
+    from mcteach.mixing.passes import pass_windows
+
+    masks = region_masks(["left-third", "middle-third", "right-third"], (64, 160))
+    m = F.interpolate(masks[:, None], size=(16, 40), mode="area")
+    windows = pass_windows(m, 16)
+    assert windows == [(0, 0, 16, 16), (0, 12, 16, 28), (0, 24, 16, 40)]  # overlapping, inside the canvas
+    for (y0, x0, y1, x1), w in zip(windows, m[:, 0]):
+        assert w[:, :x0].sum() == 0 and w[:, x1:].sum() == 0  # the region lies in its window
+    halves = F.interpolate(region_masks(["left", "right"], (64, 160))[:, None], size=(16, 40), mode="area")
+    with pytest.raises(RegionError, match="more than the model's 16x16 window"):
+        pass_windows(halves, 16)
+    with pytest.raises(ValueError, match="leave recentre off"):
+        RegionPasses(window=True, recentre=True)
+
+
+def test_window_passes_see_only_their_window(random_pipe):
+    """On a canvas two windows wide, the left region's pass sees the left window only: what the right region asks
+    for does not change a pixel of the left half, and every UNet call gets a window of the model's size (passes on
+    the whole canvas get all of it)."""
+    from dataclasses import replace
+
+    from mcteach.mixing.passes import WINDOW_FIX
+
+    def draw(right: str, fix=WINDOW_FIX):
+        regions = [Region("left", "a cat"), Region("right", right)]
+        (im,) = regional_generate(random_pipe, "a cat and a dog", regions, fix=fix, seed=[0], steps=8, width=128)
+        assert im.size == (128, 64)
+        return np.asarray(im, dtype=int)
+
+    # the VAE's decoder reaches a few pixels across the seam: compare the left half up to 16 pixels from it
+    a, b = draw("a red apple"), draw("a dog")
+    assert np.abs(a[:, :48] - b[:, :48]).max() <= 1 and np.abs(a[:, 64:] - b[:, 64:]).max() > 2
+    seen, forward = [], random_pipe.unet.forward
+    random_pipe.unet.forward = lambda x, *a, **k: seen.append(tuple(x.shape[-2:])) or forward(x, *a, **k)
+    try:
+        draw("a dog")
+        assert set(seen) == {(16, 16)}
+        seen.clear()
+        draw("a dog", replace(WINDOW_FIX, window=False))
+        assert set(seen) == {(16, 32)}
+    finally:
+        random_pipe.unet.forward = forward
+    with pytest.raises(ValueError, match="use window passes"):
+        draw("a dog", replace(INFERENCE_FIX, self_attention=True))

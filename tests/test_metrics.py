@@ -119,3 +119,30 @@ def test_summary_table_is_a_markdown_table_with_every_rate_and_its_interval():
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[0] == "lora / none" and cells[-1] == "4" and cells[1].startswith("0.50 [")
     assert cells[3].startswith("0.00 [0.00, 0.00]") and cells[6].startswith("0.12 [")  # duplication; blend mean
+
+
+def test_a_wide_canvas_is_judged_place_by_place_as_whole_frames(judge):
+    """Three lone renders side by side on a 160 x 64 canvas (what the window passes draw): each third, cropped at
+    its own scale onto a frame of the border colour, is its concept; the order swapped is a swap; a place larger
+    than the judge's frame is refused."""
+    from mcteach.measure.metrics import place_crops
+
+    names = [A, "koala", B]
+    renders = [scenes.render_scene([(scenes.EMOJI[n], "centre")], seed=1, background=(210, 200, 230)).image
+               for n in names]
+
+    def canvas(order):
+        im = Image.new("RGB", (160, 64), (210, 200, 230))
+        for k, i in enumerate(order):  # each render's middle 53 columns in its third
+            im.paste(renders[i].crop((5, 0, 58, 64)), (round(k * 160 / 3), 0))
+        return im
+
+    thirds = ["left-third", "middle-third", "right-third"]
+    wide = judge.with_concepts([load_concept("koala")])
+    crops = place_crops([canvas([0, 1, 2])], "middle-third")
+    assert crops[0].size == (64, 64) and np.asarray(crops[0])[0, 0].tolist() == [210, 200, 230]
+    ok, = judge_instances(wide, [canvas([0, 1, 2])], names, thirds, canvas=True)
+    swapped, = judge_instances(wide, [canvas([2, 1, 0])], names, thirds, canvas=True)
+    assert ok.outcome == "success" and swapped.outcome == "swap", (ok.predicted, swapped.predicted)
+    with pytest.raises(ValueError, match="larger than the judge's 64x64 frame"):
+        place_crops([canvas([0, 1, 2])], "left")

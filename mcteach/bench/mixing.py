@@ -13,6 +13,14 @@ The fixes:
 - ``inference``: the same weights, sampled with ``passes.INFERENCE_FIX`` (``regional_generate``): one UNet pass per
   region;
 - ``single``: the same weights, sampled with ``masking.SINGLE_PASS_FIX``: attention masks in one UNet pass;
+- ``auto``: the same weights, no regions from the user: the prompt names the concepts without places ("a <A> and a
+  <B>"), ``layout.auto_generate`` lets the model's attention choose which half each concept gets, then draws with
+  the passes fix; judged per half in the layout it chose, and position-free;
+- ``wide`` (three and four concepts): the passes on a canvas wide enough that each concept has a window of the
+  model's own size (``passes.WINDOW_FIX`` on ``passes.canvas_for``: thirds on 160 x 64 pixels, quadrants on 112 x
+  112), each pass on its window with "a <phrase>"; each region judged as a whole frame (``metrics.place_crops``);
+- the method ``fused_lora``: the LoRAs trained one by one, fused into one adapter that draws both
+  (``methods.fusion.fuse_loras``), with the fixes that need no retraining (none, inference, single, auto);
 - ``training``: LoRA and DreamBooth trained jointly with ``engine.TRAINING_FIX`` (Seg-Mix composites, masked
   loss, attention loss); Textual Inversion and the HyperNetwork, which learn one concept at a time, with the
   masked and attention losses;
@@ -23,7 +31,8 @@ The fixes:
     mcteach bench mixing --out data/bench_mixing.json --markdown     # its tables and data/bench_mixing.md
 
 Each row is judged per half and by the position-free judge (``measure.instances``: ``free_success``, ``count_ok``,
-``id_conf``). ``--sweep`` runs notebook 07's sweep of where single-pass masks act into ``data/bench_sweep.json``.
+``id_conf``). ``--sweep`` runs notebook 07's sweep of where single-pass masks act into ``data/bench_sweep.json``, ``--costs``
+the seconds per image of every inference fix, measured in one run, into ``data/bench_costs.json``.
 
 ``--save-images DIR`` writes every judged image (``<method>-<fix>-<pair>-<seed>.png``) so anyone can re-judge.
 
@@ -38,9 +47,11 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .. import files
 from ..files import atomic_save, write_text
@@ -49,10 +60,12 @@ from ..measure.judge import Judge
 from ..measure.metrics import SAMPLING, bootstrap_ci, judge_instances, summarize_pairs
 from ..methods.adapters import load_adapters, phrases
 from ..methods.catalog import METHODS, make_method, train_concept
+from ..methods.fusion import fuse_loras
 from ..methods.engine import JOINT_METHODS, Regularizers, training_fix
 from ..mixing.generate import regional_generate
+from ..mixing.layout import TEMPLATES, auto_generate
 from ..mixing.masking import NO_FIX, SINGLE_PASS_FIX, AttentionMasks, Region, RegionMasker
-from ..mixing.passes import INFERENCE_FIX, RegionPasses, sub_prompt
+from ..mixing.passes import INFERENCE_FIX, WINDOW_FIX, RegionPasses, canvas_for, sub_prompt
 from ..paths import CACHE
 from ..sd import pretrain, tiny
 from ..sd.attention import with_parts
@@ -69,15 +82,23 @@ CONCEPT_PAIRS = {
     "same_class": ("woman_with_red_hair_and_medium_skin", "woman_with_curly_hair_and_dark_skin"),
     "control": ("croissant", "trumpet"),
 }
+#: the methods the mixing bench runs: the four, and LoRAs fused into one adapter
+BENCH_METHODS = tuple(METHODS) + ("fused_lora",)
+#: the fixes a fused LoRA is measured with (it is made from the plain LoRAs: no training fix)
+FUSED_FIXES = ("none", "inference", "single", "auto")
 TRIPLE = ("woman_with_red_hair_and_medium_skin", "koala", "man_with_curly_hair_and_light_skin")
-FIXES = ("none", "inference", "single", "training", "both")
+QUAD = TRIPLE + ("hamster",)
+#: the fixes of the rows with more than two concepts ("three", "four")
+MANY_FIXES = {"three": ("none", "inference", "single", "auto", "wide"), "four": ("none", "inference", "wide")}
+FIXES = ("none", "inference", "single", "auto", "wide", "training", "both")
+#: the fixes of the two-concept pairs (on the model's own canvas, halves need no wider one)
+PAIR_FIXES = tuple(f for f in FIXES if f != "wide")
 #: the sampler of each fix: "single" is attention masking in one UNet pass (``masking.SINGLE_PASS_FIX``) on the
 #: untrained-fix weights; "training" samples the training fix's weights without masks, "both" with the passes
-SAMPLER_OF = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX, "training": NO_FIX,
-              "both": INFERENCE_FIX}
+SAMPLER_OF = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX, "auto": INFERENCE_FIX,
+              "wide": WINDOW_FIX, "training": NO_FIX, "both": INFERENCE_FIX}
 TRAINED_WITH_FIX = ("training", "both")
-LAYOUT = ("left", "right")
-THIRDS = ("left-third", "middle-third", "right-third")
+LAYOUT, THIRDS = TEMPLATES[2], TEMPLATES[3]
 
 
 def _key(row: dict) -> tuple:
@@ -111,7 +132,19 @@ class Bench:
 
     # --------------------------------------------------------------- training (cached)
     def trained(self, method: str, slugs: tuple[str, ...], regularized: bool) -> tuple[list[Path], float]:
-        """Adapter folders for ``slugs`` and the seconds their training took (read back when cached)."""
+        """Adapter folders for ``slugs`` and the seconds their training took (read back when cached). ``fused_lora``:
+        one folder, the plain LoRAs fused (its seconds: theirs and the fusion's)."""
+        if method == "fused_lora":
+            loras, seconds = self.trained("lora", slugs, False)
+            folder = self.work / method / "+".join(slugs)
+            info = folder / "bench_train.json"
+            if not info.is_file():
+                self.log(f"  fusing the LoRAs of {' + '.join(slugs)}")
+                t0 = time.time()
+                fuse_loras(load_pipeline(self.model, device="cpu", dtype=torch.float32), loras, folder, progress=self.log)
+                atomic_save(json.dumps({"seconds": time.time() - t0, "threads": torch.get_num_threads()}), info,
+                            write_text)
+            return [folder], seconds + json.loads(info.read_text())["seconds"]
         joint = method == "dreambooth" or (regularized and method in JOINT_METHODS)
         groups = [slugs] if joint else [(s,) for s in slugs]
         folders, seconds = [], 0.0
@@ -149,15 +182,32 @@ class Bench:
     def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
         pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in TRAINED_WITH_FIX)
         masks = SAMPLER_OF[fix]
-        positions = THIRDS if len(slugs) == 3 else LAYOUT
-        prompt = _prompt([said[s] for s in slugs], positions)
-        regions = _regions(slugs, positions, said, adapter_of)
+        positions = TEMPLATES[len(slugs)]
+        names = [c.name for c in concepts]
         seeds = list(range(self.seeds))
+        extra = {}
         t0 = time.time()
-        images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **SAMPLING)
-        image_s = (time.time() - t0) / len(seeds)
-        results = judge_instances(judge, images, [c.name for c in concepts], list(positions), prompt, seeds)
-        free = instances.summarize(instances.judge_images(judge, images, [c.name for c in concepts]))
+        if fix == "auto":  # no regions: the model's attention chooses each concept's place, per seed
+            prompt = _prompt([said[s] for s in slugs], [None] * len(slugs))
+            auto = auto_generate(pipe, prompt, [said[s] for s in slugs], adapters=[adapter_of[s] for s in slugs],
+                                 seed=seeds, fix=masks, **SAMPLING)
+            images = auto.images
+            image_s = (time.time() - t0) / len(seeds)
+            results = [judge_instances(judge, [im], names, list(lay), prompt, [s])[0]
+                       for im, lay, s in zip(images, auto.layouts, seeds)]
+            extra = {"layouts": [list(lay) for lay in auto.layouts],
+                     "prompt_order": list(bootstrap_ci([tuple(lay) == positions for lay in auto.layouts]))}
+        else:
+            canvas = canvas_for(positions, pipe.unet.config.sample_size * pipe.vae_scale_factor) if fix == "wide" else None
+            prompt = _prompt([said[s] for s in slugs], positions)
+            regions = _regions(slugs, positions, said, adapter_of, masks)
+            size = dict(zip(("height", "width"), canvas)) if canvas else {}
+            images = regional_generate(pipe, prompt, regions, fix=masks, seed=seeds, **size, **SAMPLING)
+            image_s = (time.time() - t0) / len(seeds)
+            results = judge_instances(judge, images, names, list(positions), prompt, seeds, canvas=bool(canvas))
+            if canvas:
+                extra = {"canvas": list(canvas)}
+        free = instances.summarize(instances.judge_images(judge, images, names))
         if self.save_images:
             self._save(images, f"{method}-{fix}-{pair}")
         # each concept alone on the same pipeline, the fix on: "a <phrase>", its region the whole image
@@ -171,7 +221,7 @@ class Bench:
                 **{k: list(s[k]) for k in ("success", "swap", "duplication", "neglect", "other")},
                 "blend": list(s["blend_index"]), "fidelity": list(bootstrap_ci(fid)), "train_s": round(train_s, 1),
                 "image_s": round(image_s, 3), "n": len(results), "threads": torch.get_num_threads(),
-                **_free_fields(free),
+                **_free_fields(free), **extra,
                 "outcomes": [r.outcome for r in results], "predicted": [list(r.predicted) for r in results]}
 
     def base_row(self, pair: str, slugs: tuple[str, str]) -> dict:
@@ -202,6 +252,25 @@ def _free_fields(free: dict) -> dict:
     """The position-free judge's figures of a row (``instances.summarize``): its success, count accuracy and identity
     confusion margin, each (mean, lo, hi)."""
     return {"free_success": list(free["success"]), "count_ok": list(free["count_ok"]), "id_conf": list(free["id_conf"])}
+
+
+def rejudge(report: dict, images: Path, judge_path: Path | None = None, log=print) -> dict:
+    """The position-free figures of every row again (``measure.instances``), from its saved images
+    (``--save-images``: ``<method>-<fix>-<pair>-<seed>.png``); rows whose images are not all there are left as
+    they are and named."""
+    base = Judge.load(judge_path) if judge_path else Judge.load()
+    for row in report["rows"]:
+        if row.get("method") == "base model" or "error" in row:
+            continue
+        files = [Path(images) / f"{row['method']}-{row['fix']}-{row['pair']}-{i:02d}.png" for i in range(row["n"])]
+        if not all(f.is_file() for f in files):
+            log(f"  {row['method']} / {row['fix']} / {row['pair']}: images not saved, position-free figures kept")
+            continue
+        concepts = [load_concept(s) for s in row["concepts"]]
+        results = instances.judge_images(base.with_concepts(concepts), [Image.open(f) for f in files],
+                                         [c.name for c in concepts])
+        row.update(_free_fields(instances.summarize(results)))
+    return report
 
 
 def ablation_fixes() -> dict:
@@ -247,8 +316,7 @@ def ablation(bench: Bench, pair: str = "couple", method: str = "lora") -> list[d
 
 def sweep_report(bench: Bench, seeds: int = 8, log=print) -> dict:
     """Notebook 07's sweep of where masks act (``bench.sweep``): the base model on ``sweep.BASE_PAIRS`` with
-    ``BASE_MODES``, then the couple's two LoRAs with ``LORA_MODES``; with the same-run seconds per image of the plain
-    pipeline, the single-pass fix and the passes fix on the couple (``fix_timing``)."""
+    ``BASE_MODES``, then the couple's two LoRAs with ``LORA_MODES`` (what each fix costs: ``cost_report``)."""
     from . import sweep as sw
 
     out = {"seeds": seeds, "model": str(bench.model or "embedded")}
@@ -262,21 +330,45 @@ def sweep_report(bench: Bench, seeds: int = 8, log=print) -> dict:
     out["couple"] = sw.sweep(pipe, judge, [tuple(names[s] for s in slugs)], modes=sw.LORA_MODES, seeds=range(seeds),
                              phrases={names[s]: said[s] for s in slugs},
                              adapters={names[s]: adapter_of[s] for s in slugs}, log=log)
-    prompt = _prompt([said[s] for s in slugs], LAYOUT)
-    regions = _regions(slugs, LAYOUT, said, adapter_of)
-    out["timing"] = fix_timing(pipe, prompt, regions, {"none": NO_FIX, "single": SINGLE_PASS_FIX,
-                                                        "inference": INFERENCE_FIX})
     return out
+
+
+#: the fixes ``cost_report`` times, in its order: the plain pipeline first (every ratio is against it)
+COSTED = ("none", "single", "inference", "inference, batched", "auto")
+
+
+def cost_report(bench: Bench, images: int = 8, repeats: int = 3) -> dict:
+    """Seconds per image of every inference fix on the couple's two LoRAs, measured in one run (``fix_timing``):
+    the plain pipeline, the single pass, the passes one UNet call each and batched into one call per step, and the
+    automatic layout (its probe, then the passes)."""
+    slugs = CONCEPT_PAIRS["couple"]
+    pipe, said, adapter_of, _, _, _ = bench.loaded("lora", slugs, False)
+    prompt = _prompt([said[s] for s in slugs], LAYOUT)
+    batched = replace(INFERENCE_FIX, batched=True)
+    auto_prompt = _prompt([said[s] for s in slugs], [None, None])
+
+    def auto(seeds):
+        return auto_generate(pipe, auto_prompt, [said[s] for s in slugs], adapters=[adapter_of[s] for s in slugs],
+                             seed=seeds, **SAMPLING).images
+
+    fixes = dict(zip(COSTED, (NO_FIX, SINGLE_PASS_FIX, INFERENCE_FIX, batched, auto)))
+    return fix_timing(pipe, prompt, _regions(slugs, LAYOUT, said, adapter_of), fixes, images, repeats) | {
+        "model": str(bench.model or "embedded")}
 
 
 def fix_timing(pipe, prompt: str, regions: list[Region], fixes: dict, images: int = 8, repeats: int = 3) -> dict:
     """Seconds per image of each fix on the same prompt and regions (the course's sampling), measured alternately
-    in one run, best of ``repeats``; ``ratio``: each against the first fix (the plain pipeline)."""
+    in one run, best of ``repeats``; ``ratio``: each against the first fix (the plain pipeline). A fix may also be
+    a function of the seeds that returns their images (e.g. the automatic layout, which takes no regions)."""
     best = {k: float("inf") for k in fixes}
     for _ in range(repeats):
         for name, fix in fixes.items():
             t0 = time.perf_counter()
-            regional_generate(pipe, prompt, regions, fix=fix, seed=list(range(images)), **SAMPLING)
+            seeds = list(range(images))
+            if callable(fix):
+                fix(seeds)
+            else:
+                regional_generate(pipe, prompt, regions, fix=fix, seed=seeds, **SAMPLING)
             best[name] = min(best[name], (time.perf_counter() - t0) / images)
     first = next(iter(fixes))
     return {"seconds": best, "ratio": {k: best[k] / best[first] for k in best}, "images": images,
@@ -322,16 +414,16 @@ def _regions(slugs, positions, said: dict, adapter_of: dict, fix=None) -> list[R
     return [Region(p, sub_prompt(said[s], p, fix), phrase=said[s], adapter=adapter_of[s]) for s, p in zip(slugs, positions)]
 
 
-def _where(position: str) -> str:
+def _where(position) -> str:
     return " " + POSITIONS[position] if position in POSITIONS else ""
 
 
 def _prompt(phrases: list[str], positions) -> str:
-    """"a <A> on the left and a <B> on the right" (three concepts: "a <A> and a <B> and a <C>")."""
+    """"a <A> on the left and a <B> on the right" (three concepts, or positions None: "a <A> and a <B> and a <C>")."""
     return " and ".join(f"a {p}{_where(pos)}" for p, pos in zip(phrases, positions))
 
 
-def run(methods=tuple(METHODS), fixes=FIXES, pairs=tuple(CONCEPT_PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
+def run(methods=BENCH_METHODS, fixes=FIXES, pairs=tuple(CONCEPT_PAIRS), seeds: int = 16, work: Path = DEFAULT_WORK,
         out: Path | None = None, triple: bool = True, base: bool = True, save_images=None, model=None,
         judge_path: Path | None = None, world: str | None = None) -> dict:
     """Every (method, fix, pair) row not yet in ``out``; the report is rewritten after each row. ``judge_path``: the
@@ -342,9 +434,11 @@ def run(methods=tuple(METHODS), fixes=FIXES, pairs=tuple(CONCEPT_PAIRS), seeds: 
     bench = Bench(work, seeds, model=model, save_images=save_images, progress=lambda m: print(m, file=sys.stderr),
                   judge_path=judge_path, world=world)
     report |= {"seeds": seeds, "generation": SAMPLING, "model": str(model or "embedded"), "judge": str(judge_path or "shipped")}
-    jobs = [(m, f, p, CONCEPT_PAIRS[p]) for m in methods for p in pairs for f in fixes]
+    jobs = [(m, f, p, CONCEPT_PAIRS[p]) for m in methods for p in pairs for f in fixes
+            if f in (FUSED_FIXES if m == "fused_lora" else PAIR_FIXES)]
     if triple:
-        jobs += [("lora", f, "three", TRIPLE) for f in ("none", "inference", "single") if f in fixes]
+        jobs += [("lora", f, many, slugs) for many, slugs in (("three", TRIPLE), ("four", QUAD))
+                 for f in MANY_FIXES[many] if f in fixes]
     if base:
         jobs = [("base model", "none", p, CONCEPT_PAIRS[p]) for p in pairs] + jobs
     for method, fix, pair, slugs in jobs:
@@ -387,7 +481,7 @@ def headline(report: dict) -> str:
     """The README's table: per method, the success rate with no fix against its best fix, pooled over the
     two-concept pairs (every seed of every pair; 95% bootstrap interval), and the couple's alone."""
     out = ["| method | no fix | best fix | with the best fix | the couple: no fix → best fix |", "|---|---|---|---|---|"]
-    for method in ("base model",) + tuple(METHODS):
+    for method in ("base model",) + BENCH_METHODS:
         by_fix = {}
         for fix in FIXES:
             rows = [r for r in report["rows"] if r["method"] == method and r["fix"] == fix
@@ -429,14 +523,15 @@ def write_page(report: dict, path: Path) -> str:
 def main_table(report: dict) -> str:
     """Every measured row as a markdown table, by pair, method and fix; the rows that could not be measured (an
     ``error``, e.g. two hypernetworks that both answer to "woman") are named under it, not shown as empty rows."""
-    order = {m: i for i, m in enumerate(("base model",) + tuple(METHODS))}
+    order = {m: i for i, m in enumerate(("base model",) + BENCH_METHODS)}
     failed = [r for r in report["rows"] if "error" in r]
     rows = sorted((r for r in report["rows"] if "error" not in r), key=lambda r: (list(CONCEPT_PAIRS).index(r["pair"]) if r["pair"] in CONCEPT_PAIRS else 99,
                                                   order.get(r["method"], 99), FIXES.index(r["fix"])))
-    out = ["| pair | method | fix | success | swap | neglect | duplication | blend | fidelity alone | train s | s / image |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| pair | method | fix | success | position-free | swap | neglect | duplication | blend | fidelity alone | "
+           "train s | s / image |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['pair']} | {r['method']} | {r['fix']} | {_cell(r['success'])} | {_cell(r['swap'])} | "
+        free = _cell(r["free_success"]) if "free_success" in r else "–"
+        out.append(f"| {r['pair']} | {r['method']} | {r['fix']} | {_cell(r['success'])} | {free} | {_cell(r['swap'])} | "
                    f"{_cell(r['neglect'])} | {_cell(r['duplication'])} | {_cell(r['blend'])} | "
                    f"{_cell(r['fidelity'])} | {r['train_s']:.0f} | "
                    f"{'–' if r['image_s'] != r['image_s'] else format(r['image_s'], '.2f')} |")

@@ -88,14 +88,16 @@ def save(folder: str | Path, images: list[Image.Image], items: list[Item]) -> No
 
 def contact_sheet(images: list[Image.Image], regions: list[str] | None = None, cols: int = 10,
                   scale: int = 2) -> Image.Image:
-    """The images in a numbered grid, each ``scale`` times larger, the region to judge outlined in red."""
-    size = scenes.IMAGE_SIZE * scale
+    """The images in a numbered grid, each ``scale`` times larger (cells as large as the largest image: a wider
+    canvas keeps its shape), the region to judge outlined in red."""
+    size = max([scenes.IMAGE_SIZE] + [im.width for im in images]) * scale
+    height = max([scenes.IMAGE_SIZE] + [im.height for im in images]) * scale
     rows = -(-len(images) // cols)
-    sheet = Image.new("RGB", (cols * size, rows * (size + 14)), "white")
+    sheet = Image.new("RGB", (cols * size, rows * (height + 14)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, im in enumerate(images):
-        x, y = (i % cols) * size, (i // cols) * (size + 14)
-        sheet.paste(im.resize((size, size), Image.NEAREST), (x, y + 14))
+        x, y = (i % cols) * size, (i // cols) * (height + 14)
+        sheet.paste(im.resize((im.width * scale, im.height * scale), Image.NEAREST), (x, y + 14))
         draw.text((x + 2, y + 1), str(i), fill="black")
         region = regions[i] if regions else "centre"
         if region != "centre":

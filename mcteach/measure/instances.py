@@ -7,8 +7,10 @@ fooled by one face split down the middle (left half the woman, right half the ma
 1. **Find the instances.** The world's images are objects on a plain background. The background colour is the
    median of the border pixels; a pixel is foreground when its colour lies more than ``threshold`` (RGB distance, of
    255, 30 by default) from it; the foreground's connected objects of at least ``min_area`` pixels are the
-   instances (``components``: an opening removes specks and thin bridges, parts two pixels apart are one object;
-   two objects that touch are one instance, which counts against the image).
+   instances (``components``: an opening removes specks and thin bridges, parts two pixels apart are one object).
+   Two objects side by side that touch are one component with a neck, a column much narrower than the tallest on
+   either side of it (``neck_split``); it is cut there when the judge names an asked concept in both parts (step 2)
+   with confidence ``tau``, and stays one instance, which counts against the image, when it does not.
 2. **Judge each instance** on a square crop around its bounding box (``margin`` times its longer side, at least
    ``min_crop`` pixels) of the image with every other instance painted over in the background colour, resized to the
    judge's 64 pixels: the object then fills the crop as a lone object fills the frame in the judge's training
@@ -110,9 +112,54 @@ def crop_box(part: np.ndarray, margin: float = 1.6, min_crop: int = 16) -> tuple
     return x0, y0, x0 + side, y0 + side
 
 
-def find_instances(judge, image: Image.Image, threshold: float = 30.0, min_area: int = 50) -> list[Instance]:
-    """The instances of ``image`` (see the module docstring), each judged on its crop."""
+def neck_split(part: np.ndarray, neck: float = 0.5, margin: float = 0.2) -> list[np.ndarray] | None:
+    """Two objects side by side that touch: the component ``part`` (H, W) cut at its narrowest column, or None.
+
+    In the middle ``1 - 2 margin`` of the component's width, the column with the fewest pixels is a neck when it
+    has under ``neck`` times the tallest column on *each* side of it (two heads meeting at a cheek); a single
+    object, even a face made of two halves, is widest near its middle and has none."""
+    ys, xs = np.nonzero(part)
+    x0, x1 = int(xs.min()), int(xs.max()) + 1
+    cols = part[:, x0:x1].sum(0)
+    lo, hi = int(margin * (x1 - x0)), int(np.ceil((1 - margin) * (x1 - x0)))
+    if hi - lo < 1:
+        return None
+    c = lo + int(np.argmin(cols[lo:hi]))
+    if cols[c] >= neck * min(cols[:c].max(initial=0), cols[c + 1:].max(initial=0)):
+        return None
+    left = part.copy()
+    left[:, x0 + c:] = False
+    return [left, part & ~left]
+
+
+#: labels that are no concept: a crop the judge cannot name, or an empty one
+NO_CONCEPT = ("unrecognisable", "nothing")
+
+
+def find_instances(judge, image: Image.Image, threshold: float = 30.0, min_area: int = 50, tau: float = 0.5,
+                   concepts=None) -> list[Instance]:
+    """The instances of ``image`` (see the module docstring), each judged on its crop. A component with a neck
+    (``neck_split``) is two instances when the judge names both parts with confidence ``tau`` or more: each an
+    asked concept when ``concepts`` (judge labels) are given, else any label but ``NO_CONCEPT``'s."""
+    def named(inst: Instance) -> bool:
+        return inst.confidence >= tau and (inst.label in concepts if concepts else inst.label not in NO_CONCEPT)
+
     parts = components(foreground(image, threshold), min_area)
+    k = 0
+    while k < len(parts):
+        halves = neck_split(parts[k])
+        others = parts[:k] + parts[k + 1:]
+        if halves and min(int(h.sum()) for h in halves) >= min_area and \
+                all(named(t) for t in _judged(judge, image, halves + others)[:2]):
+            parts = others + halves  # the halves are tried again: three in a row make two necks
+            k = 0
+            continue
+        k += 1
+    return _judged(judge, image, sorted(parts, key=lambda p: -int(p.sum())))
+
+
+def _judged(judge, image: Image.Image, parts: list[np.ndarray]) -> list[Instance]:
+    """Each component judged on its crop, every other one painted over in the background colour."""
     if not parts:
         return []
     size = scenes.IMAGE_SIZE
@@ -141,7 +188,7 @@ def judge_image(judge, image: Image.Image, intended, positions=None, tau: float 
     for name in intended:
         if name not in judge.labels:
             raise ValueError(f"the judge has no label {name!r}: give a judge that knows it (Judge.with_concepts)")
-    instances = find_instances(judge, image, **find)
+    instances = find_instances(judge, image, tau=tau, concepts=intended, **find)
     k = [judge.labels.index(c) for c in intended]
     p = torch.stack([inst.probs[k] for inst in instances]).numpy() if instances else np.zeros((0, len(k)))
     rows, cols = linear_sum_assignment(-p) if len(instances) else ([], [])
@@ -152,11 +199,11 @@ def judge_image(judge, image: Image.Image, intended, positions=None, tau: float 
              for m, c in zip(matched, intended)]
     inside = [True] * len(intended)
     if positions is not None:
-        size = image.size[0]
+        w, h = image.size
         for j, (m, where) in enumerate(zip(matched, positions)):
             if m is not None:
                 x, y = instances[m].centre
-                inside[j] = bool(region_mask(where, size)[min(int(y), size - 1), min(int(x), size - 1)] > 0.5)
+                inside[j] = bool(region_mask(where, (h, w))[min(int(y), h - 1), min(int(x), w - 1)] > 0.5)
     confident = [inst.label for inst in instances if inst.confidence >= tau]
     if len(instances) == len(intended) and all(found) and all(inside):
         outcome = "success"

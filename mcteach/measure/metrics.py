@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import files
 from ..paths import JUDGE_PATH
 from ..plot import short_label, show_images
 from ..sd.pipeline import generate, load_pipeline
 from ..world import scenes
-from ..world.regions import OPPOSITE_POSITIONS
+from ..world.regions import OPPOSITE_POSITIONS, region_box
 from .judge import Judge
 
 OUTCOMES = ("success", "swap", "duplication", "neglect", "other")
@@ -96,14 +97,36 @@ def pair_outcome(labels: list[str], probs_a: torch.Tensor, probs_b: torch.Tensor
 
 
 def judge_instances(judge, images, intended: list[str], positions: list[str], prompt: str = "", seeds=None,
-                    tau: float = 0.5) -> list[PairResult]:
-    """Judge every image's regions: ``intended[i]`` was asked in ``positions[i]`` (a region name)."""
-    probs = [judge.probs(images, pos) for pos in positions]  # per region: (B, n_labels)
+                    tau: float = 0.5, canvas: bool = False) -> list[PairResult]:
+    """Judge every image's regions: ``intended[i]`` was asked in ``positions[i]`` (a region name). ``canvas``: the
+    images are canvases larger than the judge's frame (``passes.canvas_for``), each region is judged as a whole
+    frame (``place_crops``)."""
+    if canvas:
+        probs = [judge.probs(place_crops(images, pos), "centre") for pos in positions]
+    else:
+        probs = [judge.probs(images, pos) for pos in positions]  # per region: (B, n_labels)
     seeds = list(seeds) if seeds is not None else [-1] * len(images)
     out = []
     for k, s in enumerate(seeds):
         outcome, pred, conf, blend = instance_outcome(judge.labels, [p[k] for p in probs], intended, tau)
         out.append(PairResult(prompt, tuple(intended), tuple(positions), s, pred, conf, blend, outcome))
+    return out
+
+
+def place_crops(images, position, size: int = scenes.IMAGE_SIZE) -> list:
+    """Each image's ``position`` box at its own scale, centred on a ``size`` x ``size`` frame of the image's border
+    colour (the median of its border pixels): a region of a large canvas, judged as the judge's whole frame."""
+    out = []
+    for im in images:
+        x0, y0, x1, y1 = region_box(position, im.width, im.height)
+        if x1 - x0 > size or y1 - y0 > size:
+            raise ValueError(f"{position} is {x1 - x0}x{y1 - y0} pixels of a {im.width}x{im.height} canvas, larger "
+                             f"than the judge's {size}x{size} frame")
+        a = np.asarray(im.convert("RGB"))
+        border = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0).round().astype(np.uint8)
+        frame = Image.new("RGB", (size, size), tuple(int(v) for v in border))
+        frame.paste(im.crop((x0, y0, x1, y1)), ((size - (x1 - x0)) // 2, (size - (y1 - y0)) // 2))
+        out.append(frame)
     return out
 
 

@@ -38,6 +38,7 @@ def shipped_adapter(method: str, concepts, *, retrain: bool = False, fix: bool =
 SHIPPED = [(m, [c], False) for m in ("textual_inversion", "hypernetwork", "lora")
            for c in ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin")]
 SHIPPED.append(("lora", ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"], True))
+SHIPPED.append(("lora", ["koala"], False))  # the third of notebook 08's three concepts
 
 
 def retrain_shipped(work: str | Path = CACHE / "shipped", model=None,

@@ -185,10 +185,10 @@ def _onehot(positions, n: int) -> torch.Tensor:
 
 
 @contextmanager
-def masked(pipe, masker: RegionMasker, bindings: dict[str, int] | None = None):
+def masked(pipe, masker: RegionMasker, bindings: dict[str, list[int]] | None = None):
     """Inside the block every attention layer of ``pipe.unet`` uses ``masker`` (composing with recording and
     HyperNetworks), a UNet pre-hook tells it the denoising progress, and with ``bindings`` ({LoRA adapter name:
-    region index}) each LoRA's update is confined to its region. Everything is restored afterwards."""
+    its regions' indices}) each LoRA's update is confined to its regions. Everything is restored afterwards."""
     unet = pipe.unet
     total = pipe.scheduler.config.num_train_timesteps
 
@@ -206,9 +206,10 @@ def masked(pipe, masker: RegionMasker, bindings: dict[str, int] | None = None):
         yield masker
 
 
-def bind_lora(unet, masker: RegionMasker, bindings: dict[str, int]) -> list:
-    """Forward hooks on peft's ``lora_B[name]`` that multiply adapter ``name``'s update by its region's mask
-    (pixels), or, in cross-attention's ``to_k``/``to_v`` with regional prompts, by its sub-prompt's tokens."""
+def bind_lora(unet, masker: RegionMasker, bindings: dict[str, list[int]]) -> list:
+    """Forward hooks on peft's ``lora_B[name]`` that multiply adapter ``name``'s update by the union of its regions'
+    masks (pixels), or, in cross-attention's ``to_k``/``to_v`` with regional prompts, by its sub-prompts' tokens.
+    One adapter may carry several regions' concepts (a jointly trained or fused LoRA)."""
     if not bindings:
         return []
     names = {n for m in unet.modules() if hasattr(m, "lora_B") for n in m.lora_B}
@@ -227,7 +228,7 @@ def bind_lora(unet, masker: RegionMasker, bindings: dict[str, int]) -> list:
     return handles
 
 
-def _binder(masker: RegionMasker, region: int, text_side: bool):
+def _binder(masker: RegionMasker, regions: list[int], text_side: bool):
     cache: dict = {}  # the multiplier of each output shape, made once (the hook runs at every LoRA layer call)
 
     def multiplier(out: torch.Tensor) -> torch.Tensor:
@@ -235,14 +236,15 @@ def _binder(masker: RegionMasker, region: int, text_side: bool):
         if key not in cache:
             if text_side:  # (B, T', C): the tokens of region r's sub-prompt
                 keep = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
-                keep[(region + 1) * masker.chunk : (region + 2) * masker.chunk] = 1
+                for region in regions:
+                    keep[(region + 1) * masker.chunk : (region + 2) * masker.chunk] = 1
                 cache[key] = keep[None, :, None]
             elif out.ndim == 4:  # conv 1x1 (proj_in/out): (B, C, H, W)
                 side = out.shape[-1]
-                cache[key] = masker.hard(side)[region].view(1, 1, side, side).to(out)
+                cache[key] = masker.hard(side)[regions].any(0).view(1, 1, side, side).to(out)
             else:  # (B, N, C) pixels
                 side = math.isqrt(out.shape[1])
-                cache[key] = masker.hard(side)[region].view(1, -1, 1).to(out)
+                cache[key] = masker.hard(side)[regions].any(0).view(1, -1, 1).to(out)
         return cache[key]
 
     def hook(module, args, out):
@@ -298,6 +300,16 @@ def make_masker(pipe, prompt: str, regions: list[Region], fix: AttentionMasks, g
                         coarsest=coarsest_side(pipe.unet))
 
 
+def adapter_regions(regions: list[Region]) -> dict[str, list[int]]:
+    """{LoRA adapter name: the indices of the regions it draws}: one per region for adapters trained one by one,
+    several for one adapter that knows several concepts (joint or fused)."""
+    out: dict[str, list[int]] = {}
+    for i, r in enumerate(regions):
+        if r.adapter:
+            out.setdefault(r.adapter, []).append(i)
+    return out
+
+
 def attention_sides(unet) -> list[int]:
     """The grid sides the UNet's attention layers work at, finest first: [16, 8, 4] for the embedded model (64 px),
     [64, 32, 16, 8] for SD 1.5 (512 px)."""
@@ -316,7 +328,7 @@ def masked_generate(pipe, prompt: str, regions: list[Region], *, fix: AttentionM
     ``regions``. With ``NO_FIX`` this is ``generate(pipe, prompt, seed=seeds)``, bit for bit.
     ``store``: an ``AttentionStore`` to record into (``record_attention``'s), composed with the masks."""
     masker = make_masker(pipe, prompt, regions, fix)
-    bindings = {r.adapter: i for i, r in enumerate(regions) if r.adapter} if fix.bind_adapters else {}
+    bindings = adapter_regions(regions) if fix.bind_adapters else {}
     if fix.cross == "regional":
         cond = prompt_embeds(pipe, [prompt] + [r.prompt for r in regions])
         uncond = prompt_embeds(pipe, [""] * (len(regions) + 1))

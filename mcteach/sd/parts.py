@@ -71,10 +71,12 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return tensor_to_images(pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample)
 
 
-def initial_latents(pipe, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+def initial_latents(pipe, batch_size: int = 1, seed: int = 0, *, height: int | None = None,
+                    width: int | None = None) -> torch.Tensor:
     """z_T ~ N(0, I) scaled by the scheduler's init_noise_sigma, drawn on the CPU so it is the same
-    on every device, exactly as ``generate(pipe, ..., seed=seed)`` draws it."""
-    return initial_noise(pipe, seed, batch_size) * pipe.scheduler.init_noise_sigma
+    on every device, exactly as ``generate(pipe, ..., seed=seed)`` draws it (``height``, ``width``: the image's
+    pixels, default the model's own size)."""
+    return initial_noise(pipe, seed, batch_size, height=height, width=width) * pipe.scheduler.init_noise_sigma
 
 
 def describe(pipe) -> str:

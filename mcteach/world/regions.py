@@ -95,13 +95,19 @@ def is_box(spec) -> bool:
                                      and all(np.isscalar(v) for v in spec))
 
 
-def region_mask(spec, size: int) -> np.ndarray:
-    """A float (size, size) mask in [0, 1] of a region spec: 1 inside a named region or a box, a drawn mask
-    (array, tensor or PIL image; 0..1 or 0..255) resized to ``size``. RegionError when it is empty, all zero,
-    or out of range."""
+def hw(size) -> tuple[int, int]:
+    """(height, width) of a size given as one side (a square) or as (height, width)."""
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+
+def region_mask(spec, size) -> np.ndarray:
+    """A float (height, width) mask in [0, 1] of a region spec: 1 inside a named region or a box, a drawn mask
+    (array, tensor or PIL image; 0..1 or 0..255) resized to ``size`` (one side of a square, or (height, width)).
+    RegionError when it is empty, all zero, or out of range."""
+    h, w = hw(size)
     if is_box(spec):
-        x0, y0, x1, y1 = region_box(spec, size)
-        m = np.zeros((size, size), np.float32)
+        x0, y0, x1, y1 = region_box(spec, w, h)
+        m = np.zeros((h, w), np.float32)
         m[y0:y1, x0:x1] = 1.0
         return m
     a = np.asarray(spec.convert("L") if hasattr(spec, "convert") else torch.as_tensor(spec).detach().cpu(),
@@ -114,13 +120,14 @@ def region_mask(spec, size: int) -> np.ndarray:
         raise RegionError("a mask's values must be in [0, 1] (or 0..255)")
     if a.max() <= 0:
         raise RegionError("this mask is all zero: it would silently mask nothing; draw the region first")
-    if a.shape != (size, size):
-        a = F.interpolate(torch.from_numpy(a)[None, None], size=(size, size), mode="area")[0, 0].numpy()
+    if a.shape != (h, w):
+        a = F.interpolate(torch.from_numpy(a)[None, None], size=(h, w), mode="area")[0, 0].numpy()
     return a
 
 
-def region_masks(specs, size: int = 64) -> torch.Tensor:
-    """Validated masks (R, size, size) of ``specs``: at least one region, none all zero, no region lying
+def region_masks(specs, size=64) -> torch.Tensor:
+    """Validated masks (R, height, width) of ``specs`` (``size``: one side of a square, or (height, width)): at
+    least one region, none all zero, no region lying
     entirely inside another, and no two overlapping by more than ``MAX_OVERLAP`` of the smaller one (a pixel
     claimed by two concepts is where they mix). A thin shared edge, as hand-drawn masks have, is allowed: its
     pixels read both concepts, and the passes' noise predictions are averaged there."""
@@ -131,7 +138,8 @@ def region_masks(specs, size: int = 64) -> torch.Tensor:
     hard = masks >= 0.5
     for i, m in enumerate(hard):
         if not m.any():
-            raise RegionError(f"region {i} ({_describe(specs[i])}) covers less than half a pixel at {size}x{size}: "
+            raise RegionError(f"region {i} ({_describe(specs[i])}) covers less than half a pixel at "
+                              f"{hw(size)[1]}x{hw(size)[0]}: "
                               "make it larger")
     for i in range(len(specs)):
         for j in range(len(specs)):
