@@ -24,7 +24,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .measure import metrics
-from .methods import engine, textual_inversion
+from .methods import engine, fusion, textual_inversion
 from .methods.hypernetwork import HypernetworkLayers, HypernetworkModule
 from .mixing import layout
 from .mixing.masking import AttentionMasks, RegionMasker
@@ -415,6 +415,20 @@ def check_layout_score(fn) -> None:
                               f"{want:.4f} (each concept's share of its own attention inside its place, then the mean)")
 
 
+@_checked("mcteach.methods.fusion.fit_update")
+def check_fit_update(fn) -> None:
+    """``fn(deltas, grams, ridge)``: the one update D (d_out, d_in) closest to each LoRA's update D_i on its own
+    concept's inputs: (sum_i D_i G_i)(sum_i G_i + ridge * mean(diag(sum_i G_i)) I)^-1."""
+    for seed, (n, d_out, d_in, ridge) in [(0, (2, 5, 6, 1e-4)), (1, (3, 4, 8, 1e-2)), (2, (2, 7, 3, 0.1))]:
+        g = _gen(seed)
+        deltas = [torch.randn(d_out, d_in, generator=g, dtype=torch.float64) for _ in range(n)]
+        xs = [torch.randn(20, d_in, generator=g, dtype=torch.float64) * torch.rand(d_in, generator=g, dtype=torch.float64)
+              for _ in range(n)]  # each concept's inputs stretched along its own directions
+        grams = [x.T @ x / len(x) for x in xs]
+        _close(_call(fn, deltas, grams, ridge), fusion.fit_update(deltas, grams, ridge),
+               f"{fn.__name__}({n} LoRAs, {d_out}x{d_in}, ridge {ridge})", atol=1e-6)
+
+
 @_checked("mcteach.mixing.passes.paste_predictions")
 def check_paste(fn) -> None:
     """``fn(eps_regions, weights, eps_rest, rest)``: sum_r w_r eps_r + rest * eps_rest."""
@@ -481,6 +495,6 @@ CHECKS = {
     "04": (check_prior_loss, check_cosine_lr),
     "05": (check_lora_forward, check_merge_lora),
     "06": (check_outcome, check_blend_index),
-    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias, check_layout_score),
+    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias, check_layout_score, check_fit_update),
     "08": (check_bootstrap, check_outcome_rates),
 }

@@ -190,6 +190,27 @@ MISTAKES += [
 ]
 
 
+def fit_update(deltas, grams, ridge, how="solve"):
+    """The solution, or two typical mistakes: the plain sum of the updates (what loading both LoRAs does), or the
+    ridge added without its scale."""
+    total = sum(grams)
+    scale = total.diagonal().mean() if how != "unscaled" else 1.0
+    if how == "sum":
+        return sum(deltas)
+    lhs = total + ridge * scale * torch.eye(total.shape[0], dtype=total.dtype)
+    return sum(d @ g for d, g in zip(deltas, grams)) @ torch.linalg.inv(lhs)
+
+
+MISTAKES += [
+    ("check_fit_update", lambda d, g, r: fit_update(d, g, r, "sum"), "elements differ"),
+    ("check_fit_update", lambda d, g, r: fit_update(d, g, r, "unscaled"), "elements differ"),
+]
+
+
+def test_the_fit_update_solution_passes():
+    assert exercises.check_fit_update(fit_update)
+
+
 def test_the_layout_score_solution_passes():
     assert exercises.check_layout_score(layout_score)
 

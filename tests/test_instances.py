@@ -80,7 +80,10 @@ def test_two_objects_that_touch_are_cut_at_their_neck_into_two_instances(judge, 
     assert len(instances.components(instances.foreground(image))) == 1  # one component ...
     r = instances.judge_image(judge, image, (a.name, b.name), LR)
     assert len(r.instances) == 2 and r.outcome == "success", [(i.label, i.confidence) for i in r.instances]
-    assert instances.neck_split(instances.components(instances.foreground(image))[0]) is not None
+    (part,) = instances.components(instances.foreground(image))
+    assert instances.neck_split(part) is not None
+    assert instances.neck_split(part.T, axis=0) is not None and instances.neck_split(part.T) is None  # one above
+    assert [h.T.tolist() for h in instances.neck_split(part.T, axis=0)] == [h.tolist() for h in instances.neck_split(part)]
 
 
 def test_a_face_has_no_neck_and_a_cut_the_judge_cannot_name_is_not_made(judge):
@@ -134,3 +137,19 @@ def test_summarize_counts_outcomes_and_count_accuracy(judge):
     s = instances.summarize(results)
     assert s["n"] == 4 and s["success"][0] == 0.25 and s["swap"][0] == 0.25 and s["duplication"][0] == 0.25
     assert s["count_ok"][0] == 0.75
+
+
+def test_a_head_cut_into_pieces_by_background_coloured_lines_is_one_instance(judge):
+    """Lines of background colour across an object cut it into fragments the judge cannot name alone (as a LoRA's
+    pale fur does): they are one instance when the judge names their union; unmerged, the count would be wrong."""
+    image = pair(WOMAN, MAN)
+    a = np.asarray(image).copy()
+    fg = instances.foreground(image)
+    rows = np.nonzero(fg[:, :32].any(1))[0]
+    y = rows[0] + (rows[-1] - rows[0]) // 4
+    a[y - 2:y + 2, :32][fg[y - 2:y + 2, :32]] = a[0, 0]  # a 4-pixel line of background across her hair
+    cut = Image.fromarray(a)
+    pieces = instances.components(instances.foreground(cut))
+    assert len(pieces) == 3  # her hair's top, the rest of her, and the man
+    r = instances.judge_image(judge, cut, COUPLE, LR)
+    assert r.count_ok and r.outcome == "success", [(i.label, i.area) for i in r.instances]

@@ -9,8 +9,12 @@ fooled by one face split down the middle (left half the woman, right half the ma
    255, 30 by default) from it; the foreground's connected objects of at least ``min_area`` pixels are the
    instances (``components``: an opening removes specks and thin bridges, parts two pixels apart are one object).
    Two objects side by side that touch are one component with a neck, a column much narrower than the tallest on
-   either side of it (``neck_split``); it is cut there when the judge names an asked concept in both parts (step 2)
-   with confidence ``tau``, and stays one instance, which counts against the image, when it does not.
+   either side of it (``neck_split``; a row, for one above the other); it is cut there when the judge names an
+   asked concept in both parts (step 2) with confidence ``tau``, and stays one instance, which counts against the
+   image, when it does not. The other way round, one object the background's colour cuts into pieces (pale fur, an
+   ear apart from the head) is several components: pieces the judge cannot name that lie within an eighth of the
+   frame of each other are one instance when it names their union, and such a piece under half the size of a named
+   neighbour joins it when the neighbour keeps its name (``_merge_fragments``).
 2. **Judge each instance** on a square crop around its bounding box (``margin`` times its longer side, at least
    ``min_crop`` pixels) of the image with every other instance painted over in the background colour, resized to the
    judge's 64 pixels: the object then fills the crop as a lone object fills the frame in the judge's training
@@ -112,12 +116,16 @@ def crop_box(part: np.ndarray, margin: float = 1.6, min_crop: int = 16) -> tuple
     return x0, y0, x0 + side, y0 + side
 
 
-def neck_split(part: np.ndarray, neck: float = 0.5, margin: float = 0.2) -> list[np.ndarray] | None:
-    """Two objects side by side that touch: the component ``part`` (H, W) cut at its narrowest column, or None.
+def neck_split(part: np.ndarray, neck: float = 0.5, margin: float = 0.2, axis: int = 1) -> list[np.ndarray] | None:
+    """Two objects side by side that touch: the component ``part`` (H, W) cut at its narrowest column, or None;
+    ``axis=0``: one above the other (a grid of four), cut at its narrowest row.
 
     In the middle ``1 - 2 margin`` of the component's width, the column with the fewest pixels is a neck when it
     has under ``neck`` times the tallest column on *each* side of it (two heads meeting at a cheek); a single
     object, even a face made of two halves, is widest near its middle and has none."""
+    if axis == 0:
+        cut = neck_split(part.T, neck, margin)
+        return None if cut is None else [c.T for c in cut]
     ys, xs = np.nonzero(part)
     x0, x1 = int(xs.min()), int(xs.max()) + 1
     cols = part[:, x0:x1].sum(0)
@@ -147,15 +155,73 @@ def find_instances(judge, image: Image.Image, threshold: float = 30.0, min_area:
     parts = components(foreground(image, threshold), min_area)
     k = 0
     while k < len(parts):
-        halves = neck_split(parts[k])
         others = parts[:k] + parts[k + 1:]
-        if halves and min(int(h.sum()) for h in halves) >= min_area and \
-                all(named(t) for t in _judged(judge, image, halves + others)[:2]):
-            parts = others + halves  # the halves are tried again: three in a row make two necks
-            k = 0
-            continue
+        for halves in (neck_split(parts[k], axis=1), neck_split(parts[k], axis=0)):
+            if halves and min(int(h.sum()) for h in halves) >= min_area and \
+                    all(named(t) for t in _judged(judge, image, halves + others)[:2]):
+                parts = others + halves  # the halves are tried again: three in a row make two necks
+                k = -1
+                break
         k += 1
-    return _judged(judge, image, sorted(parts, key=lambda p: -int(p.sum())))
+    return _merge_fragments(judge, image, sorted(parts, key=lambda p: -int(p.sum())), named)
+
+
+def _merge_fragments(judge, image: Image.Image, parts: list[np.ndarray], named, reach: float = 8.0,
+                     share: float = 0.5) -> list[Instance]:
+    """The instances of ``parts`` (largest first), fragments joined to the object they came off (an ear or a muzzle
+    cut off a head by a line of background colour). Parts the judge does not name that lie within ``reach`` pixels
+    (an eighth of the 64-pixel frame) of each other are one object when the judge names their union; a part it does not name, under ``share`` of a
+    named part's area and within ``reach`` of it, joins that part when the merged object is still named as the same
+    concept."""
+    judged = _judged(judge, image, parts)
+    near = [_within(p, reach) for p in parts]
+    unnamed = [k for k in range(len(parts)) if not named(judged[k])]
+    group = {k: k for k in unnamed}  # union-find over the unnamed parts, joined when within reach
+
+    def root(k):
+        while group[k] != k:
+            k = group[k]
+        return k
+    for a in unnamed:
+        for b in unnamed:
+            if a < b and (near[a] & parts[b]).any():
+                group[root(b)] = root(a)
+    clusters = {}
+    for k in unnamed:
+        clusters.setdefault(root(k), []).append(k)
+    for members in clusters.values():
+        if len(members) > 1:
+            merged = [p for k, p in enumerate(parts) if k not in members[1:]]
+            at = members[0] - sum(m < members[0] for m in members[1:])
+            merged[at] = np.logical_or.reduce([parts[k] for k in members])
+            if named(_judged(judge, image, merged)[at]):
+                drop = set(members[1:])
+                parts = merged
+                near = [n for k, n in enumerate(near) if k not in drop]
+                near[at] = _within(parts[at], reach)
+                judged = _judged(judge, image, parts)
+                unnamed = [u for u in unnamed if u not in drop]  # indices shift: recomputed below
+    for k in range(len(parts) - 1, -1, -1):
+        if named(judged[k]):
+            continue
+        for j in range(len(parts)):
+            if j == k or not named(judged[j]) or parts[k].sum() >= share * parts[j].sum() or not (near[k] & parts[j]).any():
+                continue
+            merged = parts[:k] + parts[k + 1:]
+            at = j if j < k else j - 1
+            merged[at] = parts[j] | parts[k]
+            again = _judged(judge, image, merged)
+            if named(again[at]) and again[at].label == judged[j].label:
+                parts, judged = merged, again
+                near = near[:k] + near[k + 1:]
+                near[at] = _within(parts[at], reach)
+                break
+    return judged
+
+
+def _within(part: np.ndarray, reach: float) -> np.ndarray:
+    """The pixels at most ``reach`` (Euclidean) from ``part``."""
+    return ndimage.distance_transform_edt(~part) <= reach
 
 
 def _judged(judge, image: Image.Image, parts: list[np.ndarray]) -> list[Instance]:
