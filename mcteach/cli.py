@@ -55,7 +55,7 @@ from .methods.engine import Regularizers, training_fix
 from .mixing.generate import regional_generate
 from .mixing.masking import NO_FIX, SINGLE_PASS_FIX, Region
 from .mixing.layout import auto_generate
-from .mixing.passes import INFERENCE_FIX, WINDOW_FIX, canvas_for
+from .mixing.passes import INFERENCE_FIX, WINDOW_FIX, canvas_for, inference_fix
 from .paths import BENCH_COSTS, BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
 from .sd import pretrain, tiny
 from .sd.pipeline import ModelNotAvailable, generate, load_pipeline
@@ -116,7 +116,8 @@ def _add_generate(sub) -> None:
                    help="PLACE=SUB-PROMPT, one per concept: a named region (left, right, top-left, middle-third, ...) "
                         "or a box x0,y0,x1,y1 in [0, 1]; e.g. --region 'left=a cpd woman on the left'")
     g.add_argument("--fix", choices=list(FIXES), action="append", default=None,
-                   help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX); "
+                   help="inference: each region drawn by its own pass, adapter and sub-prompt (passes.INFERENCE_FIX; "
+                        "for Textual Inversion's tokens at full guidance, passes.inference_fix); "
                         "single: attention masks in one UNet pass (masking.SINGLE_PASS_FIX); "
                         "auto: no --region needed, the model's attention chooses each concept's half, then the passes "
                         "(layout.auto_generate; the prompt names each --adapter's concept, e.g. 'a cpd woman and a tkb "
@@ -150,11 +151,13 @@ def _generate(a) -> None:
             named = prompt_concepts(a.prompt, metas)
             rows.append(auto_generate(pipe, a.prompt, [p for p, _ in named], adapters=[ad for _, ad in named],
                                       seed=[a.seed + i for i in range(a.num_images)], steps=a.steps,
-                                      guidance_scale=a.guidance).images)
+                                      fix=inference_fix(metas[0]["method"]), guidance_scale=a.guidance).images)
         elif regions:
             native = pipe.unet.config.sample_size * pipe.vae_scale_factor
             canvas = dict(zip(("height", "width"), canvas_for([r.where for r in regions], native))) if fix == "wide" else {}
-            rows.append(regional_generate(pipe, a.prompt, regions, fix=FIXES[fix], steps=a.steps, **canvas,
+            method = metas[0]["method"] if metas else None
+            chosen = inference_fix(method) if FIXES[fix] is INFERENCE_FIX else FIXES[fix]
+            rows.append(regional_generate(pipe, a.prompt, regions, fix=chosen, steps=a.steps, **canvas,
                                           seed=[a.seed + i for i in range(a.num_images)], guidance_scale=a.guidance))
         else:
             rows.append(generate(pipe, a.prompt, seed=a.seed, steps=a.steps, guidance_scale=a.guidance,

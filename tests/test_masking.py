@@ -434,3 +434,24 @@ def test_window_passes_see_only_their_window(random_pipe):
         random_pipe.unet.forward = forward
     with pytest.raises(ValueError, match="use window passes"):
         draw("a dog", replace(INFERENCE_FIX, self_attention=True))
+
+
+def test_textual_inversion_passes_run_at_full_guidance_and_the_command_line_uses_them(tmp_path, monkeypatch):
+    """A concept that lives in the prompt alone is carried by guidance: TI's passes keep the call's scale, every
+    other method's run at half (INFERENCE_FIX)."""
+    from mcteach import cli
+    from mcteach.mixing.passes import PROMPT_CONCEPT_FIX, inference_fix
+    from mcteach.paths import ADAPTERS_DIR
+
+    assert inference_fix("textual_inversion") is PROMPT_CONCEPT_FIX and PROMPT_CONCEPT_FIX.pass_guidance == 1.0
+    assert inference_fix("lora") is INFERENCE_FIX and inference_fix(None) is INFERENCE_FIX
+    assert INFERENCE_FIX.pass_guidance == 0.5
+    seen = []
+    monkeypatch.setattr(cli, "regional_generate", lambda pipe, prompt, regions, fix, **k: seen.append(fix) or [])
+    for method in ("textual_inversion", "lora"):
+        a, b = (str(ADAPTERS_DIR / method / s) for s in ("woman_with_red_hair_and_medium_skin",
+                                                         "man_with_curly_hair_and_light_skin"))
+        cli.main(["generate", "--adapter", a, "--adapter", b, "--prompt", "a woman on the left and a man on the right",
+                  "--region", "left=a woman", "--region", "right=a man", "--fix", "inference", "--steps", "1",
+                  "--out", str(tmp_path / "x.png")])
+    assert seen == [PROMPT_CONCEPT_FIX, INFERENCE_FIX]

@@ -11,7 +11,8 @@ The fixes:
 - ``none``: the concepts trained one by one and loaded together (``load_adapters``); DreamBooth, which cannot
   combine two models, is trained jointly on both sets (the DreamBooth paper's way);
 - ``inference``: the same weights, sampled with ``passes.INFERENCE_FIX`` (``regional_generate``): one UNet pass per
-  region;
+  region (Textual Inversion, whose concepts live in the prompt alone: ``passes.PROMPT_CONCEPT_FIX``, full guidance in
+  each pass; ``passes.inference_fix``);
 - ``single``: the same weights, sampled with ``masking.SINGLE_PASS_FIX``: attention masks in one UNet pass;
 - ``auto``: the same weights, no regions from the user: the prompt names the concepts without places ("a <A> and a
   <B>"), ``layout.auto_generate`` lets the model's attention choose which half each concept gets, then draws with
@@ -65,7 +66,7 @@ from ..methods.engine import JOINT_METHODS, Regularizers, training_fix
 from ..mixing.generate import regional_generate
 from ..mixing.layout import TEMPLATES, auto_generate
 from ..mixing.masking import NO_FIX, SINGLE_PASS_FIX, AttentionMasks, Region, RegionMasker
-from ..mixing.passes import INFERENCE_FIX, WINDOW_FIX, RegionPasses, canvas_for, sub_prompt
+from ..mixing.passes import INFERENCE_FIX, WINDOW_FIX, RegionPasses, canvas_for, inference_fix, sub_prompt
 from ..paths import CACHE
 from ..sd import pretrain, tiny
 from ..sd.attention import with_parts
@@ -181,7 +182,7 @@ class Bench:
     # --------------------------------------------------------------- one row
     def row(self, method: str, fix: str, pair: str, slugs: tuple[str, ...]) -> dict:
         pipe, said, adapter_of, concepts, judge, train_s = self.loaded(method, slugs, fix in TRAINED_WITH_FIX)
-        masks = SAMPLER_OF[fix]
+        masks = inference_fix(method) if SAMPLER_OF[fix] is INFERENCE_FIX else SAMPLER_OF[fix]
         positions = TEMPLATES[len(slugs)]
         names = [c.name for c in concepts]
         seeds = list(range(self.seeds))
