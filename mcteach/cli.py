@@ -13,6 +13,7 @@ Two concepts in one image (notebooks 06-07): one adapter each, one region each, 
         --out couple.png                                  # no regions: the model chooses each concept's half
     mcteach train --method lora --concept woman_with_red_hair_and_medium_skin \\
         --concept man_with_curly_hair_and_light_skin --fix training --out runs/couple   # joint, with the training fix
+    mcteach fuse --adapter runs/woman --adapter runs/man --out runs/couple-fused     # two LoRAs made one
 
 The benchmarks, the judge, the base model and the course:
 
@@ -49,7 +50,8 @@ from .bench import methods as bench_methods
 from .bench import mixing as bench_mixing
 from .files import atomic_save, write_text
 from .measure import calibration, judge, metrics
-from .methods.adapters import load_adapters, phrases
+from .methods import fusion
+from .methods.adapters import load_adapters, phrases, read_adapter
 from .methods.catalog import METHODS, train_concept
 from .methods.engine import Regularizers, training_fix
 from .mixing.generate import regional_generate
@@ -227,6 +229,23 @@ def _train(a) -> None:
     print(f"{r.method}: {len(r.losses)} steps, final loss {r.losses[-1]:.4f}, {r.seconds:.0f} s; files in {r.out}")
     model = f" --model {a.model}" if a.model else ""
     print(f'use it: mcteach generate{model} --adapter {r.out} --prompt "a {r.phrase} on the left" --out image.png')
+
+
+def _add_fuse(sub) -> None:
+    f = sub.add_parser("fuse", help="fuse several LoRAs into one adapter that draws every concept (methods.fusion)",
+                       description=fusion.__doc__, formatter_class=RAW)
+    f.add_argument("--adapter", required=True, action="append", help="a LoRA folder (mcteach train); two or more")
+    f.add_argument("--out", required=True, help="folder for the fused LoRA and its adapter.json")
+    f.add_argument("--rank", type=int, default=None, help="default: the sum of the LoRAs' ranks")
+    f.add_argument("--model", default=None, help="the base pipeline they were trained on (default: embedded)")
+    f.set_defaults(run=_fuse)
+
+
+def _fuse(a) -> None:
+    out = fusion.fuse_loras(load_pipeline(a.model, device="cpu", dtype=torch.float32), a.adapter, a.out, rank=a.rank)
+    said = " and ".join(f"a {p}" for m in [read_adapter(out)] for p in phrases(m).values())
+    print(f"fused {len(a.adapter)} LoRAs into {out}")
+    print(f'use it: mcteach generate --adapter {out} --prompt "{said}" --fix auto --out image.png')
 
 
 # ----------------------------------------------------------------------------- bench
@@ -645,7 +664,7 @@ def _add_course(sub) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcteach", description=__doc__, formatter_class=RAW)
     sub = p.add_subparsers(dest="command", required=True, metavar="VERB")
-    for add in (_add_generate, _add_train, _add_bench, _add_judge, _add_pretrain, _add_concepts, _add_course):
+    for add in (_add_generate, _add_train, _add_fuse, _add_bench, _add_judge, _add_pretrain, _add_concepts, _add_course):
         add(sub)
     return p
 

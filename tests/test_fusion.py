@@ -68,3 +68,16 @@ def test_fusion_refuses_what_it_cannot_fuse(pipe, tmp_path):
     with pytest.raises(ValueError, match="two or more LoRA folders"):
         fuse_loras(pipe, [COUPLE[0], ADAPTERS_DIR / "textual_inversion" / "man_with_curly_hair_and_light_skin"],
                    tmp_path / "x")
+
+
+def test_the_command_line_fuses_and_says_how_to_use_the_result(tmp_path, capsys):
+    from mcteach.cli import main
+    from mcteach.methods.adapters import read_adapter
+
+    out = tmp_path / "fused"
+    assert main(["fuse", "--adapter", str(COUPLE[0]), "--adapter", str(COUPLE[1]), "--rank", "6", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"use it: mcteach generate --adapter {out}" in said and "a cpd woman and a tkb man" in said
+    assert read_adapter(out)["settings"]["rank"] == 6
+    assert main(["fuse", "--adapter", str(COUPLE[0]), "--out", str(out)]) == 2
+    assert "two or more LoRA folders" in capsys.readouterr().err
