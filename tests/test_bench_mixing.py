@@ -238,3 +238,45 @@ def test_rejudge_recomputes_the_position_free_figures_from_the_saved_images(tmp_
     assert report["rows"][0]["count_ok"][0] == 0.5
     assert report["rows"][1]["free_success"] == [0.25] * 3  # no images saved: left as it was, and said
     assert "lora / none / couple: images not saved" in capsys.readouterr().out
+
+
+def test_the_jobs_give_each_method_its_fixes_and_the_many_concept_rows_a_wide_canvas(stub, tmp_path):
+    """Pairs never get the wide canvas (halves fit the model's own); a fused LoRA gets no training fix; three and four
+    concepts get their own fixes, the wide canvas among them."""
+    out = tmp_path / "jobs.json"
+    bench_mixing.run(methods=["lora", "fused_lora"], fixes=list(bench_mixing.FIXES), pairs=["couple"], out=out,
+                     triple=True, base=False)
+    jobs = [(r["method"], r["fix"], r["pair"]) for r in json.loads(out.read_text())["rows"]]
+    assert [f for m, f, p in jobs if (m, p) == ("lora", "couple")] == list(bench_mixing.PAIR_FIXES)
+    assert [f for m, f, p in jobs if m == "fused_lora"] == list(bench_mixing.FUSED_FIXES)
+    assert [f for m, f, p in jobs if p == "three"] == list(bench_mixing.MANY_FIXES["three"])
+    assert [f for m, f, p in jobs if p == "four"] == ["none", "inference", "wide"]
+    assert "wide" not in bench_mixing.PAIR_FIXES and "training" not in bench_mixing.FUSED_FIXES
+
+
+def test_textual_inversion_rows_are_drawn_at_full_guidance_inside_the_passes(monkeypatch):
+    """The bench's row draws with the method's passes fix: TI's at full guidance, every other method's at half."""
+    from types import SimpleNamespace
+
+    from mcteach.measure import instances
+    from mcteach.measure.metrics import PairResult
+    from mcteach.mixing.passes import INFERENCE_FIX, PROMPT_CONCEPT_FIX
+
+    seen = []
+    concepts = [SimpleNamespace(name="w"), SimpleNamespace(name="m")]
+    judge = SimpleNamespace(labels_of=lambda ims, pos: ["w"] * len(ims))
+    monkeypatch.setattr(bench_mixing.Bench, "loaded", lambda self, method, slugs, reg: (
+        None, {"w": "cpd woman", "m": "tkb man"}, {"w": None, "m": None}, concepts, judge, 0.0))
+    monkeypatch.setattr(bench_mixing, "regional_generate",
+                        lambda pipe, prompt, regions, fix, seed, **k: seen.append(fix) or [None] * len(seed))
+    monkeypatch.setattr(bench_mixing, "judge_instances", lambda *a, **k: [
+        PairResult("p", ("w", "m"), ("left", "right"), 0, ("w", "m"), (1.0, 1.0), (0.0, 0.0), "success")] * 2)
+    monkeypatch.setattr(instances, "judge_images", lambda *a, **k: [])
+    monkeypatch.setattr(instances, "summarize", lambda r: {"success": [1.0] * 3, "count_ok": [1.0] * 3,
+                                                           "id_conf": [1.0] * 3})
+    bench = bench_mixing.Bench.__new__(bench_mixing.Bench)
+    bench.seeds, bench.fidelity_seeds, bench.save_images = 2, 1, None
+    for method, want in (("textual_inversion", PROMPT_CONCEPT_FIX), ("lora", INFERENCE_FIX)):
+        seen.clear()
+        bench.row(method, "inference", "couple", ("w", "m"))
+        assert seen and all(f is want for f in seen), (method, seen)
