@@ -495,6 +495,6 @@ CHECKS = {
     "04": (check_prior_loss, check_cosine_lr),
     "05": (check_lora_forward, check_merge_lora),
     "06": (check_outcome, check_blend_index),
-    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias, check_layout_score, check_fit_update),
+    "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias, check_fit_update, check_layout_score),
     "08": (check_bootstrap, check_outcome_rates),
 }
