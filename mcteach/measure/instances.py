@@ -18,7 +18,10 @@ fooled by one face split down the middle (left half the woman, right half the ma
 2. **Judge each instance** on a square crop around its bounding box (``margin`` times its longer side, at least
    ``min_crop`` pixels) of the image with every other instance painted over in the background colour, resized to the
    judge's 64 pixels: the object then fills the crop as a lone object fills the frame in the judge's training
-   renders (about 60%), whatever its size in the image, and no neighbour leaks into its verdict.
+   renders (about 60%), whatever its size in the image, and no neighbour leaks into its verdict. A small generated
+   object is blurred by that magnification (a 17-pixel koala becomes unrecognisable), so each instance is also judged
+   at its own scale, centred in a 64-pixel window as the per-half judge sees it, and the view that names a concept
+   with more confidence gives the verdict.
 3. **Match** instances to the asked concepts with the Hungarian algorithm on the judge's probabilities
    (``scipy.optimize.linear_sum_assignment``): each concept gets at most one instance, each instance one concept.
 
@@ -225,19 +228,27 @@ def _within(part: np.ndarray, reach: float) -> np.ndarray:
 
 
 def _judged(judge, image: Image.Image, parts: list[np.ndarray]) -> list[Instance]:
-    """Each component judged on its crop, every other one painted over in the background colour."""
+    """Each component judged on its crop and at its own scale (``_centred``), every other one painted over in the
+    background colour: the view whose top label is a concept (not ``NO_CONCEPT``) with the higher confidence."""
     if not parts:
         return []
     size = scenes.IMAGE_SIZE
     boxes = [crop_box(p) for p in parts]
     pixels, bg = np.asarray(image.convert("RGB")), background(image).round().astype(np.uint8)
-    crops = []
+    crops, native = [], []
     for k, box in enumerate(boxes):   # each object alone on the background, at a lone object's scale
         alone = pixels.copy()
         for other in parts[:k] + parts[k + 1:]:
             alone[ndimage.binary_dilation(other, iterations=2)] = bg
         crops.append(Image.fromarray(alone).crop(box).resize((size, size), Image.BICUBIC))
-    probs = judge.probs(crops, "centre")
+        native.append(_centred(alone, parts[k], size, bg))
+    magnified, unscaled = judge.probs(crops, "centre"), judge.probs(native, "centre")
+    none = [judge.labels.index(x) for x in NO_CONCEPT if x in judge.labels]
+
+    def naming(p):  # the confidence of the top label where it is a concept, else 0
+        conf, i = p.max(1)
+        return torch.where(torch.isin(i, torch.tensor(none, dtype=i.dtype)), torch.zeros_like(conf), conf)
+    probs = torch.where((naming(unscaled) > naming(magnified))[:, None], unscaled, magnified)
     out = []
     for part, box, p in zip(parts, boxes, probs):
         ys, xs = np.nonzero(part)
@@ -245,6 +256,17 @@ def _judged(judge, image: Image.Image, parts: list[np.ndarray]) -> list[Instance
         out.append(Instance(box, int(part.sum()), (float(xs.mean()), float(ys.mean())), p, judge.labels[int(i)],
                             float(conf)))
     return out
+
+
+def _centred(pixels: np.ndarray, part: np.ndarray, size: int, bg: np.ndarray) -> Image.Image:
+    """A ``size`` x ``size`` window of ``pixels`` centred on the component ``part``, at the image's own scale (the
+    background colour beyond the image's edge)."""
+    ys, xs = np.nonzero(part)
+    cy, cx = (ys.min() + ys.max() + 1) // 2, (xs.min() + xs.max() + 1) // 2
+    padded = np.pad(pixels, ((size, size), (size, size), (0, 0)))
+    padded[:size], padded[-size:], padded[:, :size], padded[:, -size:] = bg, bg, bg, bg
+    y0, x0 = cy + size - size // 2, cx + size - size // 2
+    return Image.fromarray(padded[y0:y0 + size, x0:x0 + size])
 
 
 def judge_image(judge, image: Image.Image, intended, positions=None, tau: float = 0.5, **find) -> InstanceResult:
