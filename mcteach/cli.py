@@ -61,7 +61,7 @@ from .mixing.passes import INFERENCE_FIX, WINDOW_FIX, canvas_for, inference_fix
 from .paths import BENCH_COSTS, BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
 from .sd import pretrain, tiny
 from .sd.pipeline import ModelNotAvailable, generate, load_pipeline
-from .world import scenes
+from .world import kinds, scenes
 from .world.concepts import make_concept_sets
 from .world.regions import REGIONS, RegionError, parse_box
 
@@ -648,7 +648,15 @@ def _add_concepts(sub) -> None:
     c.add_argument("--out", type=Path, default=CONCEPTS_DIR)
     c.add_argument("-n", type=int, default=6, help="images per concept")
     c.add_argument("--seed", type=int, default=0)
-    c.set_defaults(run=lambda a: [print(folder) for folder in make_concept_sets(a.out, n=a.n, seed=a.seed)])
+    c.add_argument("--kinds", action="store_true",
+                   help="the places and wearables of mcteach.world.kinds instead (give --out: not data/concepts)")
+
+    def run(a):
+        if a.kinds and a.out == CONCEPTS_DIR:
+            raise SystemExit("--kinds renders places and wearables: give an --out folder of their own")
+        for folder in (kinds.make_kind_sets if a.kinds else make_concept_sets)(a.out, n=a.n, seed=a.seed):
+            print(folder)
+    c.set_defaults(run=run)
 
 
 def _add_course(sub) -> None:

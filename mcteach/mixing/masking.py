@@ -257,13 +257,23 @@ def _binder(masker: RegionMasker, regions: list[int], text_side: bool):
 
 @dataclass
 class Region:
-    """One concept's place: ``where`` (a name, a box or a mask), its sub-prompt (cross="regional"), the
-    phrase naming it in the global prompt (cross="tokens"; default: the sub-prompt without its article)
-    and the LoRA adapter bound to it (bind_adapters)."""
+    """One concept's place: ``where`` (a name, a box, a mask, or ``"background"`` for a global concept), its
+    sub-prompt (cross="regional"), the phrase naming it in the global prompt (cross="tokens"; default: the
+    sub-prompt without its article) and the LoRA adapter bound to it (bind_adapters; a tuple: several, as a
+    wearable's pass runs its own and its wearer's). ``within``: the index of the region it is nested in (a hat in
+    its wearer's); ``kind``: its concept's kind ("person", "wearable", "place"...), checked by
+    ``regions.region_masks``."""
     where: object
     prompt: str
     phrase: str | None = None
-    adapter: str | None = None
+    adapter: str | tuple[str, ...] | None = None
+    within: int | None = None
+    kind: str | None = None
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters of this region's concept (none, one, or several)."""
+        return () if not self.adapter else (self.adapter,) if isinstance(self.adapter, str) else tuple(self.adapter)
 
     @property
     def words(self) -> str:
@@ -289,7 +299,7 @@ def eot_positions(tokenizer, prompt: str) -> list[int]:
 
 def make_masker(pipe, prompt: str, regions: list[Region], fix: AttentionMasks, guidance: bool = True) -> RegionMasker:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    masks = region_masks([r.where for r in regions], size)
+    masks = region_masks([r.where for r in regions], size, **extents(regions))
     spans = eot = None
     if fix.cross == "tokens" or (fix.cross == "regional" and fix.base > 0) or fix.guidance > 0:
         expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
@@ -305,8 +315,18 @@ def adapter_regions(regions: list[Region]) -> dict[str, list[int]]:
     several for one adapter that knows several concepts (joint or fused)."""
     out: dict[str, list[int]] = {}
     for i, r in enumerate(regions):
-        if r.adapter:
-            out.setdefault(r.adapter, []).append(i)
+        for a in r.adapters:
+            out.setdefault(a, []).append(i)
+    return out
+
+
+def extents(regions: list[Region]) -> dict:
+    """``region_masks``' keyword arguments for the regions' nesting and kinds (empty when none is given)."""
+    out = {}
+    if any(r.within is not None for r in regions):
+        out["within"] = [r.within for r in regions]
+    if any(r.kind is not None for r in regions):
+        out["kinds"] = [r.kind for r in regions]
     return out
 
 

@@ -23,8 +23,8 @@ from PIL import Image
 
 from ..sd import parts
 from ..world import scenes
-from ..world.regions import RegionError, place_words, region_fractions, region_masks
-from .masking import AttentionMasks, Region, RegionMasker, masked, prompt_embeds
+from ..world.regions import RegionError, exclusive_masks, place_words, region_fractions, region_masks
+from .masking import AttentionMasks, Region, RegionMasker, extents, masked, prompt_embeds
 
 
 @dataclass
@@ -124,7 +124,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
                          f"for a {width}x{height} canvas use window passes (passes.WINDOW_FIX)")
     m, rest, masks = region_weights(pipe, regions, height, width)
     windows = pass_windows(m, unet.config.sample_size) if fix.window else [None] * len(regions)
-    names = [r.adapter for r in regions]
+    names = [r.adapters or None for r in regions]
     has_lora = any(names) and hasattr(pipe, "set_adapters")
     all_adapters = pipe.get_active_adapters() if has_lora else []
     conds = [prompt_embeds(pipe, [r.prompt]) for r in regions]
@@ -144,7 +144,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
             if adapter == "*":
                 pipe.set_adapters(all_adapters)
             elif adapter:
-                pipe.set_adapters([adapter])
+                pipe.set_adapters([adapter] if isinstance(adapter, str) else list(adapter))
             else:
                 pipe.disable_lora()
         x = sched.scale_model_input(torch.cat([z, z]), t)
@@ -251,7 +251,8 @@ def uncrop(e: torch.Tensor, window, like: torch.Tensor) -> torch.Tensor:
 def _pass_gates(adapters: list[str], pass_adapters: list, n: int) -> dict[str, torch.Tensor]:
     """{LoRA adapter: (2 P n,) 1 for the images of the passes it acts in, else 0}, for a batch of P passes of n
     images each, unconditional halves first: pass adapter "*" is every adapter, None none."""
-    on = {a: torch.tensor([float(p == "*" or p == a) for p in pass_adapters]).repeat_interleave(n) for a in adapters}
+    on = {a: torch.tensor([float(p == "*" or p == a or (isinstance(p, tuple) and a in p)) for p in pass_adapters])
+          .repeat_interleave(n) for a in adapters}
     return {a: torch.cat([g, g]) for a, g in on.items()}
 
 
@@ -304,8 +305,10 @@ def region_weights(pipe, regions: list[Region], height: int | None = None,
     unet, f = pipe.unet, pipe.vae_scale_factor
     native = unet.config.sample_size * f
     height, width = height or native, width or native
-    masks = region_masks([r.where for r in regions], (height, width))
-    m = F.interpolate(masks[:, None].float(), size=(height // f, width // f), mode="area")  # (R, 1, h, w)
+    ext = extents(regions)
+    masks = region_masks([r.where for r in regions], (height, width), **ext)
+    own = exclusive_masks(masks, ext.get("within"))  # a wearer's pass leaves the hat's pixels to the hat's
+    m = F.interpolate(own[:, None].float(), size=(height // f, width // f), mode="area")  # (R, 1, h, w)
     m = m / m.sum(0, keepdim=True).clamp_min(1.0)  # overlaps share
     rest = (1 - m.sum(0)).clamp_min(0)  # (1, s, s): the background
     return m.to(unet.device, unet.dtype), rest.to(unet.device, unet.dtype), masks

@@ -125,29 +125,84 @@ def region_mask(spec, size) -> np.ndarray:
     return a
 
 
-def region_masks(specs, size=64) -> torch.Tensor:
+#: the region spec of a global concept (a place): every pixel that no local concept's region covers
+BACKGROUND = "background"
+
+
+#: the kinds of concept that may nest inside another's region (a hat, a jacket); people and pets may not
+NESTING_KINDS = ("wearable",)
+
+
+def region_masks(specs, size=64, within=None, kinds=None) -> torch.Tensor:
     """Validated masks (R, height, width) of ``specs`` (``size``: one side of a square, or (height, width)): at
-    least one region, none all zero, no region lying
-    entirely inside another, and no two overlapping by more than ``MAX_OVERLAP`` of the smaller one (a pixel
-    claimed by two concepts is where they mix). A thin shared edge, as hand-drawn masks have, is allowed: its
-    pixels read both concepts, and the passes' noise predictions are averaged there."""
+    least one region, none all zero, no region lying entirely inside another, and no two overlapping by more than
+    ``MAX_OVERLAP`` of the smaller one (a pixel claimed by two concepts is where they mix). A thin shared edge, as
+    hand-drawn masks have, is allowed: its pixels read both concepts, and the passes' noise predictions are averaged
+    there.
+
+    Extent (notebook 09): the spec ``"background"`` (``BACKGROUND``, at most one) is a global concept's region,
+    every pixel outside the local regions; ``within[i] = j`` nests region i inside local region j (a hat inside its
+    wearer's region): it must lie inside region j (all but ``MAX_OVERLAP`` of it), it is exempt from the overlap rule
+    with its parent only, and the parent keeps the pixels the nested region leaves it (``exclusive_masks``).
+    ``kinds``: each region's concept kind when known ("person", "animal", "wearable", "place"...): only a
+    ``NESTING_KINDS`` concept may be nested (two people may not)."""
     specs = list(specs)
     if not specs:
         raise RegionError("no regions given: name at least one (e.g. 'left'), a box 'x0,y0,x1,y1' or a mask")
-    masks = torch.from_numpy(np.stack([region_mask(s, size) for s in specs]))
+    within = list(within) if within is not None else [None] * len(specs)
+    if len(within) != len(specs):
+        raise RegionError(f"within has {len(within)} entries for {len(specs)} regions: give one per region (None: "
+                          "not nested)")
+    is_bg = [isinstance(s, str) and s == BACKGROUND for s in specs]
+    if sum(is_bg) > 1:
+        raise RegionError("more than one 'background' region: one global concept (a place) takes the background; "
+                          "give the others regions of their own")
+    for i, j in enumerate(within):
+        if j is None:
+            continue
+        if not (isinstance(j, int) and 0 <= j < len(specs)) or j == i:
+            raise RegionError(f"region {i} is nested in {j!r}: give the index of another region (0..{len(specs) - 1})")
+        if is_bg[i] or is_bg[j]:
+            raise RegionError(f"region {i} is nested in region {j}, but the background nests in nothing and holds no "
+                              "nested region: nest a wearable in its wearer's region")
+        if within[j] is not None:
+            raise RegionError(f"region {i} is nested in region {j}, which is itself nested: nest it in the wearer")
+        kind = (kinds or [None] * len(specs))[i]
+        if kind is not None and kind not in NESTING_KINDS:
+            raise RegionError(f"region {i} is a {kind} nested in region {j}: only a wearable ({', '.join(NESTING_KINDS)})"
+                              f" nests in its wearer's region; a {kind} needs a place of its own")
+    h, w = hw(size)
+    local = [region_mask(s, size) if not bg else np.zeros((h, w), np.float32) for s, bg in zip(specs, is_bg)]
+    masks = torch.from_numpy(np.stack(local))
+    if any(is_bg):
+        covered = masks[[k for k in range(len(specs)) if not is_bg[k]]].amax(0) if len(specs) > 1 else torch.zeros(h, w)
+        masks[is_bg.index(True)] = 1 - covered
     hard = masks >= 0.5
     for i, m in enumerate(hard):
         if not m.any():
+            if is_bg[i]:
+                raise RegionError("the local regions cover the whole image: the 'background' has no pixel left; "
+                                  "shrink them")
             raise RegionError(f"region {i} ({_describe(specs[i])}) covers less than half a pixel at "
-                              f"{hw(size)[1]}x{hw(size)[0]}: "
-                              "make it larger")
+                              f"{hw(size)[1]}x{hw(size)[0]}: make it larger")
+    for i, j in enumerate(within):
+        if j is not None:
+            outside = int((hard[i] & ~hard[j]).sum())
+            if outside > MAX_OVERLAP * int(hard[i].sum()):
+                raise RegionError(f"region {i} ({_describe(specs[i])}) is nested in region {j} "
+                                  f"({_describe(specs[j])}) but {outside / int(hard[i].sum()):.0%} of it lies outside "
+                                  f"(at most {MAX_OVERLAP:.0%}): draw it inside its wearer's region")
+    nested = {(i, j) for i, j in enumerate(within) if j is not None}
     for i in range(len(specs)):
         for j in range(len(specs)):
-            if i != j and (hard[i] <= hard[j]).all():
+            if i != j and not is_bg[i] and not is_bg[j] and (i, j) not in nested and (hard[i] <= hard[j]).all():
                 raise RegionError(f"region {i} ({_describe(specs[i])}) lies entirely inside region {j} "
-                                  f"({_describe(specs[j])}): give each concept a place of its own")
+                                  f"({_describe(specs[j])}): give each concept a place of its own, or nest it "
+                                  f"(within[{i}] = {j}) when it is worn by region {j}'s concept")
     for i in range(len(specs)):
         for j in range(i + 1, len(specs)):
+            if is_bg[i] or is_bg[j] or (i, j) in nested or (j, i) in nested:
+                continue
             shared = int((hard[i] & hard[j]).sum())
             smaller = int(min(hard[i].sum(), hard[j].sum()))
             if shared > MAX_OVERLAP * smaller:
@@ -155,6 +210,17 @@ def region_masks(specs, size=64) -> torch.Tensor:
                                   f"{shared / smaller:.0%} of the smaller one (at most {MAX_OVERLAP:.0%} allowed): the "
                                   "two concepts would mix there; trim the boxes so that each concept has its own place")
     return masks
+
+
+def exclusive_masks(masks: torch.Tensor, within=None) -> torch.Tensor:
+    """Each pixel's owner: ``masks`` (R, H, W) from ``region_masks`` with every nested region's pixels taken out of
+    its parent (the wearer keeps their region less the hat's), so that no two regions but at a drawn edge share a
+    pixel."""
+    out = masks.clone()
+    for i, j in enumerate(within or []):
+        if j is not None:
+            out[j] = (out[j] - masks[i]).clamp_min(0)
+    return out
 
 
 def _describe(spec) -> str:

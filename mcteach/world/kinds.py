@@ -1,0 +1,169 @@
+"""Concepts of other kinds and extents (notebook 09): a **place** that fills the frame behind everyone, and a
+**wearable** that sits inside its wearer's region. The world's people, animals, food and objects are local concepts:
+one object on a plain background. Neither kind below is anything the world ever drew: a place is a background made
+of elements the world does not have (a sky, a lawn, a house with a garden, a tree, a cloud), a wearable an item it
+does not have (a billed cap), drawn on the world's people.
+
+    >>> place_folder = make_place_set("/tmp/cottage", PLACES["cottage_garden"])        # doctest: +SKIP
+    >>> cap_folder = make_wearable_set("/tmp/cap", WEARABLES["billed_cap"])             # doctest: +SKIP
+
+Each set is an ordinary concept folder (``concepts.load_concept`` reads it) whose ``concept.json`` says its
+``category`` ("place" or "wearable") and its ``extent`` ("global" or "nested"). A place's masks are the whole frame;
+a wearable's mask is the item's own pixels, and ``NN_wearer_mask.png`` beside it the wearer's (the item inside).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import scenes
+from .concepts import POSITION_CYCLE
+from .regions import POSITIONS, region_box
+
+
+@dataclass(frozen=True)
+class Place:
+    """A scene: a sky over a ground, and emoji elements standing on the horizon or floating in the sky. Each
+    element: (characters, x of its centre, y of its bottom, height), fractions of the image."""
+    name: str
+    sky: tuple[int, int, int]
+    ground: tuple[int, int, int]
+    horizon: float  # where the ground starts, a fraction of the height
+    elements: tuple[tuple[str, float, float, float], ...]
+    class_word: str = "house"
+
+
+@dataclass(frozen=True)
+class Wearable:
+    """An item worn on the head: its characters, its width as a share of its wearer's, and how far it sinks onto
+    the head (a share of its own height)."""
+    name: str
+    chars: str
+    width: float = 0.8
+    sink: float = 0.35
+    class_word: str = "hat"
+
+
+#: places none of the world's images has: every element is an emoji the world never drew
+PLACES = {
+    "cottage_garden": Place("cottage garden", sky=(150, 200, 240), ground=(110, 170, 90), horizon=0.62,
+                            elements=(("🏡", 0.74, 0.70, 0.40), ("🌳", 0.22, 0.72, 0.46), ("☁", 0.45, 0.26, 0.16))),
+    "mountain_lake": Place("mountain lake", sky=(250, 200, 150), ground=(70, 120, 190), horizon=0.66,
+                           elements=(("⛰", 0.35, 0.68, 0.42), ("🏔", 0.75, 0.68, 0.36), ("🛶", 0.60, 0.90, 0.16))),
+}
+#: the world's people who wear nothing on their heads already (not a police officer, a cook, a builder)
+BARE_HEADED = ("woman", "man", "person", "boy", "girl")
+#: wearables the world never drew
+WEARABLES = {"billed_cap": Wearable("billed cap", "🧢"), "graduation_cap": Wearable("graduation cap", "🎓", 0.9, 0.3)}
+
+
+def render_place(place: Place, rng: random.Random, size: int = scenes.IMAGE_SIZE) -> Image.Image:
+    """One view of ``place``: the camera pans a little (every element shifts together, up to 6% of the width),
+    the horizon moves up to 3%, the elements' sizes vary by up to 8% and the colours by up to 8 levels."""
+    pan, tilt = rng.uniform(-0.06, 0.06), rng.uniform(-0.03, 0.03)
+    jitter = lambda c: tuple(int(np.clip(v + rng.randint(-8, 8), 0, 255)) for v in c)  # noqa: E731
+    canvas = Image.new("RGBA", (size, size), jitter(place.sky) + (255,))
+    horizon = round((place.horizon + tilt) * size)
+    canvas.paste(Image.new("RGBA", (size, size - horizon), jitter(place.ground) + (255,)), (0, horizon))
+    for chars, x, bottom, height in place.elements:
+        g = scenes.glyph(chars)
+        h = max(1, round(height * rng.uniform(0.92, 1.08) * size))
+        w = max(1, round(g.size[0] * h / g.size[1]))
+        small = g.convert("RGBa").resize((w, h), Image.LANCZOS).convert("RGBA")
+        layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+        layer.paste(small, (round((x + pan) * size - w / 2), round((bottom + tilt) * size) - h))
+        canvas = Image.alpha_composite(canvas, layer)
+    return canvas.convert("RGB")
+
+
+def wear(person: scenes.Emoji, item: Wearable, position: str, rng: random.Random,
+         size: int = scenes.IMAGE_SIZE) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """``person`` at ``position`` (as the world draws one object there) wearing ``item`` on the head: the image,
+    the item's mask and the wearer's mask (the person and the item), float (size, size) in [0, 1]."""
+    scene = scenes.render_scene([(person, position)], rng=rng, size=size)
+    body = scene.masks[0] >= 0.5
+    ys, xs = np.nonzero(body)
+    x0, x1, top = xs.min(), xs.max() + 1, ys.min()
+    g = scenes.glyph(item.chars)
+    w = max(1, round(item.width * (x1 - x0)))
+    h = max(1, round(g.size[1] * w / g.size[0]))
+    small = g.convert("RGBa").resize((w, h), Image.LANCZOS).convert("RGBA")
+    layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    layer.paste(small, (round((x0 + x1) / 2 - w / 2), max(0, round(top - (1 - item.sink) * h))))
+    image = Image.alpha_composite(scene.image.convert("RGBA"), layer).convert("RGB")
+    hat = np.asarray(layer.getchannel("A"), dtype=np.float32) / 255.0
+    return image, hat, np.maximum(scene.masks[0], hat)
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.round(mask * 255).astype(np.uint8)).save(path, optimize=True)
+
+
+def _write_set(folder: Path, meta: dict, entries: list[dict]) -> Path:
+    (folder / "concept.json").write_text(json.dumps(meta | {"images": entries, "source": "Noto Color Emoji",
+                                                           "license": "Apache-2.0 (images), OFL-1.1 (font)"},
+                                                    indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+def _fresh(folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("[0-9][0-9]*.png"):  # a smaller n leaves no stale images
+        old.unlink()
+    return folder
+
+
+def make_place_set(folder: str | Path, place: Place = PLACES["cottage_garden"], *, slug: str | None = None,
+                   n: int = 6, seed: int = 0) -> Path:
+    """Render ``n`` views of ``place`` into ``folder`` (a concept set of category "place", extent "global"): each
+    mask the whole frame, each caption "a <its name>" (training puts the concept's phrase there)."""
+    folder = _fresh(folder)
+    slug = slug or folder.name
+    entries = []
+    for i in range(n):
+        render_place(place, random.Random(f"{slug}/{seed}/{i}")).save(folder / f"{i:02d}.png", optimize=True)
+        _save_mask(np.ones((scenes.IMAGE_SIZE, scenes.IMAGE_SIZE), np.float32), folder / f"{i:02d}_mask.png")
+        entries.append({"file": f"{i:02d}.png", "mask": f"{i:02d}_mask.png", "position": "centre",
+                        "caption": f"a {place.name}"})
+    chars = "".join(c for c, *_ in place.elements)
+    return _write_set(folder, {"name": place.name, "slug": slug, "chars": chars, "category": "place",
+                               "extent": "global", "class_word": place.class_word,
+                               "unicode_names": [unicodedata.name(c, "?") for c in chars]}, entries)
+
+
+def make_wearable_set(folder: str | Path, item: Wearable = WEARABLES["billed_cap"], *, wearers=None,
+                      slug: str | None = None, n: int = 6, seed: int = 0) -> Path:
+    """Render ``n`` images of the world's people wearing ``item`` into ``folder`` (category "wearable", extent
+    "nested"): image ``i`` shows a different wearer (``wearers``, default the world's bare-headed people) at
+    ``POSITION_CYCLE[i % 5]``; its mask is the item's, ``NN_wearer_mask.png`` the wearer's."""
+    folder = _fresh(folder)
+    slug = slug or folder.name
+    people = list(wearers or [e for e in scenes.BASE_CLASSES if e.category == "person"
+                              and e.name.split()[0] in BARE_HEADED])
+    entries = []
+    for i in range(n):
+        rng = random.Random(f"{slug}/{seed}/{i}")
+        who, position = rng.choice(people), POSITION_CYCLE[i % len(POSITION_CYCLE)]
+        image, hat, wearer = wear(who, item, position, rng)
+        image.save(folder / f"{i:02d}.png", optimize=True)
+        _save_mask(hat, folder / f"{i:02d}_mask.png")
+        _save_mask(wearer, folder / f"{i:02d}_wearer_mask.png")
+        entries.append({"file": f"{i:02d}.png", "mask": f"{i:02d}_mask.png", "wearer": f"{i:02d}_wearer_mask.png",
+                        "position": position, "caption": f"a {who.name} with a {item.name} {POSITIONS[position]}"})
+    return _write_set(folder, {"name": item.name, "slug": slug, "chars": item.chars, "category": "wearable",
+                               "extent": "nested", "class_word": item.class_word,
+                               "unicode_names": [unicodedata.name(c, "?") for c in item.chars]}, entries)
+
+
+def make_kind_sets(out: str | Path, *, n: int = 6, seed: int = 0) -> list[Path]:
+    """Render every place of ``PLACES`` and wearable of ``WEARABLES`` into ``out/<slug>/``; return the folders."""
+    return ([make_place_set(Path(out) / slug, place, n=n, seed=seed) for slug, place in PLACES.items()]
+            + [make_wearable_set(Path(out) / slug, item, n=n, seed=seed) for slug, item in WEARABLES.items()])
