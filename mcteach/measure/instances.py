@@ -51,6 +51,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from ..world import scenes
+from ..world.pixels import background, components, foreground  # noqa: F401 (part of this module's API)
 from ..world.regions import region_mask
 from .metrics import OUTCOMES, bootstrap_ci
 
@@ -81,30 +82,6 @@ class InstanceResult:
     @property
     def count_ok(self) -> bool:
         return len(self.instances) == len(self.intended)
-
-
-def background(image: Image.Image) -> np.ndarray:
-    """The background colour (3,): the median of the border pixels."""
-    x = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return np.median(np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]]), axis=0)
-
-
-def foreground(image: Image.Image, threshold: float = 30.0) -> np.ndarray:
-    """(H, W) bool: the pixels whose colour is more than ``threshold`` from the ``background`` colour."""
-    x = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return np.linalg.norm(x - background(image), axis=-1) > threshold
-
-
-def components(mask: np.ndarray, min_area: int = 50, gap: int = 1) -> list[np.ndarray]:
-    """The objects of a foreground ``mask``, largest first: after a 3x3 opening (specks and thin bridges go),
-    parts at most ``2 * gap`` pixels apart are one object (an emoji's face and shirt, split by a colour close to the
-    background's), and objects under ``min_area`` pixels are dropped (a texture in a generated background)."""
-    eight = np.ones((3, 3), bool)
-    opened = ndimage.binary_opening(mask, structure=eight)
-    joined = ndimage.binary_dilation(opened, structure=eight, iterations=gap) if gap > 0 else opened  # 0: until stable
-    grouped, n = ndimage.label(joined, structure=eight)
-    parts = [opened & (grouped == i) for i in range(1, n + 1)]
-    return sorted((p for p in parts if p.sum() >= min_area), key=lambda p: -int(p.sum()))
 
 
 def crop_box(part: np.ndarray, margin: float = 1.6, min_crop: int = 16) -> tuple[int, int, int, int]:

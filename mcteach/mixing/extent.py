@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..measure.instances import components, foreground
+from ..world.pixels import components, foreground
 from ..world.regions import BACKGROUND, RegionError, region_mask
 from .masking import Region
 from .passes import INFERENCE_FIX, RegionPasses, region_passes
