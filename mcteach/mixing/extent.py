@@ -76,7 +76,7 @@ def place_generate(pipe, prompt: str, regions: list[Region], *, seeds: list[int]
         raise ValueError("place_generate composes with region passes on the model's own canvas (passes.INFERENCE_FIX)")
     place = regions[places[0]]
     local = [r for k, r in enumerate(regions) if k != places[0]]
-    on = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") and local[0].adapters else []
+    on = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") and any(r.adapters for r in regions) else []
     keep = [a for a in on if a not in place.adapters]
     images, first, shapes = [], [], []
     try:
