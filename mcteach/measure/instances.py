@@ -240,8 +240,10 @@ def _centred(pixels: np.ndarray, part: np.ndarray, size: int, bg: np.ndarray) ->
     background colour beyond the image's edge)."""
     ys, xs = np.nonzero(part)
     cy, cx = (ys.min() + ys.max() + 1) // 2, (xs.min() + xs.max() + 1) // 2
-    padded = np.pad(pixels, ((size, size), (size, size), (0, 0)))
-    padded[:size], padded[-size:], padded[:, :size], padded[:, -size:] = bg, bg, bg, bg
+    h, w = part.shape
+    padded = np.empty((h + 2 * size, w + 2 * size, 3), np.uint8)
+    padded[:] = bg
+    padded[size:size + h, size:size + w] = pixels
     y0, x0 = cy + size - size // 2, cx + size - size // 2
     return Image.fromarray(padded[y0:y0 + size, x0:x0 + size])
 

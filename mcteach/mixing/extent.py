@@ -6,7 +6,7 @@ every pixel buries the people. So the place is composed in two stages, from the 
 
 1. **The local concepts as they know themselves**: the passes fix with the local regions only (each pass its own
    adapter, the place's off), on a plain background. Each concept's *silhouette* is the foreground inside its region
-   (``instances.foreground``: the pixels far from the background colour), its largest piece, holes filled, grown by
+   (``world.pixels.foreground``: the pixels far from the background colour), its largest piece, holes filled, grown by
    ``grow`` pixels.
 2. **The place around them**: the passes again, each local concept's pass inside its silhouette and the place's pass
    (its adapter and prompt) on every other pixel (``regions.BACKGROUND``). Bootstrapping lets each local pass see a
@@ -46,9 +46,8 @@ class PlaceResult:
 def silhouettes(image: Image.Image, wheres, grow: int = 2) -> list[np.ndarray]:
     """Each region's silhouette in ``image`` (a plain background): the foreground inside the region, its largest
     piece, holes filled, grown by ``grow`` pixels within the region; where two silhouettes meet, the pixel stays the
-    first's. A
-    region with no foreground keeps its whole area (the concept was not drawn: its pass then runs where it was
-    asked)."""
+    first's. A region with no foreground keeps its whole area (the concept was not drawn: its pass then runs where
+    it was asked)."""
     h, w = image.height, image.width
     fg = foreground(image)
     out, taken = [], np.zeros((h, w), bool)

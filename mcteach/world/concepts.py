@@ -242,11 +242,8 @@ def make_concept_set(emoji: scenes.Emoji, class_word: str, folder: str | Path, *
     generator seeded by (slug, seed, i): the same files every time. Any emoji works, including a base
     class the model already draws (notebook 02 uses one as a control).
     """
-    folder = Path(folder)
+    folder = set_folder(folder)
     slug = slug or folder.name
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("[0-9][0-9]*.png"):  # a smaller --n leaves no stale images
-        old.unlink()
     entries = []
     for i in range(n):
         position = POSITION_CYCLE[i % len(POSITION_CYCLE)]
@@ -263,11 +260,24 @@ def make_concept_set(emoji: scenes.Emoji, class_word: str, folder: str | Path, *
         "unicode_names": [unicodedata.name(ch) for ch in emoji.chars],
         "category": emoji.category,
         "class_word": class_word,
-        "images": entries,
-        "source": "Noto Color Emoji",
-        "license": "Apache-2.0 (images), OFL-1.1 (font)",
     }
-    (folder / "concept.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return write_card(folder, meta, entries)
+
+
+def set_folder(folder: str | Path) -> Path:
+    """``folder``, created, without the numbered images of an earlier set (a smaller ``n`` leaves none stale)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("[0-9][0-9]*.png"):
+        old.unlink()
+    return folder
+
+
+def write_card(folder: Path, meta: dict, entries: list[dict]) -> Path:
+    """Write a rendered set's ``concept.json``: ``meta``, its images' ``entries`` and the emoji's source and
+    license; return the folder."""
+    card = meta | {"images": entries, "source": "Noto Color Emoji", "license": "Apache-2.0 (images), OFL-1.1 (font)"}
+    (folder / "concept.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return folder
 
 

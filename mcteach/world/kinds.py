@@ -14,7 +14,6 @@ a wearable's mask is the item's own pixels, and ``NN_wearer_mask.png`` beside it
 
 from __future__ import annotations
 
-import json
 import random
 import unicodedata
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from . import scenes
-from .concepts import POSITION_CYCLE
-from .regions import POSITIONS, region_box
+from .concepts import POSITION_CYCLE, set_folder, write_card
+from .regions import POSITIONS
 
 
 @dataclass(frozen=True)
@@ -106,26 +105,11 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(np.round(mask * 255).astype(np.uint8)).save(path, optimize=True)
 
 
-def _write_set(folder: Path, meta: dict, entries: list[dict]) -> Path:
-    (folder / "concept.json").write_text(json.dumps(meta | {"images": entries, "source": "Noto Color Emoji",
-                                                           "license": "Apache-2.0 (images), OFL-1.1 (font)"},
-                                                    indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return folder
-
-
-def _fresh(folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("[0-9][0-9]*.png"):  # a smaller n leaves no stale images
-        old.unlink()
-    return folder
-
-
 def make_place_set(folder: str | Path, place: Place = PLACES["cottage_garden"], *, slug: str | None = None,
                    n: int = 6, seed: int = 0) -> Path:
     """Render ``n`` views of ``place`` into ``folder`` (a concept set of category "place", extent "global"): each
     mask the whole frame, each caption "a <its name>" (training puts the concept's phrase there)."""
-    folder = _fresh(folder)
+    folder = set_folder(folder)
     slug = slug or folder.name
     entries = []
     for i in range(n):
@@ -134,7 +118,7 @@ def make_place_set(folder: str | Path, place: Place = PLACES["cottage_garden"], 
         entries.append({"file": f"{i:02d}.png", "mask": f"{i:02d}_mask.png", "position": "centre",
                         "caption": f"a {place.name}"})
     chars = "".join(c for c, *_ in place.elements)
-    return _write_set(folder, {"name": place.name, "slug": slug, "chars": chars, "category": "place",
+    return write_card(folder, {"name": place.name, "slug": slug, "chars": chars, "category": "place",
                                "extent": "global", "class_word": place.class_word,
                                "unicode_names": [unicodedata.name(c, "?") for c in chars]}, entries)
 
@@ -144,7 +128,7 @@ def make_wearable_set(folder: str | Path, item: Wearable = WEARABLES["billed_cap
     """Render ``n`` images of the world's people wearing ``item`` into ``folder`` (category "wearable", extent
     "nested"): image ``i`` shows a different wearer (``wearers``, default the world's bare-headed people) at
     ``POSITION_CYCLE[i % 5]``; its mask is the item's, ``NN_wearer_mask.png`` the wearer's."""
-    folder = _fresh(folder)
+    folder = set_folder(folder)
     slug = slug or folder.name
     people = list(wearers or [e for e in scenes.BASE_CLASSES if e.category == "person"
                               and e.name.split()[0] in BARE_HEADED])
@@ -158,7 +142,7 @@ def make_wearable_set(folder: str | Path, item: Wearable = WEARABLES["billed_cap
         _save_mask(wearer, folder / f"{i:02d}_wearer_mask.png")
         entries.append({"file": f"{i:02d}.png", "mask": f"{i:02d}_mask.png", "wearer": f"{i:02d}_wearer_mask.png",
                         "position": position, "caption": f"a {who.name} with a {item.name} {POSITIONS[position]}"})
-    return _write_set(folder, {"name": item.name, "slug": slug, "chars": item.chars, "category": "wearable",
+    return write_card(folder, {"name": item.name, "slug": slug, "chars": item.chars, "category": "wearable",
                                "extent": "nested", "class_word": item.class_word,
                                "unicode_names": [unicodedata.name(c, "?") for c in item.chars]}, entries)
 
