@@ -1,8 +1,10 @@
 """Regions that know their concept's extent (notebook 09): a global concept in the background, a wearable nested in
 its wearer's region, and the errors that keep two people apart."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mcteach.world.regions import BACKGROUND, RegionError, exclusive_masks, region_masks
 
@@ -96,5 +98,46 @@ def test_place_generate_needs_one_background_and_one_local_region(random_pipe):
     r = place_generate(random_pipe, "a woman on the left",
                        [Region("left", "a woman on the left", kind="person"), Region(BACKGROUND, "a house", kind="place")],
                        seeds=[0, 1], steps=2)
-    assert len(r.images) == len(r.first) == len(r.silhouettes) == 2 and r.images[0].size == (64, 64)
+    assert len(r.images) == len(r.first) == len(r.places) == len(r.silhouettes) == 2 and r.images[0].size == (64, 64)
     assert all(s[0][:, 32:].sum() == 0 for s in r.silhouettes)   # a silhouette stays inside its region
+    for image, front, back, (sil,) in zip(r.images, r.first, r.places, r.silhouettes):
+        inside = sil >= 0.5
+        assert (np.asarray(image)[inside] == np.asarray(front)[inside]).all()
+        assert (np.asarray(image)[~inside] == np.asarray(back)[~inside]).all()
+    with pytest.raises(ValueError, match="harmonise"):
+        place_generate(random_pipe, "a woman", [Region("left", "a woman"), Region(BACKGROUND, "a house")], seeds=[0],
+                       harmonise=1.0)
+    again = place_generate(random_pipe, "a woman on the left",
+                           [Region("left", "a woman on the left", kind="person"), Region(BACKGROUND, "a house", kind="place")],
+                           seeds=[0], steps=2, harmonise=0.5)
+    assert np.abs(np.asarray(again.images[0], float) - np.asarray(r.images[0], float)).mean() > 0
+
+
+def test_composite_takes_the_front_inside_the_silhouettes():
+    from mcteach.mixing.extent import composite
+
+    front, back = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    a, b = np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)
+    a[1:3, 1:3], b[5:7, 4:8] = 1, 1
+    out = np.asarray(composite(front, back, [a, b]))
+    assert (out[(a + b) > 0] == (255, 0, 0)).all() and (out[(a + b) == 0] == (0, 0, 255)).all()
+    assert (out[0, 0] == (0, 0, 255)).all() and (out[6, 7] == (255, 0, 0)).all()
+
+
+def test_region_passes_from_a_start_rerun_the_last_steps(random_pipe):
+    from mcteach.mixing.masking import Region
+    from mcteach.mixing.passes import INFERENCE_FIX, region_passes
+    from mcteach.sd import parts
+
+    regions = [Region("left", "a woman"), Region("right", "a man")]
+    start = parts.encode_images(random_pipe, [Image.new("RGB", (64, 64), (200, 120, 40))])
+    target = np.asarray(parts.decode_latents(random_pipe, start)[0], float)
+    near = region_passes(random_pipe, "a couple", regions, fix=INFERENCE_FIX, seeds=[0], steps=10, start=start,
+                         strength=0.1)[0]
+    far = region_passes(random_pipe, "a couple", regions, fix=INFERENCE_FIX, seeds=[0], steps=10, start=start,
+                        strength=1.0)[0]
+    assert np.abs(np.asarray(near, float) - target).mean() < np.abs(np.asarray(far, float) - target).mean()
+    with pytest.raises(ValueError, match="strength"):
+        region_passes(random_pipe, "a couple", regions, fix=INFERENCE_FIX, seeds=[0], steps=2, start=start, strength=0)
+    with pytest.raises(ValueError, match="do not match"):
+        region_passes(random_pipe, "a couple", regions, fix=INFERENCE_FIX, seeds=[0, 1], steps=2, start=start)

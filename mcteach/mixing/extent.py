@@ -1,23 +1,25 @@
 """A global concept behind local ones (notebook 09): the couple in their garden.
 
-A place's adapter draws the whole frame; a person's adapter has only ever drawn a person on a plain background. One
-pass per region with box regions (``passes``) leaves each person on a plain rectangle, and the place's adapter on
-every pixel buries the people. So the place is composed in two stages, from the same initial noise:
+A place's adapter draws the whole frame; a person's adapter has only ever drawn a person on a plain background. A
+place is not a region beside the people but a *layer* behind them, so it is composed as one, from the same seed:
 
 1. **The local concepts as they know themselves**: the passes fix with the local regions only (each pass its own
    adapter, the place's off), on a plain background. Each concept's *silhouette* is the foreground inside its region
-   (``world.pixels.foreground``: the pixels far from the background colour), its largest piece, holes filled, grown by
-   ``grow`` pixels.
-2. **The place around them**: the passes again, each local concept's pass inside its silhouette and the place's pass
-   (its adapter and prompt) on every other pixel (``regions.BACKGROUND``). Bootstrapping lets each local pass see a
-   plain background outside its silhouette early on, as in stage 1, so the same person forms in the same place.
+   (``world.pixels.foreground``: the pixels far from the background colour), its largest piece, holes filled.
+2. **The place as it knows itself**: the place's adapter alone (every other off) and the place's own prompt, on the
+   whole frame.
+3. **The people in front**: each silhouette's pixels from stage 1, every other pixel from stage 2.
+
+``harmonise`` (a fraction of the steps) then runs the passes once more from the composite (SDEdit): each local pass
+inside its silhouette, the place's pass on the background (``regions.BACKGROUND``). Notebook 09 measures what it
+costs: the place's pass sees the people and draws its tree and house across them.
 
     >>> regions = [Region("left", "a cpd woman on the left", adapter="woman"),                  # doctest: +SKIP
     ...            Region("right", "a tkb man on the right", adapter="man"),
     ...            Region("background", "a rgs house", adapter="garden", kind="place")]
     >>> result = place_generate(pipe, "a cpd woman on the left and a tkb man on the right", regions, seeds=[0])
 
-Cost: two generations (stage 1 is one too).
+Cost: the passes once (stage 1) and one plain generation (stage 2).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..sd import parts
+from ..sd.pipeline import generate
 from ..world.pixels import components, foreground
 from ..world.regions import BACKGROUND, RegionError, region_mask
 from .masking import Region
@@ -36,10 +40,12 @@ from .passes import INFERENCE_FIX, RegionPasses, region_passes
 
 @dataclass
 class PlaceResult:
-    """The images with the place, the stage-1 images (the local concepts on a plain background) and, per image,
-    each local concept's silhouette (float (H, W) masks, in the order of the local regions)."""
+    """The images with the place, the stage-1 images (the local concepts on a plain background), the stage-2 images
+    (the place alone) and, per image, each local concept's silhouette (float (H, W) masks, in the order of the local
+    regions)."""
     images: list[Image.Image]
     first: list[Image.Image]
+    places: list[Image.Image]
     silhouettes: list[list[np.ndarray]]
 
 
@@ -63,35 +69,56 @@ def silhouettes(image: Image.Image, wheres, grow: int = 2) -> list[np.ndarray]:
     return out
 
 
+def composite(front: Image.Image, back: Image.Image, shapes: list[np.ndarray]) -> Image.Image:
+    """``front``'s pixels inside any of the silhouettes ``shapes`` (float (H, W) masks), ``back``'s elsewhere."""
+    inside = np.max(np.stack(shapes), axis=0)[..., None] >= 0.5
+    return Image.fromarray(np.where(inside, np.asarray(front.convert("RGB")), np.asarray(back.convert("RGB"))))
+
+
 def place_generate(pipe, prompt: str, regions: list[Region], *, seeds: list[int], fix: RegionPasses = INFERENCE_FIX,
-                   grow: int = 2, **sampling) -> PlaceResult:
-    """The local ``regions`` drawn on the place of the one region whose ``where`` is ``"background"`` (see the
-    module docstring). ``prompt``: the local concepts' prompt (the place's pass reads its own region's prompt)."""
+                   grow: int = 0, harmonise: float = 0.0, **sampling) -> PlaceResult:
+    """The local ``regions`` drawn in front of the place of the one region whose ``where`` is ``"background"`` (see
+    the module docstring). ``prompt``: the local concepts' prompt (the place is drawn from its own region's prompt).
+    ``grow``: pixels added around each silhouette; ``harmonise``: the fraction of the steps run again on the
+    composite (0: none)."""
     places = [k for k, r in enumerate(regions) if isinstance(r.where, str) and r.where == BACKGROUND]
     if len(places) != 1 or len(regions) < 2:
         raise RegionError("place_generate needs one region 'background' (the place) and at least one local region "
                           f"(got {len(places)} background region(s) among {len(regions)})")
     if not isinstance(fix, RegionPasses) or fix.window:
         raise ValueError("place_generate composes with region passes on the model's own canvas (passes.INFERENCE_FIX)")
+    if not 0 <= harmonise < 1:
+        raise ValueError(f"harmonise is a fraction of the steps in [0, 1) (got {harmonise})")
     place = regions[places[0]]
     local = [r for k, r in enumerate(regions) if k != places[0]]
     on = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") and any(r.adapters for r in regions) else []
     keep = [a for a in on if a not in place.adapters]
-    images, first, shapes = [], [], []
+    images, first, backs, shapes = [], [], [], []
     try:
         for seed in seeds:
             if on:
                 pipe.set_adapters(keep)  # stage 1: the place's adapter off, even in the background's pass
             (plain,) = region_passes(pipe, prompt, local, fix=fix, seeds=[seed], **sampling)
+            if on and place.adapters:  # stage 2: the place's adapter alone
+                pipe.set_adapters(list(place.adapters))
+            elif on:
+                pipe.disable_lora()
+            (back,) = generate(pipe, place.prompt, seed=seed, **sampling)
             if on:
+                pipe.enable_lora()
                 pipe.set_adapters(on)
             sil = silhouettes(plain, [r.where for r in local], grow)
-            staged = [replace(r, where=m) for r, m in zip(local, sil)] + [place]
-            (image,) = region_passes(pipe, prompt, staged, fix=fix, seeds=[seed], **sampling)
+            image = composite(plain, back, sil)
+            if harmonise > 0:
+                staged = [replace(r, where=m) for r, m in zip(local, sil)] + [place]
+                (image,) = region_passes(pipe, prompt, staged, fix=fix, seeds=[seed], strength=harmonise,
+                                         start=parts.encode_images(pipe, [image]), **sampling)
             images.append(image)
             first.append(plain)
+            backs.append(back)
             shapes.append(sil)
     finally:
         if on:
+            pipe.enable_lora()
             pipe.set_adapters(on)
-    return PlaceResult(images, first, shapes)
+    return PlaceResult(images, first, backs, shapes)

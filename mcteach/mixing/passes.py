@@ -92,7 +92,8 @@ def sub_prompt(phrase: str, where, fix: RegionPasses | AttentionMasks | None = N
 
 @torch.no_grad()
 def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses, seeds: list[int], steps: int = 25,
-                  guidance_scale: float = 5.0, height: int | None = None, width: int | None = None):
+                  guidance_scale: float = 5.0, height: int | None = None, width: int | None = None,
+                  start: torch.Tensor | None = None, strength: float = 1.0):
     """One UNet pass per region at every step, each with its own sub-prompt and only its own LoRA adapter, the
     noise predictions pasted by region (Regional Prompter's latent mode, OMG, MultiDiffusion's region-based
     generation); pixels outside every region take a pass of the global prompt with every adapter on::
@@ -112,7 +113,11 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
 
     ``height``, ``width``: the canvas in pixels (default the model's own size; multiples of the VAE's factor).
     With ``fix.window`` pass r runs on the window of the model's size centred on region r (``pass_windows``) and
-    its prediction is pasted inside the region; the background's pass, if any, runs on the whole canvas."""
+    its prediction is pasted inside the region; the background's pass, if any, runs on the whole canvas.
+
+    ``start``, ``strength`` (SDEdit): begin from the clean latents ``start`` (one per seed) noised to the step a
+    fraction ``strength`` of the way from the end, and run only the remaining steps; ``strength=1`` with no
+    ``start`` is generation from pure noise."""
 
     unet, sched = pipe.unet, pipe.scheduler
     native = unet.config.sample_size * pipe.vae_scale_factor
@@ -133,6 +138,14 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
     noise = latents / sched.init_noise_sigma
     bg = plain_backgrounds(pipe, seeds, height, width)
     sched.set_timesteps(steps, device=unet.device)
+    timesteps = sched.timesteps
+    if start is not None:
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (got {strength}): the fraction of the steps to run again")
+        if start.shape != latents.shape:
+            raise ValueError(f"start latents {tuple(start.shape)} do not match the seeds' {tuple(latents.shape)}")
+        timesteps = timesteps[steps - max(1, round(strength * steps)):]
+        latents = sched.add_noise(start.to(latents), noise, timesteps[:1])
     n = len(seeds)
     masker = RegionMasker(masks, AttentionMasks(cross="none", self_attention=True, bind_adapters=False),
                           chunk=pipe.tokenizer.model_max_length) if fix.self_attention else None
@@ -179,7 +192,7 @@ def region_passes(pipe, prompt: str, regions: list[Region], *, fix: RegionPasses
             if fix.batched and has_lora:
                 pipe.set_adapters(all_adapters)
                 stack.enter_context(gate_lora(unet, gates))
-            for i, t in enumerate(sched.timesteps):
+            for i, t in enumerate(timesteps, start=len(sched.timesteps) - len(timesteps)):
                 progress = i / len(sched.timesteps)
                 z_passes = []
                 for r in range(len(conds)):
