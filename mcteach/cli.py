@@ -47,6 +47,7 @@ import torch
 
 from . import course
 from .bench import methods as bench_methods
+from .bench import kinds as bench_kinds
 from .bench import mixing as bench_mixing
 from .files import atomic_save, write_text
 from .measure import calibration, judge, metrics
@@ -54,20 +55,21 @@ from .methods import fusion
 from .methods.adapters import load_adapters, phrases, read_adapter
 from .methods.catalog import METHODS, train_concept
 from .methods.engine import Regularizers, training_fix
+from .mixing.extent import place_generate
 from .mixing.generate import regional_generate
 from .mixing.masking import NO_FIX, SINGLE_PASS_FIX, Region
 from .mixing.layout import auto_generate
 from .mixing.passes import INFERENCE_FIX, WINDOW_FIX, canvas_for, inference_fix
-from .paths import BENCH_COSTS, BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
+from .paths import BENCH_COSTS, BENCH_KINDS, BENCH_METHODS, BENCH_MIXING, BENCH_SWEEP, CONCEPTS_DIR, EVAL_BASE, JUDGE_PATH
 from .sd import pretrain, tiny
 from .sd.pipeline import ModelNotAvailable, generate, load_pipeline
 from .world import kinds, scenes
 from .world.concepts import make_concept_sets
-from .world.regions import REGIONS, RegionError, parse_box
+from .world.regions import BACKGROUND, REGIONS, RegionError, parse_box
 
 #: the inference fixes ``generate --fix`` knows
 FIXES = {"none": NO_FIX, "inference": INFERENCE_FIX, "single": SINGLE_PASS_FIX, "auto": INFERENCE_FIX,
-         "wide": WINDOW_FIX}
+         "wide": WINDOW_FIX, "layers": INFERENCE_FIX}
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -83,7 +85,7 @@ def parse_region(text: str, metas: list[dict]) -> Region:
         raise RegionError(f"--region {text!r}: write PLACE=SUB-PROMPT, e.g. 'left=a cpd woman on the left' (places: "
                           f"{', '.join(REGIONS)}, or a box x0,y0,x1,y1 in [0, 1])")
     where = where.strip()
-    place = where if where in REGIONS else parse_box(where)
+    place = where if where in REGIONS or where == BACKGROUND else parse_box(where)
     found = [(p, m.get("adapter_name")) for m in metas for p in phrases(m).values() if p in prompt]
     phrase, adapter = max(found, key=lambda x: len(x[0])) if found else (None, None)
     return Region(place, prompt.strip(), phrase=phrase, adapter=adapter)
@@ -127,6 +129,9 @@ def _add_generate(sub) -> None:
                         "wide: three or more concepts on a canvas wide enough that each --region gets a window of the "
                         "model's size, each pass drawn on its window (passes.WINDOW_FIX, canvas_for; regions such as "
                         "left-third, or the quadrants); "
+                        "layers: a place behind the others: one --region 'background=a rgs house' (its adapter "
+                        "alone draws the whole frame), the people by their passes, their silhouettes in front "
+                        "(extent.place_generate); "
                         "none: the plain prompt; repeat to compare (e.g. --fix none --fix inference --sheet)")
     g.add_argument("--sheet", action="store_true",
                    help="write every image into one numbered PNG: a row per --fix, a column per seed, at 2x size")
@@ -143,7 +148,7 @@ def _generate(a) -> None:
                 if phrase not in a.prompt:
                     print(f"note: {meta['concept']} is written {phrase!r} in prompts", file=sys.stderr)
     fixes = a.fix or ["none"]
-    for fix in ("inference", "single", "wide"):
+    for fix in ("inference", "single", "wide", "layers"):
         if fix in fixes and not a.region:
             raise ValueError(f"--fix {fix} needs one --region per concept, e.g. --region 'left=a cpd woman on the left'")
     regions = [parse_region(r, metas) for r in a.region]
@@ -154,6 +159,9 @@ def _generate(a) -> None:
             rows.append(auto_generate(pipe, a.prompt, [p for p, _ in named], adapters=[ad for _, ad in named],
                                       seed=[a.seed + i for i in range(a.num_images)], steps=a.steps,
                                       fix=inference_fix(metas[0]["method"]), guidance_scale=a.guidance).images)
+        elif fix == "layers":
+            rows.append(place_generate(pipe, a.prompt, regions, seeds=[a.seed + i for i in range(a.num_images)],
+                                       steps=a.steps, guidance_scale=a.guidance).images)
         elif regions:
             native = pipe.unet.config.sample_size * pipe.vae_scale_factor
             canvas = dict(zip(("height", "width"), canvas_for([r.where for r in regions], native))) if fix == "wide" else {}
@@ -312,6 +320,13 @@ def _add_bench(sub) -> None:
     x.add_argument("--costs", type=Path, nargs="?", const=BENCH_COSTS, default=None, metavar="FILE",
                    help="only the seconds per image of every inference fix on the couple, measured in one run, into "
                         "FILE (default data/bench_costs.json)")
+    x.add_argument("--kinds", type=Path, nargs="?", const=BENCH_KINDS, default=None, metavar="FILE",
+                   help="only the couple with a place (global) and with a wearable (nested), LoRA (notebook 09), into "
+                        "FILE (default data/bench_kinds.json)")
+    x.add_argument("--place", default=bench_kinds.PLACE,
+                   help=f"with --kinds: the place, a shipped set's name or a folder (default {bench_kinds.PLACE})")
+    x.add_argument("--wearable", default=bench_kinds.WEARABLE,
+                   help=f"with --kinds: the wearable, a shipped set's name or a folder (default {bench_kinds.WEARABLE})")
     x.add_argument("--rejudge", type=Path, default=None, metavar="DIR",
                    help="judge the rows of --out again, position-free, from the images --save-images wrote into DIR")
     x.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
@@ -398,6 +413,11 @@ def _bench_mixing(a) -> int:
         report = bench_mixing.sweep_report(bench, log=lambda m: print(m, file=sys.stderr))
         atomic_save(json.dumps(report, indent=1) + "\n", a.sweep, write_text)
         print(f"wrote {a.sweep}")
+        return 0
+    if a.kinds:
+        report = bench_kinds.run(a.seeds, a.place, a.wearable, save_images=a.save_images,
+                                 log=lambda m: print(m, file=sys.stderr))
+        print(bench_kinds.write(report, a.kinds))
         return 0
     if a.rejudge:
         out = a.out or BENCH_MIXING

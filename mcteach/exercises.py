@@ -487,6 +487,35 @@ def check_outcome_rates(fn) -> None:
 
 
 #: each notebook's checks, in the order its build-it cells call them (a test keeps them in step)
+# ----------------------------------------------------------------------------- 09 kinds of concepts
+
+
+@_checked("the background of mcteach.world.regions.region_masks")
+def check_background_mask(fn) -> None:
+    """``fn(local)``: the background's mask (H, W) from the local regions' masks (R, H, W): every pixel no local
+    region covers, 1 - max_r m_r."""
+    for specs in (["0.05,0.1,0.45,0.9", "0.55,0.2,0.95,1"], ["0.05,0.3,0.45,1", "0.1,0.3,0.4,0.5", "0.55,0.3,0.95,1"],
+                  ["0.2,0.1,0.7,0.6"]):
+        within = [None, 0, None] if len(specs) == 3 else None
+        local = regions.region_masks(specs, 64, within=within)
+        want = regions.region_masks(specs + [regions.BACKGROUND], 64, within=(within or [None] * len(specs)) + [None])[-1]
+        _close(_as_tensor(_call(fn, local.clone()), fn.__name__).float(), want, f"{fn.__name__}({len(specs)} regions {specs})")
+
+
+@_checked("mcteach.world.regions.exclusive_masks")
+def check_exclusive_masks(fn) -> None:
+    """``fn(masks, within)``: each pixel's owner: every nested region's pixels (``within[i] = j``: region i inside
+    region j) taken out of its parent's mask, the others unchanged."""
+    cases = [(["0.05,0.3,0.45,1", "0.1,0.3,0.4,0.5", "0.55,0.3,0.95,1"], [None, 0, None]),
+             (["0.55,0.2,0.95,1", "left", "0.6,0.2,0.9,0.45", "0.1,0.6,0.3,0.9"], [None, None, 0, 1]),
+             (["left", "right"], [None, None])]
+    for specs, within in cases:
+        masks = regions.region_masks(specs, 64, within=within)
+        want = regions.exclusive_masks(masks, within)
+        _close(_as_tensor(_call(fn, masks.clone(), list(within)), fn.__name__).float(), want,
+               f"{fn.__name__}({specs}, within={within})")
+
+
 CHECKS = {
     "00": (check_caption, check_find_tokens),
     "01": (check_guided_noise, check_ddim_step, check_cross_attention),
@@ -497,4 +526,5 @@ CHECKS = {
     "06": (check_outcome, check_blend_index),
     "07": (check_mask_at, check_token_bias, check_paste, check_regional_bias, check_fit_update, check_layout_score),
     "08": (check_bootstrap, check_outcome_rates),
+    "09": (check_background_mask, check_exclusive_masks),
 }

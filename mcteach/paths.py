@@ -16,6 +16,8 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 EMBEDDED_MODEL = Path(os.environ.get("MCTEACH_MODEL", DATA / "tiny-sd"))
 #: the shipped few-shot concept sets
 CONCEPTS_DIR = DATA / "concepts"
+#: the shipped sets of the other kinds (notebook 09): places and wearables, held out of base training too
+KINDS_DIR = DATA / "kinds"
 #: small trained adapters shipped for the notebooks (training them all would exceed a notebook's 5 minutes)
 ADAPTERS_DIR = DATA / "adapters"
 #: the judge's weights
@@ -27,6 +29,7 @@ BENCH_METHODS = DATA / "bench_methods.json"
 BENCH_MIXING = DATA / "bench_mixing.json"
 BENCH_SWEEP = DATA / "bench_sweep.json"
 BENCH_COSTS = DATA / "bench_costs.json"
+BENCH_KINDS = DATA / "bench_kinds.json"
 EVAL_BASE = DATA / "eval_base.json"
 #: long jobs' checkpoints and trained adapters: outside the work tree, kept between sessions
 CACHE = Path(os.environ.get("MCTEACH_CACHE", Path.home() / ".cache" / "mcteach"))

@@ -219,6 +219,29 @@ def test_the_regional_bias_solution_passes():
     assert exercises.check_regional_bias(regional_bias)
 
 
+def background_sum(local):
+    """A typical mistake: 1 - the sum of the local masks (a wearer and her hat overlap: the sum counts her twice,
+    and the hat's pixels get a weight of -1)."""
+    return 1 - local.sum(0)
+
+
+def exclusive_backwards(masks, within):
+    """A typical mistake: the parent's pixels taken out of the nested region (the hat loses itself to its wearer)."""
+    out = masks.clone()
+    for i, j in enumerate(within):
+        if j is not None:
+            out[i] = (out[i] - masks[j]).clamp_min(0)
+    return out
+
+
+MISTAKES += [
+    ("check_background_mask", background_sum, "elements differ"),
+    ("check_background_mask", lambda local: 1 - local[0], "elements differ"),
+    ("check_exclusive_masks", exclusive_backwards, "elements differ"),
+    ("check_exclusive_masks", lambda masks, within: masks, "elements differ"),
+]
+
+
 @pytest.mark.parametrize("check, fn, message", MISTAKES, ids=[f"{m[0]}-{i}" for i, m in enumerate(MISTAKES)])
 def test_a_typical_mistake_fails_with_a_message_that_says_what_differs(check, fn, message):
     with pytest.raises(CheckFailed, match=message):
@@ -254,3 +277,4 @@ def test_the_learners_copy_runs_top_to_bottom_with_every_stub_reported(name):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
     assert printed.count("is not written yet") == len(CHECKS[name[:2]]) and "✓" not in printed
+

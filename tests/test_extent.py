@@ -141,3 +141,33 @@ def test_region_passes_from_a_start_rerun_the_last_steps(random_pipe):
         region_passes(random_pipe, "a couple", regions, fix=INFERENCE_FIX, seeds=[0], steps=2, start=start, strength=0)
     with pytest.raises(ValueError, match="do not match"):
         region_passes(random_pipe, "a couple", regions, fix=INFERENCE_FIX, seeds=[0, 1], steps=2, start=start)
+
+
+def test_place_generate_on_a_wide_canvas_draws_the_place_as_a_panorama(random_pipe):
+    from mcteach.mixing.extent import place_generate
+    from mcteach.mixing.masking import Region
+    from mcteach.mixing.passes import WINDOW_FIX
+
+    regions = [Region(p, f"a {w}", kind="person") for p, w in (("left-third", "woman"), ("right-third", "man"))]
+    r = place_generate(random_pipe, "a woman and a man", regions + [Region(BACKGROUND, "a house", kind="place")],
+                       seeds=[0], fix=WINDOW_FIX, height=64, width=160, steps=2)
+    assert r.images[0].size == r.places[0].size == r.first[0].size == (160, 64)
+    with pytest.raises(ValueError, match="model's own canvas"):
+        place_generate(random_pipe, "a woman and a man", regions + [Region(BACKGROUND, "a house")], seeds=[0],
+                       fix=WINDOW_FIX, height=64, width=160, steps=2, harmonise=0.3)
+
+
+def test_the_command_line_draws_a_place_behind_in_layers(tmp_path, capsys):
+    from mcteach import cli
+    from mcteach.paths import ADAPTERS_DIR
+
+    woman, garden = ADAPTERS_DIR / "lora" / "woman_with_red_hair_and_medium_skin", ADAPTERS_DIR / "lora" / "cottage_garden"
+    out = tmp_path / "garden.png"
+    cli.main(["generate", "--adapter", str(woman), "--adapter", str(garden), "--prompt", "a cpd woman on the left",
+              "--region", "left=a cpd woman on the left", "--region", "background=a rgs house", "--fix", "layers",
+              "--steps", "2", "--out", str(out)])
+    assert Image.open(out).size == (64, 64)
+    capsys.readouterr()
+    assert cli.main(["generate", "--adapter", str(woman), "--prompt", "a cpd woman on the left",
+                     "--region", "left=a cpd woman on the left", "--fix", "layers", "--steps", "2", "--out", str(out)]) == 2
+    assert "one region 'background'" in capsys.readouterr().err

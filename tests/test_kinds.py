@@ -45,7 +45,7 @@ def test_a_wearable_sits_on_its_wearers_head_inside_the_wearers_mask(tmp_path):
     folder = kinds.make_wearable_set(tmp_path / "cap", n=5)
     c = load_concept(folder)
     meta = json.loads((folder / "concept.json").read_text())
-    assert (len(c), c.category, meta["extent"], c.class_word) == (5, "wearable", "nested", "hat")
+    assert (len(c), c.category, meta["extent"], c.class_word) == (5, "wearable", "nested", "cap")
     for entry, hat in zip(meta["images"], c.masks):
         wearer = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(folder / entry["wearer"]), float) / 255
         hat_px, wearer_px = hat >= 0.5, wearer >= 0.5
@@ -64,3 +64,43 @@ def test_the_command_line_renders_every_kind_and_keeps_them_out_of_the_shipped_s
     assert all(len(load_concept(tmp_path / slug)) == 3 for slug in made)
     with pytest.raises(SystemExit, match="--out folder of their own"):
         main(["concepts", "make", "--kinds"])
+
+
+@pytest.mark.parametrize("card", ["rendered", "measured"])
+def test_put_on_sets_the_item_on_the_persons_head_at_its_views_scale(card, tmp_path):
+    import shutil
+
+    woman, cap = load_concept("woman_with_red_hair_and_medium_skin"), load_concept("billed_cap")
+    if card == "measured":   # a set whose card does not say how the item was worn: measured on the views
+        shutil.copytree(cap.folder, tmp_path / "cap")
+        meta = json.loads((tmp_path / "cap" / "concept.json").read_text())
+        del meta["width"], meta["sink"]
+        (tmp_path / "cap" / "concept.json").write_text(json.dumps(meta))
+        cap = load_concept(tmp_path / "cap")
+    for i, j in [(0, 0), (3, 2), (5, 4)]:
+        image, item, wearer = kinds.put_on(woman, i, cap, j)
+        body = woman.masks[i] >= 0.5
+        ys, xs = np.nonzero(body)
+        iy, ix = np.nonzero(item >= 0.5)
+        assert len(iy) > 20
+        assert iy.max() < ys.min() + 0.5 * (ys.max() - ys.min())      # on the head, not the body
+        assert iy.max() > ys.min() + 1                                  # on it, not floating above it
+        assert xs.min() - 2 <= ix.mean() <= xs.max() + 2                # above the person, not beside
+        share = (ix.max() - ix.min()) / (xs.max() - xs.min())
+        view_item, view_wearer = cap.masks[j] >= 0.5, kinds.wearer_masks(cap)[j] >= 0.5
+        vx, px = np.nonzero(view_item)[1], np.nonzero(view_wearer & ~view_item)[1]
+        assert share == pytest.approx((vx.max() - vx.min()) / (px.max() - px.min()), abs=0.15)
+        assert (wearer >= item).all() and (wearer >= woman.masks[i] - 1e-6).all()
+        changed = np.abs(np.asarray(image, float) - np.asarray(woman.images[i], float)).sum(-1) > 30
+        assert changed[item == 0].sum() == 0                            # only the item's pixels change
+
+
+def test_wearer_masks_need_a_wearable_set():
+    with pytest.raises(ValueError, match="wearer mask"):
+        kinds.wearer_masks(load_concept("koala"))
+
+
+def test_bare_headed_people_have_nothing_on_their_heads():
+    names = [e.name for e in kinds.bare_headed()]
+    assert "woman with red hair" in names and "man" in names and len(names) > 40
+    assert not [n for n in names if any(w in n for w in ("cook", "farmer", "astronaut", "police", "guard"))]

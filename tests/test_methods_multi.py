@@ -166,3 +166,40 @@ def test_lora_trains_one_concept_and_several_on_their_own_schedules(random_pipe,
     assert "joint_steps" not in two.meta["settings"]  # the steps used are in "training"
     three = train(copy.deepcopy(random_pipe), COUPLE, small(), out=tmp_path / "three", steps=1, progress=False)
     assert len(three.losses) == 1
+
+
+# ------------------------------------------------------- the wearable's training fix (notebook 09)
+
+
+class _Pipe:  # what training_set reads of a pipeline: the image size
+    class unet:
+        class config:
+            sample_size = 16
+    vae_scale_factor = 4
+
+
+def test_the_training_fix_adds_people_wearing_the_item_and_seg_mix_only_side_by_side(monkeypatch):
+    concepts = [load_concept(s) for s in ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin",
+                                          "billed_cap")]
+    phrases = ["cpd woman", "tkb man", "hzp cap"]
+    seen = {}
+
+    def record(pipe, images, captions, masks=None, regions=None, phrases=None):
+        seen.update(images=images, captions=captions, masks=masks, regions=regions)
+    monkeypatch.setattr("mcteach.methods.engine.encode_examples", record)
+    engine.training_set(_Pipe, concepts, phrases, Regularizers(composites=6), seed=0)
+    own = sum(len(c) for c in concepts)
+    extra = seen["captions"][own:]
+    assert len(extra) == 12
+    side, worn = extra[:6], extra[6:]
+    assert all("cpd woman" in c and "tkb man" in c and "hzp cap" not in c for c in side)
+    assert all("with a hzp cap" in c and ("cpd woman" in c) != ("tkb man" in c) for c in worn)
+    for k in range(own + 6, own + 12):
+        regions = seen["regions"][k]
+        assert regions[2] is not None and (regions[0] is None) != (regions[1] is None)
+        person = regions[0] if regions[0] is not None else regions[1]
+        assert (person >= regions[2] - 1e-6).all()                   # the wearer's region holds the item's
+    plain = {}
+    monkeypatch.setattr("mcteach.methods.engine.encode_examples", lambda pipe, images, captions, *a, **k: plain.update(n=len(captions)))
+    engine.training_set(_Pipe, concepts, phrases, Regularizers(), seed=0)
+    assert plain["n"] == own

@@ -27,8 +27,8 @@ def figure_cells(nb):
             and any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
 
 
-def test_there_are_nine_notebooks_in_course_order():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(9)]
+def test_there_are_ten_notebooks_in_course_order():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(10)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])

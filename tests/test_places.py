@@ -44,3 +44,19 @@ def test_a_place_that_cannot_be_told_from_a_negative_is_refused(views):
         places.calibrate(views["cottage_garden"], [views["cottage_garden"][0]])
     with pytest.raises(ValueError, match="two or more"):
         places.calibrate(views["cottage_garden"][:1], [])
+
+
+def test_a_strip_of_sky_cannot_show_the_place_but_half_the_frame_can(views):
+    garden, world = views["cottage_garden"], [scenes.random_scene(s).image for s in range(64)]
+    negatives = world + views["mountain_lake"] + places.plain_fills(garden)
+    strip = np.zeros((64, 64), np.float32)
+    strip[24:, :] = 1                        # people cover all but the top three rows of cells: sky and a cloud
+    free = places.free_cells([strip], 64)
+    sky = Image.new("RGB", (64, 64), (150, 200, 240))
+    assert not places.seen(garden[0], garden[1:], negatives, free)       # not even the place itself: too little
+    assert not places.seen(sky, garden, negatives, free)
+    half = np.zeros((64, 64), np.float32)
+    half[24:, 4:30] = 1                      # one person in front: most of the garden is free
+    free = places.free_cells([half], 64)
+    assert places.seen(garden[0], garden[1:], negatives, free)
+    assert not places.seen(sky, garden, negatives, free)

@@ -42,7 +42,7 @@ look equally like it (a blend or a duplicate).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -58,14 +58,16 @@ from .metrics import OUTCOMES, bootstrap_ci
 
 @dataclass
 class Instance:
-    """One object found in an image: its bounding box (x0, y0, x1, y1) in pixels, its area, centre of mass (x, y),
-    the judge's probabilities over its labels on the crop, and the top label with its confidence."""
+    """One object found in an image: its crop box (x0, y0, x1, y1) in pixels, its area, centre of mass (x, y),
+    the judge's probabilities over its labels on the crop, the top label with its confidence, and its pixels (a
+    boolean (H, W) mask)."""
     box: tuple[int, int, int, int]
     area: int
     centre: tuple[float, float]
     probs: torch.Tensor
     label: str
     confidence: float
+    part: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -231,7 +233,7 @@ def _judged(judge, image: Image.Image, parts: list[np.ndarray]) -> list[Instance
         ys, xs = np.nonzero(part)
         conf, i = p.max(0)
         out.append(Instance(box, int(part.sum()), (float(xs.mean()), float(ys.mean())), p, judge.labels[int(i)],
-                            float(conf)))
+                            float(conf), part))
     return out
 
 

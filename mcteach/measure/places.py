@@ -7,8 +7,11 @@ place's own views, on the cells the local concepts leave free:
 
 and the place counts as drawn when that distance is under the place's ``threshold``: halfway between how far the
 place's views lie from each other (each view against the others) and how near the closest *negative* comes (the
-world's plain backgrounds and another place, ``negatives``). A threshold is only as good as its margin, so
-``calibrate`` returns it with both sides.
+world's plain backgrounds, another place, and the place's own colours as plain fills (``plain_fills``: its colours
+without its layout are not the place), ``negatives``). A threshold is only as good as its margin, so
+``calibrate`` returns it with both sides, and ``seen`` calibrates it on the very cells an image leaves free: where
+people cover all but a strip of sky, a plain blue background is as near the place as its own views are, and the
+place cannot be seen there (``seen`` says no).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..world.pixels import main_colours
 
 #: cells per side of the coarse grid
 GRID = 8
@@ -63,14 +68,33 @@ class PlaceCheck:
         return self.negatives_min - self.views_max
 
 
-def calibrate(views, negatives) -> PlaceCheck:
-    """The threshold of a place from its ``views`` (at least two) and ``negatives`` (images that are not it)."""
+def calibrate(views, negatives, free: np.ndarray | None = None) -> PlaceCheck:
+    """The threshold of a place from its ``views`` (at least two) and ``negatives`` (images that are not it), on
+    the ``free`` cells (default all)."""
     views = list(views)
     if len(views) < 2:
         raise ValueError("calibrating a place needs two or more of its views")
-    own = max(distance(v, views[:k] + views[k + 1:]) for k, v in enumerate(views))
-    other = min(distance(n, views) for n in negatives)
+    own = max(distance(v, views[:k] + views[k + 1:], free) for k, v in enumerate(views))
+    other = min(distance(n, views, free) for n in negatives)
     if other <= own:
         raise ValueError(f"a negative lies as near the place's views ({other:.1f}) as its own views do ({own:.1f}): "
                          "this place cannot be told from it by its colours")
     return PlaceCheck((own + other) / 2, own, other)
+
+
+def seen(image: Image.Image, views, negatives, free: np.ndarray | None = None) -> bool:
+    """Is the place drawn in ``image``? Its distance on the ``free`` cells under a threshold calibrated on those same
+    cells; False where those cells cannot tell the place from a negative (too little of the background is free)."""
+    try:
+        check = calibrate(views, negatives, free)
+    except ValueError:
+        return False
+    return distance(image, views, free) < check.threshold
+
+
+def plain_fills(views, colours: int = 4) -> list[Image.Image]:
+    """The place's colours without its layout: plain images of its ``colours`` main cell colours (the cells of all
+    its views, clustered), negatives that a check of the layout must reject."""
+    centres = main_colours(np.concatenate([cells(v).reshape(-1, 3) for v in views]), colours)
+    size = views[0].size
+    return [Image.new("RGB", size, tuple(int(round(v)) for v in centre)) for centre in centres]

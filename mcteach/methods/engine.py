@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_save, write_text
 from ..sd import parts
 from ..sd.attention import record_attention, token_indices
-from ..world import scenes
+from ..world import kinds, scenes
 from ..world.concepts import Concept, compose, load_concept
 
 IDENTIFIER_LETTERS = "bcdfghjklmnpqrstvwxz"  # consonants only: no English word, several tokens in any tokenizer
@@ -500,7 +500,9 @@ class Regularizers:
     attention_weight: Break-A-Scene's cross-attention loss (``attention_loss``), weight ~1e-2;
     composites: with several concepts, this many Seg-Mix images (MuDI: the concepts cut out by their masks
         and pasted into random regions of one image, captioned "a <A> on the left and a <B> on the right")
-        are added to the training set, drawn once from the seed.
+        are added to the training set, drawn once from the seed; with a wearable among people, as many images of
+        a person wearing it (``kinds.put_on``: the item cut out of one of its views and set on the person's head,
+        captioned "a <person> with a <item> ..."): the nested kind's own composite (notebook 09).
     """
     masked_loss: bool = False
     attention_weight: float = 0.0
@@ -533,14 +535,28 @@ def training_set(pipe, concepts: list[Concept], phrases: list[str], reg: Regular
         captions += training_captions(c, phrase)
         masks += c.masks
         regions += [[m if j == k else None for j in range(len(concepts))] for m in c.masks]
-    if reg.composites and len(concepts) > 1:
+    worn = [k for k, c in enumerate(concepts) if c.category == "wearable"]
+    people = [k for k, c in enumerate(concepts) if c.category == "person"]
+    side = [k for k in range(len(concepts)) if k not in worn]  # Seg-Mix pastes side by side what is not worn
+    if reg.composites and len(side) > 1:
         rng = random.Random(f"seg-mix/{seed}")
         for _ in range(reg.composites):
-            comp = compose(concepts, rng, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+            comp = compose([concepts[k] for k in side], rng, size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
             images.append(comp.image)
-            captions.append(scenes.caption(list(zip(phrases, comp.positions))))
+            captions.append(scenes.caption(list(zip([phrases[k] for k in side], comp.positions))))
             masks.append(np.maximum.reduce(comp.masks))
-            regions.append(list(comp.masks))
+            regions.append([comp.masks[side.index(k)] if k in side else None for k in range(len(concepts))])
+    if reg.composites and worn and people:
+        rng = random.Random(f"wearing/{seed}")
+        for _ in range(reg.composites):
+            w, p = rng.choice(worn), rng.choice(people)
+            i, j = rng.randrange(len(concepts[p])), rng.randrange(len(concepts[w]))
+            image, item, wearer = kinds.put_on(concepts[p], i, concepts[w], j)
+            images.append(image)
+            said = training_captions(concepts[p], phrases[p])[i]
+            captions.append(said.replace(phrases[p], f"{phrases[p]} with a {phrases[w]}", 1))
+            masks.append(wearer)
+            regions.append([wearer if k == p else item if k == w else None for k in range(len(concepts))])
     return encode_examples(pipe, images, captions, masks, regions, phrases)
 
 

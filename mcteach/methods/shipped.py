@@ -39,6 +39,9 @@ SHIPPED = [(m, [c], False) for m in ("textual_inversion", "hypernetwork", "lora"
            for c in ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin")]
 SHIPPED.append(("lora", ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin"], True))
 SHIPPED.append(("lora", ["koala"], False))  # the third of notebook 08's three concepts
+# notebook 09: a place, a wearable, and the couple trained with the wearable (the training fix puts it on them)
+SHIPPED += [("lora", ["cottage_garden"], False), ("lora", ["billed_cap"], False),
+            ("lora", ["woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin", "billed_cap"], True)]
 
 
 def retrain_shipped(work: str | Path = CACHE / "shipped", model=None,

@@ -19,6 +19,9 @@ costs: the place's pass sees the people and draws its tree and house across them
     ...            Region("background", "a rgs house", adapter="garden", kind="place")]
     >>> result = place_generate(pipe, "a cpd woman on the left and a tkb man on the right", regions, seeds=[0])
 
+On a wider canvas (``height``, ``width`` and ``fix=passes.WINDOW_FIX``, notebook 08's three concepts) the people are
+drawn in windows of the model's size and the place by its adapter on the whole canvas: a panorama of it.
+
 Cost: the passes once (stage 1) and one plain generation (stage 2).
 """
 
@@ -49,9 +52,10 @@ class PlaceResult:
     silhouettes: list[list[np.ndarray]]
 
 
-def silhouettes(image: Image.Image, wheres, grow: int = 2) -> list[np.ndarray]:
-    """Each region's silhouette in ``image`` (a plain background): the foreground inside the region, its largest
-    piece, holes filled, grown by ``grow`` pixels within the region; where two silhouettes meet, the pixel stays the
+def silhouettes(image: Image.Image, wheres, grow: int = 2, close: int = 3) -> list[np.ndarray]:
+    """Each region's silhouette in ``image`` (a plain background): the foreground inside the region, gaps up to
+    ``close`` pixels wide closed (a grey koala on a grey background is found as its dark eyes, nose and ears: closed,
+    they are one piece), its largest piece, holes filled, grown by ``grow`` pixels within the region; where two silhouettes meet, the pixel stays the
     first's. A region with no foreground keeps its whole area (the concept was not drawn: its pass then runs where
     it was asked)."""
     h, w = image.height, image.width
@@ -59,7 +63,7 @@ def silhouettes(image: Image.Image, wheres, grow: int = 2) -> list[np.ndarray]:
     out, taken = [], np.zeros((h, w), bool)
     for where in wheres:
         inside = region_mask(where, (h, w)) >= 0.5
-        parts = components(fg & inside)
+        parts = components(ndimage.binary_closing(fg & inside, iterations=close) & inside)
         m = inside if not parts else ndimage.binary_fill_holes(parts[0])
         if parts and grow > 0:
             m = ndimage.binary_dilation(m, iterations=grow) & inside
@@ -85,10 +89,12 @@ def place_generate(pipe, prompt: str, regions: list[Region], *, seeds: list[int]
     if len(places) != 1 or len(regions) < 2:
         raise RegionError("place_generate needs one region 'background' (the place) and at least one local region "
                           f"(got {len(places)} background region(s) among {len(regions)})")
-    if not isinstance(fix, RegionPasses) or fix.window:
-        raise ValueError("place_generate composes with region passes on the model's own canvas (passes.INFERENCE_FIX)")
-    if not 0 <= harmonise < 1:
-        raise ValueError(f"harmonise is a fraction of the steps in [0, 1) (got {harmonise})")
+    if not isinstance(fix, RegionPasses):
+        raise ValueError("place_generate composes with region passes (passes.INFERENCE_FIX, or passes.WINDOW_FIX on a "
+                         "wider canvas)")
+    if not 0 <= harmonise < 1 or (harmonise and fix.window):
+        raise ValueError(f"harmonise is a fraction of the steps in [0, 1), on the model's own canvas (got {harmonise}"
+                         f"{' with window passes' if fix.window else ''})")
     place = regions[places[0]]
     local = [r for k, r in enumerate(regions) if k != places[0]]
     on = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") and any(r.adapters for r in regions) else []

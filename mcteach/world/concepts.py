@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..paths import CONCEPTS_DIR
+from ..paths import CONCEPTS_DIR, KINDS_DIR
 from . import scenes
 from .regions import OPPOSITE_POSITIONS, REGIONS
 
@@ -66,11 +66,11 @@ class Concept:
         return len(self.images)
 
 
-def list_concepts() -> list[str]:
-    """Slugs of the shipped concept sets, sorted."""
-    if not CONCEPTS_DIR.is_dir():
+def list_concepts(folder: Path = CONCEPTS_DIR) -> list[str]:
+    """Slugs of the shipped concept sets, sorted (``folder=KINDS_DIR``: the places and wearables)."""
+    if not folder.is_dir():
         return []
-    return sorted(p.name for p in CONCEPTS_DIR.iterdir() if (p / "concept.json").is_file())
+    return sorted(p.name for p in folder.iterdir() if (p / "concept.json").is_file())
 
 
 def _open(path: Path) -> Image.Image:
@@ -97,11 +97,12 @@ def load_concept(path: str | Path, size: int = scenes.IMAGE_SIZE) -> Concept:
     warning naming the files. Raises :class:`ConceptError` for a missing or empty folder, an
     unreadable image, or a mask whose size differs from its image's.
     """
-    folder = CONCEPTS_DIR / str(path) if str(path) in list_concepts() else Path(path)
+    shipped = {slug: d / slug for d in (KINDS_DIR, CONCEPTS_DIR) for slug in list_concepts(d)}
+    folder = shipped.get(str(path), Path(path))
     if not folder.is_dir():
         raise ConceptError(
             f"concept folder {str(path)!r} not found; pass a folder of 4-8 images "
-            f"or one of: {', '.join(list_concepts())}"
+            f"or one of: {', '.join(sorted(shipped))}"
         )
     files = sorted(
         p

@@ -14,6 +14,7 @@ a wearable's mask is the item's own pixels, and ``NN_wearer_mask.png`` beside it
 
 from __future__ import annotations
 
+import json
 import random
 import unicodedata
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Wearable:
     chars: str
     width: float = 0.8
     sink: float = 0.35
-    class_word: str = "hat"
+    class_word: str = "cap"
 
 
 #: places none of the world's images has: every element is an emoji the world never drew
@@ -57,10 +58,20 @@ PLACES = {
     "mountain_lake": Place("mountain lake", sky=(250, 200, 150), ground=(70, 120, 190), horizon=0.66,
                            elements=(("⛰", 0.35, 0.68, 0.42), ("🏔", 0.75, 0.68, 0.36), ("🛶", 0.60, 0.90, 0.16))),
 }
-#: the world's people who wear nothing on their heads already (not a police officer, a cook, a builder)
+#: the world's people who wear nothing on their heads already: a woman, a man, a person, a boy, a girl, with any hair
+#: and skin, not a cook, a farmer or an astronaut (``bare_headed``)
 BARE_HEADED = ("woman", "man", "person", "boy", "girl")
 #: wearables the world never drew
-WEARABLES = {"billed_cap": Wearable("billed cap", "🧢"), "graduation_cap": Wearable("graduation cap", "🎓", 0.9, 0.3)}
+#: (colours no bare head has, so that measure.wearables can see them: not black like hair, not red like red hair;
+#: class words the world never used, so that no drawn hat pulls the item towards it)
+WEARABLES = {"billed_cap": Wearable("billed cap", "🧢"),
+             "hair_ribbon": Wearable("hair ribbon", "🎀", 0.6, 0.3, class_word="ribbon")}
+
+
+def bare_headed() -> list[scenes.Emoji]:
+    """The world's people with nothing on their heads: "woman", "man with red hair and dark skin"..., not "man cook"."""
+    return [e for e in scenes.BASE_CLASSES if e.category == "person" and e.name.split()[0] in BARE_HEADED
+            and e.name.split()[1:2] in ([], ["with"])]
 
 
 def render_place(place: Place, rng: random.Random, size: int = scenes.IMAGE_SIZE) -> Image.Image:
@@ -130,8 +141,7 @@ def make_wearable_set(folder: str | Path, item: Wearable = WEARABLES["billed_cap
     ``POSITION_CYCLE[i % 5]``; its mask is the item's, ``NN_wearer_mask.png`` the wearer's."""
     folder = set_folder(folder)
     slug = slug or folder.name
-    people = list(wearers or [e for e in scenes.BASE_CLASSES if e.category == "person"
-                              and e.name.split()[0] in BARE_HEADED])
+    people = list(wearers or bare_headed())
     entries = []
     for i in range(n):
         rng = random.Random(f"{slug}/{seed}/{i}")
@@ -143,7 +153,7 @@ def make_wearable_set(folder: str | Path, item: Wearable = WEARABLES["billed_cap
         entries.append({"file": f"{i:02d}.png", "mask": f"{i:02d}_mask.png", "wearer": f"{i:02d}_wearer_mask.png",
                         "position": position, "caption": f"a {who.name} with a {item.name} {POSITIONS[position]}"})
     return write_card(folder, {"name": item.name, "slug": slug, "chars": item.chars, "category": "wearable",
-                               "extent": "nested", "class_word": item.class_word,
+                               "extent": "nested", "class_word": item.class_word, "width": item.width, "sink": item.sink,
                                "unicode_names": [unicodedata.name(c, "?") for c in item.chars]}, entries)
 
 
@@ -151,3 +161,53 @@ def make_kind_sets(out: str | Path, *, n: int = 6, seed: int = 0) -> list[Path]:
     """Render every place of ``PLACES`` and wearable of ``WEARABLES`` into ``out/<slug>/``; return the folders."""
     return ([make_place_set(Path(out) / slug, place, n=n, seed=seed) for slug, place in PLACES.items()]
             + [make_wearable_set(Path(out) / slug, item, n=n, seed=seed) for slug, item in WEARABLES.items()])
+
+
+def wearer_masks(item) -> list[np.ndarray]:
+    """The wearer masks (person and item, float (H, W)) of a wearable's set, in the order of its images."""
+    entries = json.loads((Path(item.folder) / "concept.json").read_text(encoding="utf-8"))["images"]
+    if len(entries) != len(item.images) or any("wearer" not in e for e in entries):
+        raise ValueError(f"{item.folder}: a wearable's concept.json names each image's wearer mask ('wearer'); "
+                         "render the set with make_wearable_set")
+    size = item.images[0].size
+    return [np.asarray(Image.open(Path(item.folder) / e["wearer"]).convert("L").resize(size), np.float32) / 255
+            for e in entries]
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    ys, xs = np.nonzero(mask >= 0.5)
+    return None if len(ys) == 0 else (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
+
+def put_on(person, i: int, item, j: int) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+    """Image ``i`` of the concept ``person`` wearing the item as view ``j`` of the wearable ``item`` shows it: the
+    item cut out by its mask, at the share of the wearer's width and the depth on the head that a rendered set's
+    card gives (``width``, ``sink``), else as measured on view ``j`` against its wearer. Returns the image, the item's mask and the wearer's (person and
+    item), float (H, W) in [0, 1]. The wearable's training fix pastes these (``engine.training_set``), as Seg-Mix
+    pastes two concepts side by side."""
+    item_mask, wearer = item.masks[j], wearer_masks(item)[j]
+    ib, pb = _box(item_mask), _box(np.where(item_mask >= 0.5, 0, wearer))
+    tb = _box(person.masks[i])
+    if ib is None or pb is None or tb is None:
+        raise ValueError(f"put_on needs the item's and both people's masks: {item.folder} view {j} or "
+                         f"{person.folder} image {i} has an empty one")
+    card = json.loads((Path(item.folder) / "concept.json").read_text(encoding="utf-8"))
+    if "width" in card and "sink" in card:  # a rendered set says how it was worn (``wear``): worn the same way
+        w = max(1, round(card["width"] * (tb[2] - tb[0])))
+        h = max(1, round((ib[3] - ib[1]) * w / (ib[2] - ib[0])))
+        left, top = round((tb[0] + tb[2]) / 2 - w / 2), round(tb[1] - (1 - card["sink"]) * h)
+    else:  # measured on the view: the item hides the top of the head, so it may sit a little high
+        scale = (tb[2] - tb[0]) / (pb[2] - pb[0])
+        w, h = max(1, round((ib[2] - ib[0]) * scale)), max(1, round((ib[3] - ib[1]) * scale))
+        centre = (ib[0] + ib[2]) / 2 - (pb[0] + pb[2]) / 2  # the item's offset from the wearer's centre
+        left = round((tb[0] + tb[2]) / 2 + centre * scale - w / 2)
+        top = round(tb[1] + (ib[1] - pb[1]) * scale)
+    cut = item.images[j].convert("RGBA")
+    cut.putalpha(Image.fromarray(np.round(item_mask * 255).astype(np.uint8)))
+    small = cut.crop(ib).convert("RGBa").resize((w, h), Image.LANCZOS).convert("RGBA")
+    size = person.images[i].size
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste(small, (left, top))
+    image = Image.alpha_composite(person.images[i].convert("RGBA"), layer).convert("RGB")
+    hat = np.asarray(layer.getchannel("A"), np.float32) / 255
+    return image, hat, np.maximum(person.masks[i], hat)

@@ -38,3 +38,16 @@ def components(mask: np.ndarray, min_area: int = 50, gap: int = 1) -> list[np.nd
     grouped, n = ndimage.label(joined, structure=eight)
     parts = [opened & (grouped == i) for i in range(1, n + 1)]
     return sorted((p for p in parts if p.sum() >= min_area), key=lambda p: -int(p.sum()))
+
+
+def main_colours(px: np.ndarray, k: int, iterations: int = 20) -> np.ndarray:
+    """The ``k`` main colours of the pixels ``px`` (N, 3): k-means started from the colours at evenly spaced ranks of
+    brightness, so the same colours every run."""
+    px = np.asarray(px, np.float32)
+    if len(px) < k:
+        raise ValueError(f"{len(px)} pixels cannot give {k} colours")
+    centres = px[np.argsort(px.sum(1))[np.linspace(0, len(px) - 1, k).astype(int)]]
+    for _ in range(iterations):
+        near = ((px[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.stack([px[near == j].mean(0) if (near == j).any() else centres[j] for j in range(k)])
+    return centres
