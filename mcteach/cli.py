@@ -323,10 +323,13 @@ def _add_bench(sub) -> None:
     x.add_argument("--kinds", type=Path, nargs="?", const=BENCH_KINDS, default=None, metavar="FILE",
                    help="only the couple with a place (global) and with a wearable (nested), LoRA (notebook 09), into "
                         "FILE (default data/bench_kinds.json)")
-    x.add_argument("--place", default=bench_kinds.PLACE,
-                   help=f"with --kinds: the place, a shipped set's name or a folder (default {bench_kinds.PLACE})")
-    x.add_argument("--wearable", default=bench_kinds.WEARABLE,
-                   help=f"with --kinds: the wearable, a shipped set's name or a folder (default {bench_kinds.WEARABLE})")
+    x.add_argument("--place", nargs="+", default=list(bench_kinds.PLACES),
+                   help=f"with --kinds: places, shipped sets' names or folders (default {' '.join(bench_kinds.PLACES)})")
+    x.add_argument("--wearable", nargs="+", default=list(bench_kinds.WEARABLES),
+                   help=f"with --kinds: wearables, shipped sets' names or folders (default "
+                        f"{' '.join(bench_kinds.WEARABLES)})")
+    x.add_argument("--couple", nargs=2, default=list(bench_kinds.COUPLE), metavar="PERSON",
+                   help="with --kinds: the two people, shipped names or concept folders (the first wears the item)")
     x.add_argument("--rejudge", type=Path, default=None, metavar="DIR",
                    help="judge the rows of --out again, position-free, from the images --save-images wrote into DIR")
     x.add_argument("--only-extras", action="store_true", help="run only --ablation / --timing, not the table")
@@ -399,6 +402,9 @@ def _bench_mixing(a) -> int:
         report = bench_mixing.gpu_report()
         print(json.dumps(report, indent=1) if a.json else bench_mixing.gpu_table(report))
         return 0
+    if a.kinds and a.merge:
+        print(bench_kinds.write(bench_kinds.merge([json.loads(f.read_text()) for f in a.merge]), a.kinds))
+        return 0
     if a.merge:
         reports = [json.loads(f.read_text()) for f in a.merge]
         atomic_save(json.dumps(bench_mixing.merge(reports), indent=1) + "\n", a.out or BENCH_MIXING, write_text)
@@ -416,7 +422,7 @@ def _bench_mixing(a) -> int:
         return 0
     if a.kinds:
         report = bench_kinds.run(a.seeds, a.place, a.wearable, save_images=a.save_images,
-                                 log=lambda m: print(m, file=sys.stderr))
+                                 log=lambda m: print(m, file=sys.stderr), couple=a.couple)
         print(bench_kinds.write(report, a.kinds))
         return 0
     if a.rejudge:

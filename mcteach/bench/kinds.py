@@ -21,8 +21,8 @@
   wearer and not on the other), and *on two heads* (on two figures, whoever they are: with no fix the man is often
   a second woman, capped too).
 
-    mcteach bench mixing --kinds                       # into data/bench_kinds.json and .md (about 10 min on 2 cores)
-    mcteach bench mixing --kinds FILE --place DIR --wearable DIR --save-images DIR   # other sets, e.g. fresh ones
+    mcteach bench mixing --kinds           # every shipped kind set, into data/bench_kinds.json and .md (~25 min)
+    mcteach bench mixing --kinds FILE --place DIR --wearable DIR --couple DIR DIR --save-images DIR   # other sets
 
 Each rate is a mean over the seeds with a 95% bootstrap interval.
 """
@@ -60,6 +60,8 @@ from ..world.regions import BACKGROUND, region_masks
 DEFAULT_WORK = CACHE / "kindsbench"
 COUPLE = ("woman_with_red_hair_and_medium_skin", "man_with_curly_hair_and_light_skin")
 PLACE, WEARABLE = "cottage_garden", "billed_cap"
+#: every shipped kind set: the course's examples first, then the ones no default was chosen on
+PLACES, WEARABLES = (PLACE, "mountain_lake"), (WEARABLE, "hair_ribbon")
 PLACE_FIXES = ("none", "passes", "layers")
 #: where the two people stand when the place's pass takes the rest (the halves would leave it no pixel)
 STANDING = ("0.05,0.25,0.45,1", "0.55,0.25,0.95,1")
@@ -128,9 +130,13 @@ class KindsBench:
     """The couple's LoRAs with a place's or a wearable's, on one pipeline; every row judged as above."""
 
     def __init__(self, seeds: int = 16, work: Path = DEFAULT_WORK, save_images: Path | None = None, log=print,
-                 judge_path: Path | None = None):
+                 judge_path: Path | None = None, couple=COUPLE):
+        """``couple``: the two people (shipped names or concept folders; the first wears the item)."""
         self.seeds, self.work, self.save_images, self.log = list(range(seeds)), Path(work), save_images, log
-        self.couple = [load_concept(s) for s in COUPLE]
+        self.slugs = [str(c) for c in couple]
+        if len(self.slugs) != 2:
+            raise ValueError(f"the kinds benchmark draws two people; got {len(self.slugs)}: {self.slugs}")
+        self.couple = [load_concept(s) for s in self.slugs]
         self.judge = (Judge.load(judge_path) if judge_path else Judge.load()).with_concepts(self.couple)
         self.names = [c.name for c in self.couple]
 
@@ -139,10 +145,10 @@ class KindsBench:
         each one's adapter name (one LoRA trained on all three with the training fix when ``joint``)."""
         pipe = load_pipeline()
         if joint:
-            (meta,) = load_adapters(pipe, [trained_lora(list(COUPLE) + [str(other)], self.work, True, self.log)])
+            (meta,) = load_adapters(pipe, [trained_lora(self.slugs + [str(other)], self.work, True, self.log)])
             said = list(phrases(meta).values())
             return pipe, said, [meta["adapter_name"]] * 3
-        metas = load_adapters(pipe, [trained_lora(s, self.work, log=self.log) for s in COUPLE]
+        metas = load_adapters(pipe, [trained_lora(s, self.work, log=self.log) for s in self.slugs]
                               + [trained_lora(other, self.work, log=self.log)])
         said = [next(iter(phrases(m).values())) for m in metas]
         return pipe, said, [m["adapter_name"] for m in metas]
@@ -229,11 +235,21 @@ class KindsBench:
         return rows
 
 
-def run(seeds: int = 16, place: str | Path = PLACE, wearable: str | Path = WEARABLE, work: Path = DEFAULT_WORK,
-        save_images: Path | None = None, log=print) -> dict:
-    bench = KindsBench(seeds, work, save_images, log)
-    return {"seeds": seeds, "generation": SAMPLING, "couple": list(COUPLE),
-            "rows": bench.place_rows(place) + bench.wearable_rows(wearable)}
+def run(seeds: int = 16, places=PLACES, wearables=WEARABLES, work: Path = DEFAULT_WORK,
+        save_images: Path | None = None, log=print, couple=COUPLE) -> dict:
+    """Every row for each of ``places`` and ``wearables`` (shipped names or concept folders)."""
+    bench = KindsBench(seeds, work, save_images, log, couple=couple)
+    rows = [r for p in places for r in bench.place_rows(p)] + [r for w in wearables for r in bench.wearable_rows(w)]
+    return {"seeds": seeds, "generation": SAMPLING, "couple": [Path(c).name for c in bench.slugs], "rows": rows}
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs of the same seeds and couple (e.g. one place each)."""
+    first = reports[0]
+    if any((r["seeds"], r["couple"]) != (first["seeds"], first["couple"]) for r in reports):
+        raise ValueError("merge reports of the same seeds and couple")
+    rows = [row for r in reports for row in r["rows"]]
+    return {**first, "rows": [r for r in rows if r["case"] == "place"] + [r for r in rows if r["case"] == "wearable"]}
 
 
 def _cell(v) -> str:

@@ -518,7 +518,9 @@ def write_page(report: dict, path: Path) -> str:
     return files.write_page(path, "The mixing benchmark", f"Generated from `{Path(path).name}` by `mcteach bench mixing "
                             f"--markdown`; do not edit by hand. Model: {report.get('model', 'embedded')}; judge: "
                             f"{report.get('judge', 'shipped')}; {report.get('seeds', 16)} seeds per row; 95% bootstrap "
-                            "intervals in brackets.", markdown(report))
+                            "intervals in brackets. Concepts of other kinds with the couple (a place behind them, an "
+                            "item on one head): [bench_kinds.md](bench_kinds.md), `mcteach bench mixing --kinds`.",
+                            markdown(report))
 
 
 def main_table(report: dict) -> str:
