@@ -109,17 +109,16 @@ def bare_heads(n: int = 60, seed: int = 0) -> list[Image.Image]:
 
 def wear_check(item: Concept) -> wearables.WearCheck:
     """The item's colours and threshold, from its views (with the wearer masks they ship) and bare heads."""
-    wearer = [np.asarray(Image.open(item.folder / e["wearer"]), np.float32) / 255
-              for e in json.loads((item.folder / "concept.json").read_text())["images"]]
-    return wearables.calibrate(item.images, item.masks, wearer, bare_heads())
+    return wearables.calibrate(item.images, item.masks, kinds.wearer_masks(item), bare_heads())
 
 
 def _rate(values) -> list[float]:
     return [round(x, 4) for x in bootstrap_ci([float(v) for v in values])]
 
 
-def _painted(image: Image.Image, shapes) -> Image.Image:
-    """The image with every pixel outside the silhouettes painted one plain grey (what the judge knows)."""
+def painted(image: Image.Image, shapes) -> Image.Image:
+    """The image with every pixel outside ``shapes`` (the people's own regions: boxes or silhouettes) painted one
+    plain grey: the judge knows objects on plain backgrounds, and would count a cloud of the place as a figure."""
     inside = np.max(np.stack(shapes), axis=0) >= 0.5
     x = np.asarray(image.convert("RGB")).copy()
     x[~inside] = (200, 200, 200)
@@ -154,7 +153,7 @@ class KindsBench:
         return pipe, said, [m["adapter_name"] for m in metas]
 
     def _people(self, images, shapes=None) -> list[bool]:
-        seen = images if shapes is None else [_painted(im, s) for im, s in zip(images, shapes)]
+        seen = images if shapes is None else [painted(im, s) for im, s in zip(images, shapes)]
         return [r.outcome == "success" for r in instances.judge_images(self.judge, seen, self.names)]
 
     def _save(self, images, stem: str) -> None:

@@ -169,8 +169,8 @@ def region_masks(specs, size=64, within=None, kinds=None) -> torch.Tensor:
             raise RegionError(f"region {i} is nested in region {j}, which is itself nested: nest it in the wearer")
         kind = (kinds or [None] * len(specs))[i]
         if kind is not None and kind not in NESTING_KINDS:
-            raise RegionError(f"region {i} is a {kind} nested in region {j}: only a wearable ({', '.join(NESTING_KINDS)})"
-                              f" nests in its wearer's region; a {kind} needs a place of its own")
+            raise RegionError(f"region {i} is a {kind} nested in region {j}: only a {' or '.join(NESTING_KINDS)} "
+                              f"nests in its wearer's region; a {kind} needs a place of its own")
     h, w = hw(size)
     local = [region_mask(s, size) if not bg else np.zeros((h, w), np.float32) for s, bg in zip(specs, is_bg)]
     masks = torch.from_numpy(np.stack(local))
