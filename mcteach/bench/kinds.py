@@ -202,11 +202,14 @@ class KindsBench:
     def wearable_rows(self, item: str | Path = WEARABLE, fixes=WEARABLE_FIXES) -> list[dict]:
         concept = load_concept(item)
         check = wear_check(concept)
-        rows = []
+        rows, loaded = [], {}  # one pipeline for the LoRAs trained one by one, one for the joint LoRA
         for fix in fixes:
             if fix not in WEARABLE_FIXES:
                 raise ValueError(f"unknown wearable fix {fix!r}: one of {WEARABLE_FIXES}")
-            pipe, said, names = self._pipe(item, joint=fix in ("training", "both"))
+            joint = fix in ("training", "both")
+            if joint not in loaded:
+                loaded[joint] = self._pipe(item, joint=joint)
+            pipe, said, names = loaded[joint]
             worn = f"{said[0]} with a {said[2]}"
             prompt = f"a {worn} on the left and a {said[1]} on the right"
             t0 = time.time()
